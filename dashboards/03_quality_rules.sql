@@ -1,0 +1,1 @@
+SELECT * FROM quality_summary

@@ -1,0 +1,420 @@
+"""Batched face detection behind one interface: MTCNN (facenet-pytorch) and RetinaFace.
+
+``FaceDetector.detect(frames)`` takes ``(N, H, W, 3)`` uint8 RGB frames of one size and
+returns, per frame, the faces found as :class:`Detection` (pixel box, score, 5 landmarks in
+the order left eye, right eye, nose, left mouth corner, right mouth corner), sorted by
+score, highest first.
+
+Backends:
+
+- ``mtcnn``: facenet-pytorch's MTCNN with the P/R/O-net weights that ship in the wheel
+  (real, offline). Frames are downscaled to ``max_side_px`` before detection (the image
+  pyramid cost grows with resolution; talking-head faces are large) and boxes scaled back.
+  facenet-pytorch is installed ``--no-deps`` and under numpy 2 returns object arrays with
+  ``None`` for empty frames; :class:`MtcnnDetector` normalises that.
+- ``retinaface``: ``retinaface-pytorch`` 0.0.8's ResNet-50 ``Model``. Its only API,
+  ``predict_jsons``, handles one image; here the network runs on the whole batch and each
+  image is decoded exactly as ``predict_jsons`` does (same preprocessing, priors, decode,
+  threshold, NMS and drop rule), so results match it box for box. Weights come from a local
+  state-dict file or the torch hub cache file ``retinaface_resnet50_2020-07-20-f168fae3c.zip``
+  (legacy one-member zip), always through ``torch.load(weights_only=True)``; nothing is
+  downloaded.
+
+Weights are fingerprinted (sha256 over the weight files) through :mod:`models.registry`
+model specs, so artifacts record which detector made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from models.registry import ModelSpec, ModelUnavailableError
+from tasks.base import ModelFingerprint
+
+RETINAFACE_HUB_FILE = "retinaface_resnet50_2020-07-20-f168fae3c.zip"
+DETECTOR_NAMES = ("mtcnn", "retinaface")
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """One face: box corners in pixels of the input frame, detector score, 5 landmarks."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    landmarks: tuple[tuple[float, float], ...]  # 5 (x, y) points, or () when unavailable
+
+    @property
+    def width(self) -> float:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> float:
+        return self.y2 - self.y1
+
+    @property
+    def size_px(self) -> float:
+        """The face's side: ``max(width, height)``, the quantity crops and size rules use."""
+        return max(self.width, self.height)
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+    def box(self) -> np.ndarray:
+        return np.array([self.x1, self.y1, self.x2, self.y2], dtype=np.float64)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two ``x1, y1, x2, y2`` boxes."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+class FaceDetector(ABC):
+    """A batched face detector. Subclasses set ``name`` and implement :meth:`_detect`."""
+
+    name: str
+    pretrained: bool = True  # False only for randomly initialised test networks
+    # torch intra-op threads during detection (None: leave torch's setting). MTCNN runs many
+    # tiny per-box ops whose thread overhead dominates: 1 thread is ~6x faster on a busy
+    # 2-core machine. The stage passes its reserved ``num_cpus``.
+    num_threads: int | None = None
+
+    def detect(self, frames: np.ndarray | Sequence[np.ndarray]) -> list[list[Detection]]:
+        """Detect faces in ``(N, H, W, 3)`` uint8 RGB frames (all the same size)."""
+        batch = np.asarray(frames)
+        if batch.ndim == 3:
+            batch = batch[None]
+        if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
+            raise ValueError(f"expected (N, H, W, 3) uint8 frames, got {batch.shape} {batch.dtype}")
+        if batch.shape[0] == 0:
+            return []
+        with _torch_threads(self.num_threads):
+            out = self._detect(np.ascontiguousarray(batch))
+        return [sorted(dets, key=lambda d: -d.score) for dets in out]
+
+    @abstractmethod
+    def _detect(self, frames: np.ndarray) -> list[list[Detection]]: ...
+
+    @abstractmethod
+    def model_spec(self) -> ModelSpec:
+        """The weights this detector loads, as a registry spec (for fingerprinting)."""
+
+    def fingerprint(self) -> ModelFingerprint:
+        """sha256 over the weight files; computed here without writing any cache file."""
+        spec = self.model_spec()
+        path = Path(spec.source)
+        files = [path] if path.is_file() else sorted(path.glob("*.pt"))
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            h.update(_file_sha256(f).encode())
+        return ModelFingerprint(
+            name=spec.family,
+            source=spec.source,
+            resolved_path=str(path),
+            sha256=h.hexdigest(),
+            origin="pretrained" if self.pretrained else "random-init",
+        )
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (process-wide; restored after)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _downscale(frames: np.ndarray, max_side_px: int) -> tuple[np.ndarray, float]:
+    """Resize so the long side is at most ``max_side_px``; returns (frames, scale to source)."""
+    h, w = frames.shape[1:3]
+    long_side = max(h, w)
+    if long_side <= max_side_px:
+        return frames, 1.0
+    s = max_side_px / long_side
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    small = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
+    return small, w / size[0]
+
+
+class MtcnnDetector(FaceDetector):
+    """facenet-pytorch MTCNN with its shipped weights, batched over frames.
+
+    ``min_face_size_px`` is in detection-resolution pixels (after the downscale to
+    ``max_side_px``); smaller values add pyramid levels and cost.
+    """
+
+    name = "mtcnn"
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        max_side_px: int = 640,
+        min_face_size_px: int = 20,
+        thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+    ):
+        from facenet_pytorch import MTCNN
+
+        self.device = device
+        self.max_side_px = max_side_px
+        self.model = MTCNN(
+            keep_all=True,
+            min_face_size=min_face_size_px,
+            thresholds=list(thresholds),
+            device=torch.device(device),
+        )
+        self.model.eval()
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(family="mtcnn", source=str(mtcnn_weights_dir()))
+
+    def _detect(self, frames: np.ndarray) -> list[list[Detection]]:
+        small, scale = _downscale(frames, self.max_side_px)
+        with torch.inference_mode():
+            boxes, probs, points = self.model.detect(small, landmarks=True)
+        out: list[list[Detection]] = []
+        for b, p, lm in zip(boxes, probs, points, strict=True):
+            if b is None:
+                out.append([])
+                continue
+            b = np.asarray(b, dtype=np.float64).reshape(-1, 4) * scale
+            p = np.asarray(p, dtype=np.float64).reshape(-1)
+            lm = np.asarray(lm, dtype=np.float64).reshape(-1, 5, 2) * scale
+            out.append(
+                [
+                    Detection(*map(float, b[i]), float(p[i]), _points(lm[i]))
+                    for i in range(b.shape[0])
+                ]
+            )
+        return out
+
+
+def _points(lm: np.ndarray) -> tuple[tuple[float, float], ...]:
+    return tuple((float(x), float(y)) for x, y in lm.reshape(5, 2))
+
+
+def mtcnn_weights_dir() -> Path:
+    """The ``data/`` folder of the installed facenet-pytorch (pnet/rnet/onet ``.pt``)."""
+    import facenet_pytorch
+
+    return Path(facenet_pytorch.__file__).resolve().parent / "data"
+
+
+class RetinaFaceDetector(FaceDetector):
+    """retinaface-pytorch's ResNet-50 RetinaFace, batched on the network.
+
+    ``model`` is a ``retinaface.predict_single.Model`` with weights loaded (see
+    :func:`load_retinaface_model`); ``max_size`` of that model sets the detection
+    resolution (the long side after ``LongestMaxSize``).
+    """
+
+    name = "retinaface"
+
+    def __init__(
+        self,
+        model: Any,
+        weights_path: Path | None,
+        confidence_threshold: float = 0.7,
+        nms_threshold: float = 0.4,
+        pretrained: bool = True,
+    ):
+        self.model = model
+        self.model.eval()
+        self.weights_path = weights_path
+        self.confidence_threshold = confidence_threshold
+        self.nms_threshold = nms_threshold
+        self.pretrained = pretrained
+        self._priors: dict[tuple[int, int], torch.Tensor] = {}
+
+    def model_spec(self) -> ModelSpec:
+        if self.weights_path is None:
+            raise ModelUnavailableError("RetinaFace built in memory has no weights file")
+        return ModelSpec(family="retinaface", source=str(self.weights_path))
+
+    def _priors_for(self, hw: tuple[int, int]) -> torch.Tensor:
+        from retinaface.prior_box import priorbox
+
+        if hw not in self._priors:
+            self._priors[hw] = priorbox(
+                min_sizes=[[16, 32], [64, 128], [256, 512]],
+                steps=[8, 16, 32],
+                clip=False,
+                image_size=hw,
+            ).to(self.model.device)
+        return self._priors[hw]
+
+    def _detect(self, frames: np.ndarray) -> list[list[Detection]]:
+        from retinaface.box_utils import decode, decode_landm
+        from torchvision.ops import nms
+
+        m = self.model
+        orig_h, orig_w = frames.shape[1:3]
+        # The official per-image preprocessing (albumentations LongestMaxSize + Normalize).
+        prepped = np.stack([m.transform(image=f)["image"] for f in frames])
+        th, tw = prepped.shape[1:3]
+        x = torch.from_numpy(np.ascontiguousarray(prepped.transpose(0, 3, 1, 2))).to(m.device)
+        priors = self._priors_for((th, tw))
+        scale_boxes = torch.tensor([tw, th, tw, th], device=m.device)
+        scale_landms = torch.tensor([tw, th] * 5, device=m.device)
+        resize_coeff = orig_h / th
+        with torch.inference_mode():
+            loc, conf, landm = m.model(x)
+            conf = torch.softmax(conf, dim=-1)
+        out: list[list[Detection]] = []
+        for i in range(frames.shape[0]):
+            boxes = decode(loc[i], priors, m.variance) * scale_boxes
+            lms = decode_landm(landm[i], priors, m.variance) * scale_landms
+            scores = conf[i][:, 1]
+            keep = torch.where(scores > self.confidence_threshold)[0]
+            boxes, lms, scores = boxes[keep], lms[keep], scores[keep]
+            keep = nms(boxes, scores, self.nms_threshold)
+            b = boxes[keep].cpu().numpy().astype(np.float64) * resize_coeff
+            lm = lms[keep].cpu().numpy().astype(np.float64).reshape(-1, 10) * resize_coeff
+            s = scores[keep].cpu().numpy().astype(np.float64)
+            dets: list[Detection] = []
+            for j in range(b.shape[0]):
+                x1, y1, x2, y2 = b[j]
+                if not (_valid_span(x1, x2, orig_w) and _valid_span(y1, y2, orig_h)):
+                    continue  # predict_jsons' drop rule for boxes outside the image
+                dets.append(
+                    Detection(
+                        float(np.clip(x1, 0, orig_w)),
+                        float(np.clip(y1, 0, orig_h)),
+                        float(np.clip(x2, 0, orig_w)),
+                        float(np.clip(y2, 0, orig_h)),
+                        float(s[j]),
+                        _points(lm[j]),
+                    )
+                )
+            out.append(dets)
+        return out
+
+
+def _valid_span(lo: float, hi: float, size: int) -> bool:
+    lo_c = float(np.clip(lo, 0, size - 1))
+    hi_c = float(np.clip(hi, lo_c + 1, size - 1))
+    return lo_c < hi_c
+
+
+def retinaface_hub_path() -> Path:
+    """Where torch hub caches the official weights (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / RETINAFACE_HUB_FILE
+
+
+def resolve_retinaface_weights(weights_path: str | os.PathLike[str] | None) -> Path:
+    """The local weights file for RetinaFace; a missing file raises ModelUnavailableError."""
+    path = Path(weights_path).expanduser() if weights_path else retinaface_hub_path()
+    if not path.is_file():
+        raise ModelUnavailableError(
+            f"RetinaFace weights not found at {path}; put the official "
+            f"{RETINAFACE_HUB_FILE} (or its state dict) there or set retinaface_weights"
+        )
+    return path
+
+
+def load_retinaface_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict file or the torch hub legacy zip (one member), weights only."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            # torch.save's own zip always has several members (data.pkl, version, ...).
+            if len(members) == 1:
+                blob = io.BytesIO(zf.read(members[0]))
+                return torch.load(blob, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_retinaface_model(
+    weights_path: Path | None, device: str = "cpu", max_size: int = 640
+) -> tuple[Any, bool]:
+    """Build ``retinaface.predict_single.Model`` and load weights; returns (model, pretrained).
+
+    ``weights_path=None`` leaves the network randomly initialised (tests only).
+    """
+    from retinaface.predict_single import Model
+
+    model = Model(max_size=max_size, device=device)
+    if weights_path is not None:
+        state = load_retinaface_state_dict(weights_path)
+        # Checkpoints saved from a DataParallel model carry a "module." prefix.
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        model.load_state_dict(state)
+    model.eval()
+    return model, weights_path is not None
+
+
+def load_detector(
+    name: str,
+    weights_path: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    *,
+    max_side_px: int = 640,
+    min_face_size_px: int = 20,
+    confidence_threshold: float = 0.7,
+    num_threads: int | None = None,
+) -> FaceDetector:
+    """Build a detector by name: ``mtcnn`` (shipped weights) or ``retinaface``.
+
+    RetinaFace weights: ``weights_path`` (a state-dict file or the hub zip), else the torch
+    hub cache file; missing weights raise :class:`ModelUnavailableError`.
+    """
+    detector: FaceDetector
+    if name == "mtcnn":
+        detector = MtcnnDetector(
+            device=device, max_side_px=max_side_px, min_face_size_px=min_face_size_px
+        )
+    elif name == "retinaface":
+        path = resolve_retinaface_weights(weights_path)
+        model, pretrained = load_retinaface_model(path, device=device, max_size=max_side_px)
+        detector = RetinaFaceDetector(
+            model, path, confidence_threshold=confidence_threshold, pretrained=pretrained
+        )
+    else:
+        raise ValueError(f"unknown face detector {name!r}; choose one of {DETECTOR_NAMES}")
+    detector.num_threads = num_threads
+    return detector
+
+
+def detector_model_spec(name: str, weights_path: str | None) -> ModelSpec:
+    """The registry spec for a detector's weights, without loading the network."""
+    if name == "mtcnn":
+        return ModelSpec(family="mtcnn", source=str(mtcnn_weights_dir()))
+    if name == "retinaface":
+        return ModelSpec(family="retinaface", source=str(resolve_retinaface_weights(weights_path)))
+    raise ValueError(f"unknown face detector {name!r}; choose one of {DETECTOR_NAMES}")

@@ -1,0 +1,181 @@
+"""Model references in config, tiny random models for offline runs, and weight fingerprints.
+
+A :class:`ModelSpec` names weights the way their official loader expects: a hub id or a
+local directory/file. With ``tiny_random: true`` the directory is created on first use
+from a small config through the model family's registered builder, then loaded back
+through the same official loading path as real weights (``from_pretrained(dir)``,
+``load_state_dict``). Such a directory carries ``talkforge_provenance.json`` so every
+artifact made from it is labelled ``random-init`` in the catalog.
+
+Fingerprints hash the weight files (sha256), cached by (path, size, mtime) so a 1 GB
+checkpoint is not re-hashed on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.base import ModelFingerprint
+
+PROVENANCE_FILE = "talkforge_provenance.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".model", ".zip")
+
+TinyBuilder = Callable[[Path, int], None]
+_TINY_BUILDERS: dict[str, TinyBuilder] = {}
+
+
+class ModelSpec(BaseModel):
+    """A model as configured: family (loader), weights source and options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: str  # e.g. "vae-flux1", "hubert", "unet-latent"
+    source: str  # hub id (org/name) or local path; relative paths are under data_root
+    subfolder: str | None = None
+    revision: str | None = None
+    tiny_random: bool = False  # build a tiny random model at ``source`` if it is missing
+    seed: int = 0
+
+
+class ModelUnavailableError(RuntimeError):
+    """Weights a run needs are not where the config says; the message says how to fix it."""
+
+
+def register_tiny_builder(family: str) -> Callable[[TinyBuilder], TinyBuilder]:
+    """Decorator: ``builder(directory, seed)`` writes a tiny model loadable by the real loader."""
+
+    def deco(fn: TinyBuilder) -> TinyBuilder:
+        _TINY_BUILDERS[family] = fn
+        return fn
+
+    return deco
+
+
+def resolve_source(spec: ModelSpec, data_root: Path) -> Path | None:
+    """Local path for a spec, or None when it is a hub id (org/name without a local match)."""
+    p = Path(spec.source).expanduser()
+    if not p.is_absolute():
+        candidate = data_root / p
+        if candidate.exists() or spec.tiny_random or spec.source.startswith("."):
+            p = candidate
+        elif "/" in spec.source and not p.exists():
+            return None
+    return p
+
+
+def ensure_model(spec: ModelSpec, data_root: Path) -> Path | None:
+    """Make sure a local model exists (building a tiny one if asked); return its path."""
+    path = resolve_source(spec, data_root)
+    if path is None or path.exists():
+        return path
+    if not spec.tiny_random:
+        raise ModelUnavailableError(
+            f"model {spec.family!r} not found at {path}; import the official weights there "
+            f"or set tiny_random: true for an offline smoke run"
+        )
+    builder = _load_builder(spec.family)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=path.parent))
+    try:
+        builder(tmp, spec.seed)
+        (tmp / PROVENANCE_FILE).write_text(
+            json.dumps({"origin": "random-init", "family": spec.family, "seed": spec.seed})
+        )
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another worker built it first
+            if not path.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _load_builder(family: str) -> TinyBuilder:
+    if family not in _TINY_BUILDERS:
+        # builders register on import of their model module
+        import importlib
+
+        module = {
+            "vae-flux1": "models.vae",
+            "vae-sd": "models.vae",
+            "hubert": "models.hubert",
+            "unet-latent": "models.unet",
+        }.get(family)
+        if module:
+            importlib.import_module(module)
+    if family not in _TINY_BUILDERS:
+        raise ModelUnavailableError(f"no tiny builder registered for model family {family!r}")
+    return _TINY_BUILDERS[family]
+
+
+def fingerprint(spec: ModelSpec, data_root: Path) -> ModelFingerprint:
+    """Hash the weights a spec points to; hub ids without a local copy get a name-only print."""
+    path = ensure_model(spec, data_root)
+    if path is None:
+        digest = hashlib.sha256(f"{spec.source}@{spec.revision}".encode()).hexdigest()
+        return ModelFingerprint(
+            name=spec.family,
+            source=spec.source,
+            resolved_path="",
+            sha256=digest,
+            origin="pretrained",
+            detail="hub id, weights resolved by the hub cache at load time",
+        )
+    origin = "pretrained"
+    prov = path / PROVENANCE_FILE if path.is_dir() else None
+    if prov is not None and prov.exists():
+        origin = json.loads(prov.read_text()).get("origin", "pretrained")
+    return ModelFingerprint(
+        name=spec.family,
+        source=spec.source,
+        resolved_path=str(path),
+        sha256=_hash_weights(path),
+        origin=origin,
+    )
+
+
+def _hash_weights(path: Path) -> str:
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    )
+    h = hashlib.sha256()
+    for f in files:
+        rel = f.name if path.is_file() else str(f.relative_to(path))
+        h.update(rel.encode())
+        h.update(_cached_file_hash(f).encode())
+    return h.hexdigest()
+
+
+def _cached_file_hash(f: Path) -> str:
+    st = f.stat()
+    cache = f.parent / ".talkforge_hashes.json"
+    key = f"{f.name}:{st.st_size}:{st.st_mtime_ns}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    known[key] = h.hexdigest()
+    try:
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # read-only weights directory: hash again next time
+    return known[key]

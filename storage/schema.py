@@ -1,0 +1,162 @@
+"""Parquet schemas of every catalog table.
+
+Core tables (``runs``, ``plans``, ``items``, ``artifacts``) carry the pipeline's state; stats
+tables carry per-item measurements that ops query with SQL. Every stats row starts with
+the item columns (run, stage, item, key) so it can be joined to the item that produced it
+and filtered to the current version.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+_TS = pa.timestamp("us", tz="UTC")
+
+ITEM_COLUMNS = [
+    pa.field("run_id", pa.string()),
+    pa.field("stage", pa.string()),
+    pa.field("item_id", pa.string()),
+    pa.field("item_key", pa.string()),
+    pa.field("created_at", _TS),
+]
+
+CORE_TABLES: dict[str, pa.Schema] = {
+    # one row when a run starts and one when it ends; the latest row per run wins
+    "runs": pa.schema(
+        [
+            pa.field("run_id", pa.string()),
+            pa.field("event", pa.string()),  # started / finished / failed / interrupted
+            pa.field("event_at", _TS),
+            pa.field("command", pa.string()),
+            pa.field("stages", pa.list_(pa.string())),
+            pa.field("config_path", pa.string()),
+            pa.field("config_yaml", pa.string()),  # the resolved config of the run
+            pa.field("config_hash", pa.string()),
+            pa.field("options_json", pa.string()),  # limit, retry_failed, ...
+            pa.field("message", pa.string()),
+        ]
+    ),
+    # what a run asked every stage to hold: the "current" version of each item
+    "plans": pa.schema(
+        [
+            pa.field("run_id", pa.string()),
+            pa.field("stage", pa.string()),
+            pa.field("item_id", pa.string()),
+            pa.field("item_key", pa.string()),
+            pa.field("action", pa.string()),  # run / cached / skip_failed / not_accepted
+            pa.field("planned_at", _TS),
+        ]
+    ),
+    # one row per processed item and attempt; written last, it is the commit marker
+    "items": pa.schema(
+        [
+            *ITEM_COLUMNS,
+            pa.field("status", pa.string()),  # done / filtered / failed
+            pa.field("error_kind", pa.string()),
+            pa.field("error_message", pa.string()),
+            pa.field("retryable", pa.bool_()),
+            pa.field("attempt", pa.int32()),
+            pa.field("record_type", pa.string()),
+            pa.field("record_json", pa.string()),
+            pa.field("artifact_ids", pa.list_(pa.string())),
+            pa.field("input_keys_json", pa.string()),
+            pa.field("code_version", pa.string()),
+            pa.field("config_hash", pa.string()),
+            pa.field("model_fingerprints_json", pa.string()),
+            pa.field("duration_s", pa.float64()),
+            pa.field("worker", pa.string()),
+        ]
+    ),
+    "artifacts": pa.schema(
+        [
+            pa.field("artifact_id", pa.string()),
+            pa.field("kind", pa.string()),
+            pa.field("name", pa.string()),
+            *ITEM_COLUMNS,
+            pa.field("uri", pa.string()),
+            pa.field("size_bytes", pa.int64()),
+            pa.field("sha256", pa.string()),
+            pa.field("code_version", pa.string()),
+            pa.field("config_hash", pa.string()),
+            pa.field("model_fingerprints_json", pa.string()),
+            pa.field("input_artifact_ids", pa.list_(pa.string())),
+            pa.field("status", pa.string()),
+            pa.field("error", pa.string()),
+        ]
+    ),
+}
+
+
+def _stats(*fields: pa.Field) -> pa.Schema:
+    return pa.schema([*ITEM_COLUMNS, *fields])
+
+
+STATS_TABLES: dict[str, pa.Schema] = {
+    "clips": _stats(
+        pa.field("dataset", pa.string()),
+        pa.field("source_id", pa.string()),
+        pa.field("start_s", pa.float64()),
+        pa.field("end_s", pa.float64()),
+        pa.field("duration_s", pa.float64()),
+        pa.field("fps", pa.float64()),
+        pa.field("num_frames", pa.int64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("audio_sample_rate_hz", pa.int32()),
+        pa.field("audio_channels", pa.int32()),
+    ),
+    "faces": _stats(
+        pa.field("detector", pa.string()),
+        pa.field("num_frames", pa.int64()),
+        pa.field("detected_frames", pa.int64()),
+        pa.field("tracked_frames", pa.int64()),
+        pa.field("lost_frames", pa.int64()),
+        pa.field("median_face_size_px", pa.float64()),
+        pa.field("min_face_size_px", pa.float64()),
+        pa.field("max_faces_in_frame", pa.int32()),
+        pa.field("max_second_face_ratio", pa.float64()),
+        pa.field("crop_size_px", pa.int32()),
+    ),
+    "quality": _stats(
+        pa.field("rule", pa.string()),
+        pa.field("value", pa.float64()),
+        pa.field("threshold", pa.float64()),
+        pa.field("passed", pa.bool_()),
+        pa.field("hard", pa.bool_()),
+        pa.field("reason", pa.string()),
+        pa.field("accepted", pa.bool_()),
+    ),
+    "features": _stats(
+        pa.field("family", pa.string()),
+        pa.field("shape", pa.string()),
+        pa.field("dtype", pa.string()),
+        pa.field("num_frames", pa.int64()),
+        pa.field("frame_rate_hz", pa.float64()),
+        pa.field("model_name", pa.string()),
+        pa.field("model_source", pa.string()),
+        pa.field("model_sha256", pa.string()),
+        pa.field("model_origin", pa.string()),
+    ),
+    "engram_stats": _stats(
+        pa.field("ngram_order", pa.int32()),
+        pa.field("occupied_slots", pa.int64()),
+        pa.field("collision_rate", pa.float64()),
+        pa.field("codebook_size", pa.int32()),
+        pa.field("used_codes", pa.int32()),
+        pa.field("table_size", pa.int64()),
+        pa.field("num_frames", pa.int64()),
+    ),
+    "train_metrics": _stats(
+        pa.field("step", pa.int64()),
+        pa.field("loss", pa.float64()),
+        pa.field("lr", pa.float64()),
+        pa.field("num_processes", pa.int32()),
+    ),
+    "eval_metrics": _stats(
+        pa.field("metric", pa.string()),
+        pa.field("value", pa.float64()),
+        pa.field("num_frames", pa.int64()),
+    ),
+}
+
+ALL_TABLES: dict[str, pa.Schema] = {**CORE_TABLES, **STATS_TABLES}

@@ -1,0 +1,295 @@
+"""The ``talkforge`` command line: run, resume, status, sql, failures, lineage, versions, runs.
+
+Errors are one clear line plus where to look (the run's log file, ``talkforge failures``);
+full tracebacks go to ``<data_root>/logs/<run_id>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from storage.catalog import Catalog, ReadOnlyQueryError
+from talkforge import ops
+from talkforge.config import ConfigError, PipelineConfig, load_config, parse_config
+from talkforge.progress import RichReporter
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err = Console(stderr=True)
+
+DEFAULT_CONFIG = Path("configs/default.yaml")
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override, e.g. faces.detect_every_k=3")
+]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _load(config: Path, overrides: list[str] | None) -> PipelineConfig:
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+        raise  # unreachable, for type checkers
+
+
+def _catalog(config: Path, overrides: list[str] | None) -> Catalog:
+    return Catalog(_load(config, overrides).data_root / "catalog")
+
+
+def _print_rows(rows: list[dict[str, Any]], title: str = "", fmt: str = "table") -> None:
+    if fmt == "json":
+        console.print_json(json.dumps(rows, default=str))
+        return
+    if fmt == "csv":
+        import csv
+
+        if rows:
+            writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return
+    if not rows:
+        console.print(f"[dim]{title + ': ' if title else ''}no rows[/]")
+        return
+    table = Table(title=title or None, show_lines=False)
+    for col in rows[0]:
+        table.add_column(str(col), overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    console.print(table)
+
+
+def _setup_logging(data_root: Path, run_id: str) -> logging.Handler:
+    """Send this run's log (INFO and up, full tracebacks) to <data_root>/logs/<run_id>.log."""
+    log_dir = data_root / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / f"{run_id}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    for name in ("talkforge", "tasks", "models", "storage", "flows"):
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(handler)
+    return handler
+
+
+def _teardown_logging(handler: logging.Handler) -> None:
+    for name in ("talkforge", "tasks", "models", "storage", "flows"):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
+
+
+def _execute(cfg: PipelineConfig, config_path: str, options: Any, command: str) -> str:
+    from flows.pipeline import pipeline_flow, register_engine
+    from models.registry import ModelUnavailableError
+    from talkforge.engine import Engine, new_run_id
+
+    run_id = new_run_id()
+    reporter = RichReporter(console)
+    engine = Engine(cfg, config_path=config_path, reporter=reporter)
+    try:
+        engine.preflight(options.stages)
+    except ModelUnavailableError as exc:
+        _fail(f"missing weights, nothing was run: {exc}")
+    handler = _setup_logging(cfg.data_root, run_id)
+    log_path = cfg.data_root / "logs" / f"{run_id}.log"
+    engine.start_run(command, options, run_id=run_id)
+    register_engine(run_id, engine)
+    console.print(
+        f"run [bold]{run_id}[/] · stages: {', '.join(options.stages)} · data: {cfg.data_root}"
+    )
+    try:
+        with reporter:
+            pipeline_flow(
+                run_id=run_id, config_yaml=cfg.to_yaml(), options_json=options.model_dump_json()
+            )
+    except KeyboardInterrupt:
+        engine.finish_run(run_id, "interrupted", options, "KeyboardInterrupt")
+        _fail(f"run {run_id} interrupted; continue with `talkforge resume {run_id}`", 130)
+    except Exception as exc:
+        logging.getLogger("talkforge").exception("run %s failed", run_id)
+        engine.finish_run(run_id, "failed", options, f"{type(exc).__name__}: {exc}")
+        _fail(
+            f"run {run_id} failed: {type(exc).__name__}: {exc}\n  see {log_path} "
+            f"and `talkforge status --run {run_id}`"
+        )
+    finally:
+        engine.close()
+        _teardown_logging(handler)
+    engine.finish_run(run_id, "finished", options)
+    _print_rows(ops.stage_status(engine.catalog, run_id), title=f"run {run_id}")
+    failed = ops.failures(engine.catalog)
+    if failed:
+        console.print(f"[yellow]{len(failed)} item(s) failed[/]: `talkforge failures` lists them")
+    return run_id
+
+
+@app.command()
+def run(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    stages: Annotated[str | None, typer.Option(help="comma-separated stage names")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="first stage")] = None,
+    until: Annotated[str | None, typer.Option(help="last stage")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most N items per stage")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="also retry permanent failures")] = False,
+) -> None:
+    """Run the pipeline (or some stages) on a config; committed items are skipped."""
+    from talkforge.engine import RunOptions, select_stages
+
+    cfg = _load(config, set_)
+    try:
+        chosen = select_stages(stages.split(",") if stages else None, from_, until)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    options = RunOptions(stages=chosen, limit=limit, retry_failed=retry_failed)
+    _execute(cfg, str(config), options, " ".join(["talkforge", *sys.argv[1:]]))
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="run id, or 'latest'")] = "latest",
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    retry_failed: Annotated[bool, typer.Option(help="also retry permanent failures")] = False,
+) -> None:
+    """Continue a run with the resolved config it was started with (a new run id)."""
+    import yaml
+
+    from talkforge.engine import RunOptions
+
+    catalog = _catalog(config, set_)
+    target = ops.latest_run_id(catalog) if run_id == "latest" else run_id
+    info = ops.run_info(catalog, target) if target else None
+    if info is None:
+        _fail(f"no run {run_id!r} in {catalog.root}; `talkforge runs` lists runs")
+    cfg = parse_config(yaml.safe_load(info["config_yaml"]) or {}, f"run {target}")
+    options = RunOptions.model_validate_json(info["options_json"])
+    if retry_failed:
+        options = options.model_copy(update={"retry_failed": True})
+    _execute(cfg, info["config_path"], options, f"talkforge resume {target}")
+
+
+@app.command()
+def status(
+    run: Annotated[str | None, typer.Option("--run", help="run id (default: latest)")] = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+) -> None:
+    """Per stage of a run: done / filtered / failed / pending / skipped counts."""
+    catalog = _catalog(config, set_)
+    run_id = run or ops.latest_run_id(catalog)
+    info = ops.run_info(catalog, run_id) if run_id else None
+    if info is None:
+        _fail("no runs yet; start one with `talkforge run`")
+    state = info["last_event"]
+    if state == "started":
+        state = "started, no end recorded (still running, or killed: `talkforge resume`)"
+    console.print(f"run [bold]{run_id}[/] · {state} · {info['command']}")
+    _print_rows(ops.stage_status(catalog, run_id), title="stages")
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="a single SELECT over the catalog views")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+) -> None:
+    """Read-only SQL over the catalog (tables: clips, faces, quality, ... and current_*)."""
+    try:
+        rows = _catalog(config, set_).query_readonly(query).to_pylist()
+    except ReadOnlyQueryError as exc:
+        _fail(str(exc), 2)
+    except Exception as exc:  # duckdb errors: show the message, not a traceback
+        _fail(f"query failed: {exc}", 2)
+    _print_rows(rows, fmt=fmt)
+
+
+@app.command()
+def failures(
+    stage: Annotated[str | None, typer.Option(help="only this stage")] = None,
+    kind: Annotated[str | None, typer.Option(help="only this error kind")] = None,
+    history: Annotated[bool, typer.Option("--all", help="every attempt, not only current")] = False,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+) -> None:
+    """Failed items with their typed error, attempt and whether a resume retries them."""
+    _print_rows(ops.failures(_catalog(config, set_), stage, kind, history), title="failures")
+
+
+@app.command()
+def lineage(
+    target: Annotated[str, typer.Argument(help="artifact id or clip id")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+) -> None:
+    """Where an artifact or a clip came from, stage by stage."""
+    rows = ops.lineage(_catalog(config, set_), target)
+    if not rows:
+        _fail(f"nothing in the catalog for {target!r}")
+    _print_rows(rows, title=f"lineage of {target}")
+
+
+@app.command()
+def versions(
+    stage: Annotated[str, typer.Argument(help="stage name")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+) -> None:
+    """Every version of a stage's outputs (code version, config hash, models)."""
+    _print_rows(ops.versions(_catalog(config, set_), stage), title=f"versions of {stage}")
+
+
+@app.command()
+def report(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    folder: Annotated[Path, typer.Option("--dir", help="folder of saved SELECTs")] = Path(__file__)
+    .resolve()
+    .parents[1]
+    / "dashboards",
+) -> None:
+    """Run every saved dashboard query (dashboards/*.sql) and print one table each."""
+    catalog = _catalog(config, set_)
+    files = sorted(folder.glob("*.sql"))
+    if not files:
+        _fail(f"no .sql files in {folder}")
+    for path in files:
+        try:
+            rows = catalog.query_readonly(path.read_text()).to_pylist()
+        except Exception as exc:
+            err.print(f"[red]{path.name}: {exc}[/]")
+            continue
+        _print_rows(rows, title=path.stem)
+
+
+@app.command()
+def runs(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, limit: int = 20) -> None:
+    """Recent runs and how they ended."""
+    _print_rows(ops.list_runs(_catalog(config, set_), limit), title="runs")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

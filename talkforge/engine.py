@@ -1,0 +1,550 @@
+"""The engine: decides what each stage must run, runs it, and commits results.
+
+How resume decides (the users' main need)::
+
+    item_key = sha256(stage, code_version, stage config hash, model fingerprints,
+                      upstream item keys | source record)
+
+For every stage the engine computes the key each item *should* have under the current
+config, then looks the key up in the catalog: a committed ``done``/``filtered`` row means
+the item is cached and skipped; a permanent failure is skipped unless ``retry_failed``;
+a retryable failure runs again until ``max_attempts``; anything else runs. Changing a
+stage's config or code version changes its keys and therefore every downstream key,
+while upstream keys stay equal: exactly the changed stage and what follows re-run.
+
+Every plan is recorded (``plans`` table) so "current" always means the version the latest
+run asked for, and ``talkforge status`` can say what is done, failed, pending or skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from models.registry import fingerprint
+from storage.catalog import Catalog
+from storage.store import ArtifactStore
+from talkforge.config import PipelineConfig
+from talkforge.executors import LocalExecutor, RayExecutor, make_executor
+from talkforge.stages import STAGE_ORDER, STAGES
+from tasks.base import (
+    AggregateInputs,
+    FailureKind,
+    ItemInputs,
+    Record,
+    SourceStage,
+    Stage,
+    StageEnv,
+    stable_hash,
+)
+from tasks.records import record_from_json
+from tasks.runner import Outcome, WorkItem
+
+log = logging.getLogger(__name__)
+
+
+class RunOptions(BaseModel):
+    """What the user asked of a run besides the config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stages: list[str] = list(STAGE_ORDER)
+    limit: int | None = None
+    retry_failed: bool = False
+
+
+def select_stages(
+    stages: list[str] | None = None, from_stage: str | None = None, until: str | None = None
+) -> list[str]:
+    """Resolve --stages/--from/--until to an ordered list of stage names."""
+    for name in [*(stages or []), from_stage, until]:
+        if name is not None and name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_ORDER)}")
+    chosen = [s for s in STAGE_ORDER if not stages or s in stages]
+    if from_stage:
+        chosen = [s for s in chosen if STAGE_ORDER.index(s) >= STAGE_ORDER.index(from_stage)]
+    if until:
+        chosen = [s for s in chosen if STAGE_ORDER.index(s) <= STAGE_ORDER.index(until)]
+    return chosen
+
+
+@dataclass
+class PlannedItem:
+    item_id: str
+    item_key: str
+    action: str  # run / cached / skip_failed
+    attempt: int
+    inputs: ItemInputs | AggregateInputs | None
+    input_keys: dict[str, Any] = field(default_factory=dict)  # upstream keys: lineage
+
+
+@dataclass
+class StagePlan:
+    run_id: str
+    stage: str
+    env: StageEnv
+    items: list[PlannedItem] = field(default_factory=list)
+    blocked_reason: str = ""
+
+    @property
+    def to_run(self) -> list[PlannedItem]:
+        return [i for i in self.items if i.action == "run"]
+
+    def shards(self, size: int) -> list[list[PlannedItem]]:
+        work = self.to_run
+        return [work[i : i + size] for i in range(0, len(work), size)]
+
+    def count(self, action: str) -> int:
+        return sum(1 for i in self.items if i.action == action)
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    planned: int = 0
+    cached: int = 0
+    skipped_failed: int = 0
+    done: int = 0
+    filtered: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    blocked_reason: str = ""
+
+
+class Reporter(Protocol):
+    def stage_planned(self, plan: StagePlan) -> None: ...
+    def item_finished(self, stage: str, outcome: Outcome) -> None: ...
+    def stage_finished(self, summary: StageSummary) -> None: ...
+
+
+class LogReporter:
+    def stage_planned(self, plan: StagePlan) -> None:
+        log.info("%s: %d items, %d to run", plan.stage, len(plan.items), len(plan.to_run))
+
+    def item_finished(self, stage: str, outcome: Outcome) -> None:
+        if outcome.status == "failed":
+            log.warning(
+                "%s %s failed: %s %s",
+                stage,
+                outcome.item_id,
+                outcome.error_kind,
+                outcome.error_message,
+            )
+
+    def stage_finished(self, summary: StageSummary) -> None:
+        log.info("%s finished: %s", summary.stage, summary)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+class Engine:
+    """Plans, executes and commits stages for one pipeline config."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        config_path: str = "",
+        reporter: Reporter | None = None,
+        executor: LocalExecutor | RayExecutor | None = None,
+    ):
+        self.config = config
+        self.config_path = config_path
+        self.data_root = config.data_root
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(self.data_root / "catalog")
+        self.store = ArtifactStore(config.store_uri)
+        self.reporter: Reporter = reporter or LogReporter()
+        self._executor = executor
+        self._owns_executor = executor is None
+
+    @property
+    def executor(self) -> LocalExecutor | RayExecutor:
+        if self._executor is None:
+            self._executor = make_executor(self.config.ray, self.config.execution)
+        return self._executor
+
+    def close(self) -> None:
+        """Release worker pools; shut down the executor only if this engine created it."""
+        if self._executor is None:
+            return
+        if self._owns_executor:
+            self._executor.close()
+        else:
+            for stage in STAGE_ORDER:
+                self._executor.release(stage)
+
+    # ------------------------------------------------------------------ runs
+    def start_run(self, command: str, options: RunOptions, run_id: str | None = None) -> str:
+        run_id = run_id or new_run_id()
+        self._run_event(run_id, "started", command, options)
+        return run_id
+
+    def finish_run(self, run_id: str, event: str, options: RunOptions, message: str = "") -> None:
+        self._run_event(run_id, event, "", options, message)
+
+    def _run_event(
+        self, run_id: str, event: str, command: str, options: RunOptions, message: str = ""
+    ) -> None:
+        yaml_text = self.config.to_yaml()
+        self.catalog.append(
+            "runs",
+            [
+                {
+                    "run_id": run_id,
+                    "event": event,
+                    "event_at": now_utc(),
+                    "command": command,
+                    "stages": options.stages,
+                    "config_path": self.config_path,
+                    "config_yaml": yaml_text,
+                    "config_hash": stable_hash(yaml_text),
+                    "options_json": options.model_dump_json(),
+                    "message": message,
+                }
+            ],
+        )
+
+    def preflight(self, stages: list[str]) -> dict[str, dict[str, Any]]:
+        """Fingerprint every model the selected stages need; missing weights fail here."""
+        return {name: self._fingerprints(name) for name in stages}
+
+    # ------------------------------------------------------------------ planning
+    def stage_env(self, run_id: str, stage: str) -> StageEnv:
+        return StageEnv(
+            data_root=str(self.data_root),
+            store_uri=self.config.store_uri,
+            run_id=run_id,
+            model_fingerprints=self._fingerprints(stage),
+            holdout_fraction=self.config.split.holdout_fraction,
+            split_seed=self.config.split.seed,
+        )
+
+    def _fingerprints(self, stage: str) -> dict[str, Any]:
+        probe_env = StageEnv(
+            data_root=str(self.data_root), store_uri=self.config.store_uri, run_id="preflight"
+        )
+        specs = STAGES[stage](self.config.stage(stage), probe_env).model_specs()
+        return {spec.family: fingerprint(spec, self.data_root) for spec in specs}
+
+    def plan(self, run_id: str, stage: str, options: RunOptions) -> StagePlan:
+        stage_cls = STAGES[stage]
+        cfg = self.config.stage(stage)
+        env = self.stage_env(run_id, stage)
+        plan = StagePlan(run_id=run_id, stage=stage, env=env)
+        common = {
+            "stage": stage,
+            "code_version": stage_cls.code_version,
+            "config_hash": cfg.params_hash(),
+            "models": {k: v.sha256 for k, v in sorted(env.model_fingerprints.items())},
+        }
+        candidates = self._candidates(stage_cls, cfg, env, plan, options)
+        keyed = [
+            (item_id, stable_hash({**common, "inputs": keys}), inputs, keys)
+            for item_id, keys, inputs in candidates
+        ]
+        state = self._item_state(stage, [k for _, k, _, _ in keyed])
+        for item_id, key, inputs, input_keys in keyed:
+            status, retryable, attempts = state.get(key, ("", False, 0))
+            action = "run"
+            if status in ("done", "filtered"):
+                action = "cached"
+            elif (
+                status == "failed"
+                and not options.retry_failed
+                and (not retryable or attempts >= self.config.execution.max_attempts)
+            ):
+                action = "skip_failed"
+            plan.items.append(PlannedItem(item_id, key, action, attempts + 1, inputs, input_keys))
+        self.catalog.append(
+            "plans",
+            [
+                {
+                    "run_id": run_id,
+                    "stage": stage,
+                    "item_id": i.item_id,
+                    "item_key": i.item_key,
+                    "action": i.action,
+                    "planned_at": now_utc(),
+                }
+                for i in plan.items
+            ],
+        )
+        self.reporter.stage_planned(plan)
+        return plan
+
+    def _candidates(
+        self,
+        stage_cls: type[Stage[Any]],
+        cfg: Any,
+        env: StageEnv,
+        plan: StagePlan,
+        options: RunOptions,
+    ) -> list[tuple[str, Any, Any]]:
+        """(item_id, key material, inputs) for every item this stage should hold."""
+        if issubclass(stage_cls, SourceStage):
+            records, problems = stage_cls.discover(cfg, env)
+            self._record_discovery_failures(plan, stage_cls, problems)
+            found = sorted(((r.clip_id, r) for r in records), key=lambda t: t[0])
+            found = found[: options.limit] if options.limit else found
+            return [
+                (
+                    cid,
+                    {"source": stable_hash(r.model_dump(mode="json"))},
+                    ItemInputs(item_id=cid, source=r),
+                )
+                for cid, r in found
+            ]
+        per_item = [s for s in stage_cls.requires if not STAGES[s].aggregate]
+        aggregates = [s for s in stage_cls.requires if STAGES[s].aggregate]
+        upstream = self._current_done(stage_cls.requires)
+        shared: dict[str, Record] = {}
+        shared_keys: dict[str, str] = {}
+        for name in aggregates:
+            found_agg = upstream.get(name, {}).get(name)
+            if found_agg is None:
+                plan.blocked_reason = f"upstream stage {name!r} has no current output"
+                return []
+            shared_keys[name], shared[name] = found_agg
+        ids = sorted(
+            set.intersection(*(set(upstream.get(s, {})) for s in per_item)) if per_item else set()
+        )
+        stage = stage_cls(cfg, env)
+        ids = [i for i in ids if stage.accepts(i, shared)]
+        ids = ids[: options.limit] if options.limit else ids
+        items = [
+            ItemInputs(item_id=i, records={s: upstream[s][i][1] for s in per_item}, shared=shared)
+            for i in ids
+        ]
+        keys = [{**{s: upstream[s][i][0] for s in per_item}, **shared_keys} for i in ids]
+        if not stage_cls.aggregate:
+            return [(i, k, inp) for i, k, inp in zip(ids, keys, items, strict=True)]
+        if not items:
+            plan.blocked_reason = "no accepted upstream items"
+            return []
+        agg_keys = {"items": {i: k for i, k in zip(ids, keys, strict=True)}}
+        return [
+            (
+                stage_cls.name,
+                agg_keys,
+                AggregateInputs(item_id=stage_cls.name, items=items, shared=shared),
+            )
+        ]
+
+    def _current_done(self, stages: tuple[str, ...]) -> dict[str, dict[str, tuple[str, Record]]]:
+        if not stages:
+            return {}
+        placeholders = ", ".join("?" for _ in stages)
+        sql = (
+            "SELECT stage, item_id, item_key, record_type, record_json FROM current_items "  # noqa: S608 - placeholders only
+            "WHERE status = 'done' AND stage IN (" + placeholders + ")"
+        )
+        rows = self.catalog.query(sql, list(stages)).to_pylist()
+        out: dict[str, dict[str, tuple[str, Record]]] = defaultdict(dict)
+        for r in rows:
+            out[r["stage"]][r["item_id"]] = (
+                r["item_key"],
+                record_from_json(r["record_type"], r["record_json"]),
+            )
+        return out
+
+    def _item_state(self, stage: str, keys: list[str]) -> dict[str, tuple[str, bool, int]]:
+        """key -> (latest status, retryable, number of attempts so far)."""
+        if not keys:
+            return {}
+        rows = self.catalog.query(
+            "SELECT item_key, arg_max(status, created_at) AS status, "
+            "arg_max(retryable, created_at) AS retryable, count(*) AS attempts "
+            "FROM items WHERE stage = ? GROUP BY item_key",
+            [stage],
+        ).to_pylist()
+        wanted = set(keys)
+        return {
+            r["item_key"]: (r["status"], bool(r["retryable"]), int(r["attempts"]))
+            for r in rows
+            if r["item_key"] in wanted
+        }
+
+    def _record_discovery_failures(
+        self, plan: StagePlan, stage_cls: type[Stage[Any]], problems: list[tuple[str, Any]]
+    ) -> None:
+        """Manifest rows that cannot become items are failed items, recorded once per key."""
+        rows = []
+        for raw_id, failure in problems:
+            key = stable_hash(
+                {
+                    "stage": stage_cls.name,
+                    "code_version": stage_cls.code_version,
+                    "raw_id": raw_id,
+                    "message": failure.message,
+                }
+            )
+            rows.append(
+                {
+                    "run_id": plan.run_id,
+                    "stage": stage_cls.name,
+                    "item_id": raw_id,
+                    "item_key": key,
+                    "created_at": now_utc(),
+                    "status": "failed",
+                    "error_kind": str(failure.kind),
+                    "error_message": failure.message,
+                    "retryable": False,
+                    "attempt": 1,
+                    "record_type": "",
+                    "record_json": "",
+                    "artifact_ids": [],
+                    "input_keys_json": "{}",
+                    "code_version": stage_cls.code_version,
+                    "config_hash": "",
+                    "model_fingerprints_json": "{}",
+                    "duration_s": 0.0,
+                    "worker": "discover",
+                }
+            )
+        known = set(self._item_state(stage_cls.name, [r["item_key"] for r in rows]))
+        fresh = [r for r in rows if r["item_key"] not in known]
+        self.catalog.append(
+            "plans",
+            [
+                {
+                    "run_id": plan.run_id,
+                    "stage": r["stage"],
+                    "item_id": r["item_id"],
+                    "item_key": r["item_key"],
+                    "action": "skip_failed",
+                    "planned_at": now_utc(),
+                }
+                for r in rows
+            ],
+        )
+        self.catalog.append("items", fresh)
+
+    # ------------------------------------------------------------------ execution
+    def execute(self, plan: StagePlan, items: list[PlannedItem]) -> StageSummary:
+        """Run ``items`` of a plan on the executor, committing results as they arrive."""
+        started = time.perf_counter()
+        summary = StageSummary(stage=plan.stage)
+        if not items:
+            return summary
+        stage_cls = STAGES[plan.stage]
+        cfg = self.config.stage(plan.stage)
+        by_id = {i.item_id: i for i in items}
+        buffer: list[Outcome] = []
+
+        def on_outcome(outcome: Outcome) -> None:
+            buffer.append(outcome)
+            setattr(summary, outcome.status, getattr(summary, outcome.status) + 1)
+            self.reporter.item_finished(plan.stage, outcome)
+            if len(buffer) >= self.config.execution.commit_every:
+                self._commit(plan, by_id, buffer)
+                buffer.clear()
+
+        work = [
+            WorkItem(item_id=i.item_id, item_key=i.item_key, attempt=i.attempt, inputs=i.inputs)
+            for i in items
+        ]
+        try:
+            self.executor.run(stage_cls, cfg, plan.env, work, on_outcome)
+        finally:
+            self._commit(plan, by_id, buffer)
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def run_stage(self, run_id: str, stage: str, options: RunOptions) -> StageSummary:
+        """Plan and execute a whole stage without Prefect (library use and tests)."""
+        plan = self.plan(run_id, stage, options)
+        summary = self.execute(plan, plan.to_run)
+        self.executor_release(stage)
+        return self.summarize(plan, summary)
+
+    def summarize(self, plan: StagePlan, ran: StageSummary) -> StageSummary:
+        ran.planned = len(plan.items)
+        ran.cached = plan.count("cached")
+        ran.skipped_failed = plan.count("skip_failed")
+        ran.blocked_reason = plan.blocked_reason
+        self.reporter.stage_finished(ran)
+        return ran
+
+    def executor_release(self, stage: str) -> None:
+        if self._executor is not None:
+            self._executor.release(stage)
+
+    def _commit(
+        self, plan: StagePlan, by_id: dict[str, PlannedItem], outcomes: list[Outcome]
+    ) -> None:
+        if not outcomes:
+            return
+        stage_cls = STAGES[plan.stage]
+        cfg = self.config.stage(plan.stage)
+        fps_json = json.dumps(
+            {k: v.model_dump() for k, v in plan.env.model_fingerprints.items()}, sort_keys=True
+        )
+        stats: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        artifacts: list[dict[str, Any]] = []
+        items: list[dict[str, Any]] = []
+        for o in outcomes:
+            base = {
+                "run_id": plan.run_id,
+                "stage": plan.stage,
+                "item_id": o.item_id,
+                "item_key": o.item_key,
+                "created_at": now_utc(),
+            }
+            if o.record_json:
+                record = record_from_json(o.record_type, o.record_json)
+                for table, rows in record.stats_rows().items():
+                    stats[table].extend({**base, **row} for row in rows)
+            for a in o.artifacts:
+                artifacts.append(
+                    {
+                        **base,
+                        **a.model_dump(),
+                        "code_version": stage_cls.code_version,
+                        "config_hash": cfg.params_hash(),
+                        "model_fingerprints_json": fps_json,
+                        "input_artifact_ids": o.input_artifact_ids,
+                        "status": "committed",
+                        "error": "",
+                    }
+                )
+            planned = by_id.get(o.item_id)
+            items.append(
+                {
+                    **base,
+                    "status": o.status,
+                    "error_kind": o.error_kind,
+                    "error_message": o.error_message,
+                    "retryable": o.retryable,
+                    "attempt": o.attempt,
+                    "record_type": o.record_type,
+                    "record_json": o.record_json,
+                    "artifact_ids": [a.artifact_id for a in o.artifacts],
+                    "input_keys_json": json.dumps(
+                        planned.input_keys if planned else {}, sort_keys=True
+                    ),
+                    "code_version": stage_cls.code_version,
+                    "config_hash": cfg.params_hash(),
+                    "model_fingerprints_json": fps_json,
+                    "duration_s": o.duration_s,
+                    "worker": o.worker,
+                }
+            )
+        self.catalog.append_many({**stats, "artifacts": artifacts, "items": items})
+
+
+__all__ = ["Engine", "FailureKind", "RunOptions", "StagePlan", "StageSummary", "select_stages"]

@@ -1,0 +1,172 @@
+"""Read-side questions ops engineers ask the catalog: status, failures, lineage, versions.
+
+Each function returns plain rows (list of dicts) so the CLI only formats them and tests
+can assert on them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from storage.catalog import Catalog
+from talkforge.stages import STAGE_ORDER
+
+
+def latest_run_id(catalog: Catalog) -> str | None:
+    rows = catalog.query(
+        "SELECT run_id FROM runs WHERE event = 'started' ORDER BY event_at DESC LIMIT 1"
+    ).to_pylist()
+    return rows[0]["run_id"] if rows else None
+
+
+def run_info(catalog: Catalog, run_id: str) -> dict[str, Any] | None:
+    """The run's start row (config, options) and its last event."""
+    start = catalog.query(
+        "SELECT * FROM runs WHERE run_id = ? AND event = 'started'", [run_id]
+    ).to_pylist()
+    if not start:
+        return None
+    last = catalog.query(
+        "SELECT event, message, event_at FROM runs_latest WHERE run_id = ?", [run_id]
+    ).to_pylist()[0]
+    return {
+        **start[0],
+        "last_event": last["event"],
+        "last_message": last["message"],
+        "last_at": last["event_at"],
+    }
+
+
+def list_runs(catalog: Catalog, limit: int = 20) -> list[dict[str, Any]]:
+    return catalog.query(
+        "SELECT s.run_id, s.event_at AS started_at, l.event AS state, l.event_at AS last_at, "
+        "s.stages, s.command, l.message FROM runs s JOIN runs_latest l USING (run_id) "
+        "WHERE s.event = 'started' ORDER BY s.event_at DESC LIMIT ?",
+        [limit],
+    ).to_pylist()
+
+
+def stage_status(catalog: Catalog, run_id: str) -> list[dict[str, Any]]:
+    """Per stage of a run: items planned and how each ended (done/filtered/failed/pending).
+
+    ``skipped`` counts items the run did not execute because they were already committed
+    (cached) or failed permanently earlier; ``pending`` items have no result for the
+    planned key yet (never reached, or the run was killed before them).
+    """
+    rows = catalog.query(
+        """
+        WITH p AS (SELECT * FROM plans WHERE run_id = ?
+                   QUALIFY row_number() OVER (PARTITION BY stage, item_id
+                                              ORDER BY planned_at DESC) = 1),
+             v AS (SELECT stage, item_key, arg_max(status, created_at) AS status
+                   FROM items GROUP BY stage, item_key)
+        SELECT p.stage, count(*) AS items,
+               count(*) FILTER (WHERE v.status = 'done') AS done,
+               count(*) FILTER (WHERE v.status = 'filtered') AS filtered,
+               count(*) FILTER (WHERE v.status = 'failed') AS failed,
+               count(*) FILTER (WHERE v.status IS NULL) AS pending,
+               count(*) FILTER (WHERE p.action IN ('cached', 'skip_failed')) AS skipped
+        FROM p LEFT JOIN v ON p.stage = v.stage AND p.item_key = v.item_key
+        GROUP BY p.stage
+        """,
+        [run_id],
+    ).to_pylist()
+    by_stage = {r["stage"]: r for r in rows}
+    return [by_stage[s] for s in STAGE_ORDER if s in by_stage]
+
+
+def failures(
+    catalog: Catalog, stage: str | None = None, kind: str | None = None, history: bool = False
+) -> list[dict[str, Any]]:
+    view = "failures" if history else "current_failures"
+    sql = (
+        "SELECT stage, item_id, error_kind, retryable, attempt, error_message, run_id FROM "  # noqa: S608 - view is a literal
+        + view
+        + " WHERE 1 = 1"
+    )
+    params: list[Any] = []
+    if stage:
+        sql += " AND stage = ?"
+        params.append(stage)
+    if kind:
+        sql += " AND error_kind = ?"
+        params.append(kind)
+    sql += " ORDER BY stage, item_id, attempt"
+    return catalog.query(sql, params).to_pylist()
+
+
+def lineage(catalog: Catalog, target: str) -> list[dict[str, Any]]:
+    """Where an artifact or a clip came from: one row per (stage, artifact), upstream first.
+
+    For an artifact id, follows ``input_artifact_ids`` up to the raw download. For a clip
+    id, lists the clip's current item in every stage, with its artifacts, and the
+    aggregate items (engram, train) that consumed it.
+    """
+    arts = catalog.query(
+        "SELECT * FROM artifact_versions WHERE artifact_id = ?", [target]
+    ).to_pylist()
+    if arts:
+        return _artifact_chain(catalog, arts[0])
+    rows = catalog.query(
+        "SELECT c.stage, c.item_id, c.item_key, c.status, c.error_kind, c.input_keys_json, "
+        "a.artifact_id, a.kind, a.uri, a.sha256, a.size_bytes "
+        "FROM current_items c LEFT JOIN artifact_versions a "
+        "ON list_contains(c.artifact_ids, a.artifact_id) "
+        "WHERE c.item_id = ? OR contains(c.input_keys_json, ?)",
+        [target, json.dumps(target)],
+    ).to_pylist()
+    order = {s: i for i, s in enumerate(STAGE_ORDER)}
+    return sorted(rows, key=lambda r: (order.get(r["stage"], 99), r["kind"] or ""))
+
+
+def _artifact_chain(catalog: Catalog, first: dict[str, Any]) -> list[dict[str, Any]]:
+    chain, seen, frontier = [], set(), [first]
+    while frontier:
+        art = frontier.pop()
+        if art["artifact_id"] in seen:
+            continue
+        seen.add(art["artifact_id"])
+        chain.append(
+            {
+                k: art[k]
+                for k in (
+                    "stage",
+                    "item_id",
+                    "item_key",
+                    "artifact_id",
+                    "kind",
+                    "uri",
+                    "sha256",
+                    "size_bytes",
+                )
+            }
+        )
+        parents = art["input_artifact_ids"] or []
+        if parents:
+            placeholders = ", ".join("?" for _ in parents)
+            frontier += catalog.query(
+                f"SELECT * FROM artifact_versions WHERE artifact_id IN ({placeholders})",  # noqa: S608
+                list(parents),
+            ).to_pylist()
+    order = {s: i for i, s in enumerate(STAGE_ORDER)}
+    return sorted(chain, key=lambda r: order.get(r["stage"], 99))
+
+
+def versions(catalog: Catalog, stage: str) -> list[dict[str, Any]]:
+    """Every version of a stage's outputs: code version, config hash, models, counts."""
+    return catalog.query(
+        """
+        SELECT i.code_version, i.config_hash, i.model_fingerprints_json AS models,
+               count(DISTINCT i.item_id) AS items,
+               count(*) FILTER (WHERE i.status = 'done') AS done_rows,
+               min(i.created_at) AS first_at, max(i.created_at) AS last_at,
+               bool_or(p.item_key IS NOT NULL) AS current
+        FROM items i LEFT JOIN current_plans p
+          ON p.stage = i.stage AND p.item_id = i.item_id AND p.item_key = i.item_key
+        WHERE i.stage = ?
+        GROUP BY i.code_version, i.config_hash, i.model_fingerprints_json
+        ORDER BY first_at
+        """,
+        [stage],
+    ).to_pylist()

@@ -1,0 +1,1 @@
+"""Download stage: read dataset metadata, fetch source videos, cut and normalise clips."""

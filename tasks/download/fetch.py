@@ -1,0 +1,393 @@
+"""Fetch source videos with the yt-dlp Python API into a shared, locked raw cache.
+
+One download per source video however many clips it holds: the raw file lives at
+``<data_root>/raw/<dataset>/<source_id>.mp4`` and is fetched under an ``fcntl`` lock on
+``.<source_id>.lock`` beside it, so two workers cutting clips of the same video never fetch
+it twice at once; the second finds the finished file. yt-dlp writes to a ``.tmp-<uuid>-``
+name in the same folder and the file is renamed only once complete, followed by a JSON
+sidecar (url, size, sha256, format) that marks the cache entry valid. An interrupted
+download therefore never leaves a file that looks complete, and leftovers of a killed
+download are swept the next time the source's lock is taken.
+
+Across sources, at most ``max_concurrent_downloads`` downloads run at once on a machine
+(slot locks under ``raw/.slots``), whatever the number of workers: the polite limit for
+YouTube is lower than the useful number of ffmpeg workers.
+
+yt-dlp and HTTP errors are mapped to :class:`FailureKind` (see
+:func:`classify_download_error`), so dead, private, geo-blocked and bot-checked videos are
+typed failures; only rate limits, bot checks and network errors are retried.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import yt_dlp
+from yt_dlp.networking.exceptions import HTTPError, TransportError
+from yt_dlp.utils import GeoRestrictedError, UnsupportedError
+
+from storage.store import ArtifactRef, UnsafeIdError, safe_id, sha256_file
+from tasks.base import FailureKind, ItemContext, ItemFailure
+
+RAW_ARTIFACT_NAME = "source.mp4"
+RAW_ARTIFACT_KIND = "raw_video"
+# yt-dlp params the fetcher owns: overriding them would break the temp-name-then-rename
+# protocol or the error mapping.
+RESERVED_YTDLP_OPTIONS = frozenset(
+    {"outtmpl", "paths", "logger", "progress_hooks", "postprocessor_hooks", "ignoreerrors"}
+)
+_SOURCE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How to download; built from the stage config."""
+
+    target_height: int = 720
+    cookies_file: str | None = None
+    ytdlp_options: Mapping[str, str | int | bool] = field(default_factory=dict)
+    max_concurrent_downloads: int = 2
+    socket_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RawSource:
+    """A complete raw download in the cache."""
+
+    path: Path
+    url: str
+    size_bytes: int
+    sha256: str
+    downloaded: bool  # False when it was already cached
+
+
+def format_selector(target_height: int) -> str:
+    """Best video up to the target height merged with the best audio, else best muxed."""
+    h = int(target_height)
+    return f"bestvideo[height<={h}]+bestaudio/best[height<={h}]/best"
+
+
+def check_source_id(source_id: str) -> str:
+    """A source id usable as a cache file name (YouTube ids may start with ``-``/``_``)."""
+    if not _SOURCE_ID.match(source_id or "") or ".." in source_id:
+        raise ItemFailure(FailureKind.BAD_METADATA, f"unsafe source id {source_id!r}")
+    return source_id
+
+
+def raw_cache_path(data_root: Path, dataset: str, source_id: str) -> Path:
+    try:
+        safe_id(dataset)
+    except UnsafeIdError as exc:
+        raise ItemFailure(FailureKind.BAD_METADATA, str(exc)) from exc
+    return Path(data_root) / "raw" / dataset / f"{check_source_id(source_id)}.mp4"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _lock_path(path: Path) -> Path:
+    return path.parent / f".{path.stem}.lock"
+
+
+@contextmanager
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """Exclusive ``fcntl`` lock, held across processes on this machine until exit."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def download_slot(slot_dir: Path, slots: int, poll_s: float = 0.5) -> Iterator[int]:
+    """Take one of ``slots`` machine-wide download slots (non-blocking tries, then poll)."""
+    slot_dir.mkdir(parents=True, exist_ok=True)
+    handles = []
+    try:
+        while True:
+            for i in range(max(1, slots)):
+                fh = open(slot_dir / f"slot-{i}.lock", "a+")  # noqa: SIM115 - held below
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    fh.close()
+                    continue
+                handles.append(fh)
+                yield i
+                return
+            time.sleep(poll_s)
+    finally:
+        for fh in handles:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+
+def cached_raw(path: Path, url: str) -> RawSource | None:
+    """The cache entry for ``path`` if complete and fetched from ``url``, else None."""
+    try:
+        meta = json.loads(_sidecar(path).read_text())
+        size = path.stat().st_size
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("url") != url or meta.get("size_bytes") != size or not meta.get("sha256"):
+        return None
+    return RawSource(path=path, url=url, size_bytes=size, sha256=meta["sha256"], downloaded=False)
+
+
+def ensure_raw(
+    data_root: Path, dataset: str, source_id: str, url: str, options: FetchOptions
+) -> RawSource:
+    """The raw download of ``source_id``: from the cache, or fetched now (once, locked)."""
+    path = raw_cache_path(data_root, dataset, source_id)
+    with file_lock(_lock_path(path)):
+        hit = cached_raw(path, url)
+        if hit is not None:
+            return hit
+        leftover = re.compile(rf"\.tmp-[0-9a-f]{{32}}-{re.escape(source_id)}\..+")
+        for stale in path.parent.iterdir():
+            if leftover.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)  # from a killed download; we hold the lock
+        _sidecar(path).unlink(missing_ok=True)  # the entry is invalid until re-marked below
+        with download_slot(Path(data_root) / "raw" / ".slots", options.max_concurrent_downloads):
+            info = download(url, path, options)
+        digest = sha256_file(path)
+        meta = {"url": url, "size_bytes": path.stat().st_size, "sha256": digest, **info}
+        tmp_meta = path.parent / f".tmp-{uuid.uuid4().hex}-{source_id}.json"
+        tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp_meta, _sidecar(path))
+        return RawSource(path, url, meta["size_bytes"], digest, downloaded=True)
+
+
+def raw_owner(dataset: str, source_id: str, raw: RawSource) -> tuple[str, str]:
+    """Store owner of a raw download: one id per source, one key per (url, bytes).
+
+    The id is ``<dataset>-<source_id>`` because YouTube ids may start with ``-`` or ``_``,
+    which ``safe_id`` rejects as a leading character.
+    """
+    try:
+        owner_id = safe_id(f"{dataset}-{source_id}")
+    except UnsafeIdError as exc:
+        raise ItemFailure(FailureKind.BAD_METADATA, str(exc)) from exc
+    return owner_id, hashlib.sha256(f"{raw.url}\n{raw.sha256}".encode()).hexdigest()
+
+
+def commit_raw(ctx: ItemContext, dataset: str, source_id: str, raw: RawSource) -> ArtifactRef:
+    """Commit the raw download to the store once; later clips record the existing ref."""
+    owner_id, owner_key = raw_owner(dataset, source_id, raw)
+    with file_lock(_lock_path(raw.path)):
+        existing = ctx.store.describe(
+            ctx.stage, owner_id, owner_key, RAW_ARTIFACT_NAME, RAW_ARTIFACT_KIND
+        )
+        if existing is not None and existing.sha256 == raw.sha256:
+            return ctx.record_existing(existing)
+        return ctx.commit(
+            raw.path, RAW_ARTIFACT_NAME, RAW_ARTIFACT_KIND, owner=(owner_id, owner_key)
+        )
+
+
+class _Logger:
+    """Collects yt-dlp's messages instead of printing them."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def debug(self, msg: str) -> None:
+        pass
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def warning(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+    def error(self, msg: str) -> None:
+        self.errors.append(msg)
+
+
+def ydl_params(url: str, outtmpl: str, options: FetchOptions, logger: Any) -> dict[str, Any]:
+    """yt-dlp parameters for one download; config extras cannot touch reserved keys."""
+    reserved = RESERVED_YTDLP_OPTIONS & set(options.ytdlp_options)
+    if reserved:
+        raise ValueError(f"ytdlp_options may not set {sorted(reserved)}")
+    params: dict[str, Any] = {
+        "format": format_selector(options.target_height),
+        "merge_output_format": "mp4",
+        "postprocessors": [{"key": "FFmpegVideoRemuxer", "preferedformat": "mp4"}],
+        "outtmpl": {"default": outtmpl},
+        "enable_file_urls": url.startswith("file://"),
+        "noplaylist": True,
+        "quiet": True,
+        "no_warnings": False,
+        "noprogress": True,
+        "cachedir": False,
+        "overwrites": True,
+        "continuedl": False,
+        "retries": 3,
+        "fragment_retries": 3,
+        "socket_timeout": options.socket_timeout_s,
+        "logger": logger,
+    }
+    if options.cookies_file:
+        params["cookiefile"] = str(Path(options.cookies_file).expanduser())
+    params.update(options.ytdlp_options)
+    return params
+
+
+def download(url: str, dest: Path, options: FetchOptions) -> dict[str, Any]:
+    """Download ``url`` to ``dest`` (temp name in the same folder, then rename).
+
+    Returns format facts for the cache sidecar. Raises a typed :class:`ItemFailure`.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("file://"):
+        _check_local_source(url)
+    token = uuid.uuid4().hex
+    outtmpl = str(dest.parent / f".tmp-{token}-{dest.stem}.%(ext)s")
+    logger = _Logger()
+    try:
+        with yt_dlp.YoutubeDL(ydl_params(url, outtmpl, options, logger)) as ydl:
+            info = ydl.extract_info(url, download=True)
+            if not info:
+                raise ItemFailure(FailureKind.UNAVAILABLE, f"yt-dlp returned nothing for {url}")
+            if info.get("_type") in ("playlist", "multi_video"):
+                raise ItemFailure(FailureKind.FORMAT, f"{url} is a playlist, not one video")
+            downloads = info.get("requested_downloads") or [{}]
+            produced = Path(downloads[0].get("filepath") or ydl.prepare_filename(info))
+        if not produced.is_file() or produced.stat().st_size == 0:
+            raise ItemFailure(FailureKind.FORMAT, f"yt-dlp produced no data for {url}")
+        with open(produced, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(produced, dest)
+    except ItemFailure:
+        raise
+    except (yt_dlp.utils.YoutubeDLError, OSError) as exc:
+        raise classify_download_error(exc, logger.errors) from exc
+    finally:
+        for leftover in dest.parent.glob(f".tmp-{token}-*"):
+            leftover.unlink(missing_ok=True)
+    return {
+        "extractor": info.get("extractor_key") or info.get("extractor"),
+        "format_id": info.get("format_id"),
+        "height": info.get("height"),
+        "fps": info.get("fps"),
+        "vcodec": info.get("vcodec"),
+        "acodec": info.get("acodec"),
+        "title": info.get("title"),
+    }
+
+
+def _check_local_source(url: str) -> None:
+    """A ``file://`` source that is missing or empty fails clearly before yt-dlp runs
+    (yt-dlp reports an empty file as "Did not get any data blocks", which over HTTP is a
+    transient error)."""
+    path = Path(url2pathname(urlparse(url).path))
+    if not path.is_file():
+        raise ItemFailure(FailureKind.UNAVAILABLE, f"{url}: no such file")
+    if path.stat().st_size == 0:
+        raise ItemFailure(FailureKind.FORMAT, f"{url}: empty (zero-byte) file")
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """The exception and what caused it (yt-dlp wraps causes in ``exc_info``/``cause``)."""
+    chain: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is seen for seen in chain) or len(chain) > 10:
+            continue
+        chain.append(e)
+        exc_info = getattr(e, "exc_info", None)
+        todo += [
+            exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) > 1 else None,
+            getattr(e, "cause", None)
+            if isinstance(getattr(e, "cause", None), BaseException)
+            else None,
+            e.__cause__,
+            e.__context__,
+        ]
+    return chain
+
+
+_PATTERNS: tuple[tuple[FailureKind, tuple[str, ...]], ...] = (
+    (FailureKind.PRIVATE, ("private video", "sign in to confirm your age", "members-only")),
+    (FailureKind.BOT_CHECK, ("sign in to confirm", "not a bot", "confirm you're not a bot")),
+    (
+        FailureKind.GEO_BLOCKED,
+        ("not available in your country", "blocked it in your country", "geo restrict"),
+    ),
+    (FailureKind.RATE_LIMITED, ("http error 429", "too many requests", "rate-limit", "rate limit")),
+    (
+        FailureKind.UNAVAILABLE,
+        (
+            "video unavailable",
+            "has been removed",
+            "no longer available",
+            "account associated with this video has been terminated",
+            "does not exist",
+            "http error 404",
+            "http error 410",
+            "no such file or directory",
+            "unsupported url",
+        ),
+    ),
+    (
+        FailureKind.FORMAT,
+        ("requested format is not available", "no video formats found", "postprocessing"),
+    ),
+)
+
+
+def classify_download_error(exc: BaseException, logged: list[str] | None = None) -> ItemFailure:
+    """Map a yt-dlp / HTTP / OS error to a typed failure (retryable follows the kind).
+
+    Exception types decide first (HTTP status, geo restriction, unsupported URL, transport
+    errors), then the messages YouTube is known to send. Anything unrecognised is treated
+    as a transient ``network`` error so a resume retries it rather than losing the video.
+    """
+    chain = _exception_chain(exc)
+    text = " | ".join([*(logged or []), *(str(e) for e in chain)])
+    message = _one_line(logged[-1] if logged else str(exc))
+    lowered = text.lower()
+    for e in chain:
+        if isinstance(e, HTTPError):
+            if e.status == 429:
+                return ItemFailure(FailureKind.RATE_LIMITED, message)
+            if e.status in (404, 410):
+                return ItemFailure(FailureKind.UNAVAILABLE, message)
+            if e.status == 403 and "sign in" not in lowered:
+                return ItemFailure(FailureKind.NETWORK, f"HTTP 403 (throttled?): {message}")
+        if isinstance(e, GeoRestrictedError):
+            return ItemFailure(FailureKind.GEO_BLOCKED, message)
+        if isinstance(e, UnsupportedError):
+            return ItemFailure(FailureKind.UNAVAILABLE, message)
+        if isinstance(e, FileNotFoundError):
+            return ItemFailure(FailureKind.UNAVAILABLE, message)
+    for kind, needles in _PATTERNS:
+        if any(n in lowered for n in needles):
+            return ItemFailure(kind, message)
+    if any(isinstance(e, TransportError) for e in chain):
+        return ItemFailure(FailureKind.NETWORK, message)
+    return ItemFailure(FailureKind.NETWORK, f"unclassified download error: {message}")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line.removeprefix("ERROR: ")[:limit]

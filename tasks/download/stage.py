@@ -1,0 +1,214 @@
+"""The download stage: dataset metadata in, normalised clips out.
+
+``discover`` reads each configured dataset's published metadata (and, when enabled, the
+offline sample dataset, built on first use) into :class:`SourceClip` records plus typed
+per-row failures. ``process`` fetches the clip's source video once into the shared raw
+cache (see :mod:`tasks.download.fetch`), cuts and normalises the clip
+(:mod:`tasks.download.normalize`) and commits three artifacts:
+
+- ``clip.mp4`` (kind ``video``): H.264 at ``fps`` with 16 kHz mono AAC;
+- ``audio.wav`` (kind ``audio``): 16 kHz mono pcm_s16le;
+- ``source.mp4`` (kind ``raw_video``): the raw download, committed once per source video
+  under the owner ``<dataset>-<source_id>`` and shared by all its clips.
+
+Config fields that only change how work runs, not what it produces (``datasets``,
+``sample``, ``cookies_file``, ``max_concurrent_downloads``), are left out of
+:meth:`DownloadConfig.params_hash`, so adding a dataset or a cookie file does not
+invalidate clips already cut; each clip's own metadata is part of its input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from storage.store import UnsafeIdError, safe_id
+from tasks.base import (
+    FailureKind,
+    ItemContext,
+    ItemFailure,
+    ItemInputs,
+    SourceStage,
+    StageConfig,
+    StageEnv,
+    stable_hash,
+)
+from tasks.download.fetch import (
+    RESERVED_YTDLP_OPTIONS,
+    FetchOptions,
+    check_source_id,
+    commit_raw,
+    ensure_raw,
+)
+from tasks.download.hdtf import HDTF_LICENCE, HDTF_SUBSETS, read_hdtf
+from tasks.download.normalize import NormalizeSettings, normalize_clip
+from tasks.download.sample import (
+    SAMPLE_LICENCE,
+    SAMPLE_SUBSET,
+    build_sample_dataset,
+    sample_metadata_dir,
+    sample_videos_dir,
+)
+from tasks.records import NormalizedClip, SourceClip
+
+
+class DatasetSource(BaseModel):
+    """One dataset to read. ``metadata_dir`` is absolute or relative to the working dir."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["hdtf"] = "hdtf"
+    metadata_dir: str
+    subsets: list[str] = Field(default_factory=lambda: list(HDTF_SUBSETS))
+    url_template: str | None = None  # e.g. "file:///mirror/{id}.mp4"; None: YouTube
+    licence: str = HDTF_LICENCE
+
+
+class SampleConfig(BaseModel):
+    """The offline sample dataset (:mod:`tasks.download.sample`), built under data_root."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    dir: str = "sample"  # relative to data_root
+    seed: int = 0
+
+
+class DownloadConfig(StageConfig):
+    datasets: list[DatasetSource] = Field(default_factory=list)
+    sample: SampleConfig = SampleConfig()
+    fps: float = Field(25.0, gt=0, le=120)
+    audio_sample_rate_hz: int = Field(16000, ge=8000, le=96000)
+    target_height: int = Field(720, ge=144, le=4320)
+    apply_crop: bool = False
+    crf: int = Field(17, ge=0, le=51)
+    cookies_file: str | None = None
+    ytdlp_options: dict[str, str | int | bool] = Field(default_factory=dict)
+    max_concurrent_downloads: int = Field(2, ge=1, le=64)
+
+    OPERATIONAL_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"resources", "datasets", "sample", "cookies_file", "max_concurrent_downloads"}
+    )
+
+    @field_validator("ytdlp_options")
+    @classmethod
+    def _no_reserved_options(cls, value: dict[str, str | int | bool]) -> dict:
+        reserved = RESERVED_YTDLP_OPTIONS & set(value)
+        if reserved:
+            raise ValueError(f"ytdlp_options may not set {sorted(reserved)} (owned by the fetcher)")
+        return value
+
+    def params_hash(self) -> str:
+        return stable_hash(self.model_dump(mode="json", exclude=set(self.OPERATIONAL_FIELDS)))
+
+    def fetch_options(self) -> FetchOptions:
+        return FetchOptions(
+            target_height=self.target_height,
+            cookies_file=self.cookies_file,
+            ytdlp_options=dict(self.ytdlp_options),
+            max_concurrent_downloads=self.max_concurrent_downloads,
+        )
+
+    def normalize_settings(self) -> NormalizeSettings:
+        return NormalizeSettings(
+            fps=self.fps,
+            audio_sample_rate_hz=self.audio_sample_rate_hz,
+            crf=self.crf,
+            apply_crop=self.apply_crop,
+        )
+
+
+def sample_url_template(videos_dir: Path) -> str:
+    """``file://`` template for the sample videos (braces in the path escaped for format)."""
+    base = videos_dir.resolve().as_uri().replace("{", "{{").replace("}", "}}")
+    return base + "/{id}.mp4"
+
+
+class DownloadStage(SourceStage[DownloadConfig]):
+    name = "download"
+    code_version = "1"
+    config_type = DownloadConfig
+
+    @classmethod
+    def discover(
+        cls, config: DownloadConfig, env: StageEnv
+    ) -> tuple[list[SourceClip], list[tuple[str, ItemFailure]]]:
+        """All clips of the configured datasets (and the sample), plus per-row failures.
+
+        A clip id seen twice (the same dataset listed twice) is kept once; the repeat is a
+        ``BAD_METADATA`` failure under a ``#dup`` suffix so it never shadows the kept clip.
+        """
+        clips: list[SourceClip] = []
+        problems: list[tuple[str, ItemFailure]] = []
+        for source in config.datasets:
+            manifest = read_hdtf(
+                Path(source.metadata_dir).expanduser(),
+                subsets=tuple(source.subsets),
+                url_template=source.url_template,
+                licence=source.licence,
+            )
+            clips += manifest.clips
+            problems += manifest.problems
+        if config.sample.enabled:
+            root = build_sample_dataset(Path(env.data_root) / config.sample.dir, config.sample.seed)
+            manifest = read_hdtf(
+                sample_metadata_dir(root),
+                subsets=(SAMPLE_SUBSET,),
+                url_template=sample_url_template(sample_videos_dir(root)),
+                dataset="sample",
+                licence=SAMPLE_LICENCE,
+            )
+            clips += manifest.clips
+            problems += manifest.problems
+        unique: dict[str, SourceClip] = {}
+        for clip in clips:
+            if clip.clip_id in unique:
+                problems.append(
+                    (
+                        f"{clip.clip_id}#dup",
+                        ItemFailure(FailureKind.BAD_METADATA, f"duplicate clip id {clip.clip_id}"),
+                    )
+                )
+                continue
+            unique[clip.clip_id] = clip
+        return list(unique.values()), problems
+
+    def process(self, inputs: ItemInputs, ctx: ItemContext) -> NormalizedClip:
+        clip = inputs.source
+        if not isinstance(clip, SourceClip):
+            raise ItemFailure(FailureKind.BAD_METADATA, f"{inputs.item_id}: no SourceClip input")
+        try:
+            safe_id(clip.clip_id)
+        except UnsafeIdError as exc:
+            raise ItemFailure(FailureKind.BAD_METADATA, str(exc)) from exc
+        check_source_id(clip.source_id)
+        raw = ensure_raw(
+            Path(self.env.data_root),
+            clip.dataset,
+            clip.source_id,
+            clip.url,
+            self.config.fetch_options(),
+        )
+        files = normalize_clip(raw.path, clip, self.config.normalize_settings(), ctx.scratch)
+        raw_ref = commit_raw(ctx, clip.dataset, clip.source_id, raw)
+        video_ref = ctx.commit(files.video, "clip.mp4", "video")
+        audio_ref = ctx.commit(files.audio, "audio.wav", "audio")
+        return NormalizedClip(
+            clip_id=clip.clip_id,
+            dataset=clip.dataset,
+            source_id=clip.source_id,
+            start_s=files.start_s,
+            end_s=files.end_s,
+            duration_s=files.duration_s,
+            fps=files.fps,
+            num_frames=files.num_frames,
+            width=files.width,
+            height=files.height,
+            audio_sample_rate_hz=files.audio_sample_rate_hz,
+            audio_channels=files.audio_channels,
+            video=video_ref,
+            audio=audio_ref,
+            raw=raw_ref,
+        )

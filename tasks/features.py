@@ -1,0 +1,268 @@
+"""Features stage: VAE latents of the face crops and HuBERT features aligned to video frames.
+
+Per accepted clip it writes two safetensors files:
+
+- ``vae_latents.safetensors``: tensor ``latents`` ``(T, C, H/8, W/8)`` (``latent_dtype``),
+  normalised as the VAE family's pipelines do (``(mode - shift) * scale``), one row per
+  decoded face-crop frame;
+- ``hubert.safetensors``: tensor ``features`` ``(T, 2, D)``, two HuBERT steps per video frame.
+
+**Alignment rule.** HuBERT emits ``T_a = floor((N - 400) / 320) + 1`` steps for ``N`` samples
+at 16 kHz; step ``k`` sees samples ``[320k, 320k + 400)`` (50 Hz). Video frame ``i`` of a
+25 fps clip spans ``[40i, 40i + 40)`` ms and gets steps ``2i`` and ``2i + 1`` (their windows
+are centred at ``40i + 12.5`` and ``40i + 32.5`` ms, both inside the frame). A clip of exactly
+``T`` frames has ``N = 640T`` samples and hence ``T_a = 2T - 1``: the missing tail step(s)
+(any index ``≥ T_a``) repeat the last step; surplus audio steps are dropped. The clip is
+``MISALIGNED`` when ``|T_a · fps / 50 - T| > max_misalignment_frames`` (``|T_a/2 - T|`` at
+25 fps). At any other frame rate the two steps of frame ``i`` sit at 50 Hz positions
+``(2i + j) · 25 / fps`` (``j = 0, 1``), linearly interpolated and clamped to the last step,
+which reduces exactly to the rule above at 25 fps.
+
+Crops are decoded as a stream in chunks of ``resources.batch_size`` frames, so a clip is
+never held in memory as pixels; long audio runs through HuBERT in overlapping windows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from safetensors.torch import save_file
+
+from models.hubert import (
+    FRAME_RATE_HZ,
+    SAMPLE_RATE_HZ,
+    check_layer,
+    extract_hubert_windowed,
+    hubert_num_frames,
+    load_hubert,
+    make_feature_extractor,
+)
+from models.registry import ModelSpec, ensure_model, fingerprint
+from models.vae import LATENT_STRIDE, encode_frames, latent_factors, load_vae
+from tasks.base import (
+    FailureKind,
+    ItemContext,
+    ItemFailure,
+    ItemInputs,
+    ModelFingerprint,
+    Stage,
+    StageConfig,
+)
+from tasks.media import iter_frames, probe, read_wav
+from tasks.records import ClipFeatures, FaceTrack, FeatureFile, NormalizedClip
+
+VAE_FAMILIES = ("vae-flux1", "vae-sd")
+STEPS_PER_FRAME = 2
+
+
+class FeaturesConfig(StageConfig):
+    vae: ModelSpec = ModelSpec(family="vae-flux1", source="models/vae-flux1-tiny", tiny_random=True)
+    hubert: ModelSpec = ModelSpec(family="hubert", source="models/hubert-tiny", tiny_random=True)
+    hubert_layer: int = Field(-1, description="-1: model output; 0..L: hidden_states index")
+    latent_dtype: Literal["float16", "float32"] = "float16"
+    hubert_dtype: Literal["float16", "float32"] = "float16"
+    max_misalignment_frames: int = Field(2, ge=0, description="allowed |audio - video| in frames")
+    hubert_window_s: float = Field(20.0, gt=1.0, description="HuBERT window for long audio")
+    hubert_context_s: float = Field(1.0, ge=0.0, description="extra audio each side of a window")
+
+    @field_validator("vae")
+    @classmethod
+    def _vae_family(cls, v: ModelSpec) -> ModelSpec:
+        if v.family not in VAE_FAMILIES:
+            raise ValueError(f"vae.family must be one of {VAE_FAMILIES}, got {v.family!r}")
+        return v
+
+    @field_validator("hubert")
+    @classmethod
+    def _hubert_family(cls, v: ModelSpec) -> ModelSpec:
+        if v.family != "hubert":
+            raise ValueError(f"hubert.family must be 'hubert', got {v.family!r}")
+        return v
+
+
+def align_audio_steps(
+    feats: np.ndarray, num_frames: int, fps: float, steps_per_frame: int = STEPS_PER_FRAME
+) -> np.ndarray:
+    """``(T_a, D)`` 50 Hz features → ``(num_frames, steps_per_frame, D)`` per video frame.
+
+    See the module docstring for the rule; indices past the last step repeat it.
+    """
+    if feats.shape[0] == 0:
+        raise ValueError("no audio steps to align")
+    pos = np.arange(num_frames * steps_per_frame, dtype=np.float64)
+    pos *= FRAME_RATE_HZ / (steps_per_frame * fps)
+    pos = np.minimum(pos, feats.shape[0] - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, feats.shape[0] - 1)
+    w = (pos - lo).astype(np.float32)[:, None]
+    out = feats[lo] * (1.0 - w) + feats[hi] * w if np.any(w) else feats[lo]
+    return out.reshape(num_frames, steps_per_frame, feats.shape[1]).astype(np.float32)
+
+
+class FeaturesStage(Stage[FeaturesConfig]):
+    """Face-crop VAE latents + frame-aligned HuBERT features for each accepted clip."""
+
+    name: ClassVar[str] = "features"
+    code_version: ClassVar[str] = "1"
+    requires: ClassVar[tuple[str, ...]] = ("download", "faces", "quality")
+    config_type: ClassVar[type[StageConfig]] = FeaturesConfig
+
+    def model_specs(self) -> list[Any]:
+        return [self.config.vae, self.config.hubert]
+
+    def setup(self) -> None:
+        root = Path(self.env.data_root)
+        want_gpu = self.config.resources.num_gpus > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if want_gpu else "cpu")
+        vae_spec, hub_spec = self.config.vae, self.config.hubert
+        vae_path = ensure_model(vae_spec, root)
+        # fp32 on purpose: the FLUX.1 VAE config sets force_upcast (fp16 overflows)
+        self.vae = load_vae(
+            vae_path or vae_spec.source,
+            vae_spec.subfolder,
+            self.device,
+            torch.float32,
+            revision=vae_spec.revision,
+        )
+        hub_path = ensure_model(hub_spec, root)
+        self.hubert = load_hubert(
+            hub_path or hub_spec.source,
+            hub_spec.subfolder,
+            self.device,
+            revision=hub_spec.revision,
+        )
+        check_layer(self.hubert, self.config.hubert_layer)
+        self.feature_extractor = make_feature_extractor()
+        self.fingerprints: dict[str, ModelFingerprint] = {
+            s.family: self.env.model_fingerprints.get(s.family) or fingerprint(s, root)
+            for s in (vae_spec, hub_spec)
+        }
+
+    def process(self, inputs: ItemInputs, ctx: ItemContext) -> ClipFeatures:
+        clip = inputs.get("download", NormalizedClip)
+        face = inputs.get("faces", FaceTrack)
+        fps = float(face.fps or clip.fps)
+        if fps <= 0:
+            raise ItemFailure(FailureKind.BAD_METADATA, f"non-positive frame rate {fps}")
+        latents = self._encode_crops(ctx.local_path(face.crops), face.num_frames)
+        t = latents.shape[0]
+        aligned = self._audio_features(ctx.local_path(clip.audio), t, fps)
+
+        vae_fp = self.fingerprints[self.config.vae.family]
+        hub_fp = self.fingerprints[self.config.hubert.family]
+        scale, shift = latent_factors(self.vae)
+        common = {"clip_id": clip.clip_id, "fps": repr(fps), "num_frames": str(t)}
+        lat_path = ctx.scratch / "vae_latents.safetensors"
+        lat_tensor = latents.to(getattr(torch, self.config.latent_dtype)).contiguous()
+        save_file(
+            {"latents": lat_tensor},
+            str(lat_path),
+            metadata={
+                **common,
+                **_fp_meta(vae_fp),
+                "layout": "T,C,H/8,W/8",
+                "scaling_factor": repr(scale),
+                "shift_factor": repr(shift),
+                "normalisation": "(mode - shift) * scale",
+            },
+        )
+        hub_path = ctx.scratch / "hubert.safetensors"
+        hub_tensor = torch.from_numpy(aligned).to(getattr(torch, self.config.hubert_dtype))
+        save_file(
+            {"features": hub_tensor.contiguous()},
+            str(hub_path),
+            metadata={
+                **common,
+                **_fp_meta(hub_fp),
+                "layout": "T,2,D",
+                "layer": str(self.config.hubert_layer),
+                "alignment": "frame i <- 50 Hz steps (2i, 2i+1) at 25 fps; tail repeats last",
+            },
+        )
+        lat_ref = ctx.commit(lat_path, "vae_latents.safetensors", kind="features")
+        hub_ref = ctx.commit(hub_path, "hubert.safetensors", kind="features")
+        return ClipFeatures(
+            clip_id=clip.clip_id,
+            fps=fps,
+            num_frames=t,
+            files=[
+                FeatureFile(
+                    family="vae_latents",
+                    artifact=lat_ref,
+                    shape=list(lat_tensor.shape),
+                    dtype=self.config.latent_dtype,
+                    frame_rate_hz=fps,
+                    model=vae_fp,
+                ),
+                FeatureFile(
+                    family="hubert",
+                    artifact=hub_ref,
+                    shape=list(hub_tensor.shape),
+                    dtype=self.config.hubert_dtype,
+                    frame_rate_hz=fps,
+                    model=hub_fp,
+                ),
+            ],
+        )
+
+    def _encode_crops(self, crops: Path, expected_frames: int) -> torch.Tensor:
+        info = probe(crops)
+        if info.width % LATENT_STRIDE or info.height % LATENT_STRIDE:
+            raise ItemFailure(
+                FailureKind.FORMAT,
+                f"crop size {info.width}x{info.height} is not a multiple of {LATENT_STRIDE}",
+            )
+        bs = self.config.resources.batch_size
+        chunks = [
+            encode_frames(self.vae, frames, bs).to(torch.float32)
+            for frames in iter_frames(crops, info.width, info.height, chunk=bs)
+        ]
+        if not chunks:
+            raise ItemFailure(FailureKind.FORMAT, f"{crops.name}: no decodable frames")
+        latents = torch.cat(chunks)
+        if abs(latents.shape[0] - expected_frames) > self.config.max_misalignment_frames:
+            raise ItemFailure(
+                FailureKind.MISALIGNED,
+                f"crops decode to {latents.shape[0]} frames, faces stage reported "
+                f"{expected_frames}",
+            )
+        return latents
+
+    def _audio_features(self, wav: Path, num_frames: int, fps: float) -> np.ndarray:
+        wave, rate = read_wav(wav)
+        if rate != SAMPLE_RATE_HZ:
+            raise ItemFailure(FailureKind.FORMAT, f"audio is {rate} Hz, HuBERT needs 16000 Hz")
+        steps = hubert_num_frames(len(wave))
+        audio_frames = steps * fps / FRAME_RATE_HZ
+        if abs(audio_frames - num_frames) > self.config.max_misalignment_frames:
+            raise ItemFailure(
+                FailureKind.MISALIGNED,
+                f"audio gives {steps} HuBERT steps (~{audio_frames:.1f} frames at {fps:g} fps) "
+                f"for {num_frames} video frames",
+            )
+        if steps == 0:
+            raise ItemFailure(FailureKind.FORMAT, f"audio of {len(wave)} samples is too short")
+        feats = extract_hubert_windowed(
+            self.hubert,
+            self.feature_extractor,
+            wave,
+            self.config.hubert_layer,
+            window_steps=int(self.config.hubert_window_s * FRAME_RATE_HZ),
+            context_steps=int(self.config.hubert_context_s * FRAME_RATE_HZ),
+        )
+        return align_audio_steps(feats, num_frames, fps)
+
+
+def _fp_meta(fp: ModelFingerprint) -> dict[str, str]:
+    return {
+        "model_name": fp.name,
+        "model_source": fp.source,
+        "model_sha256": fp.sha256,
+        "model_origin": fp.origin,
+        "model_fingerprint": json.dumps(fp.model_dump(mode="json"), sort_keys=True),
+    }

@@ -1,0 +1,320 @@
+"""Typed records at every stage boundary, in pipeline order.
+
+Units live in field names (``start_s``, ``fps``, ``size_px``, ``sample_rate_hz``). Records are
+stored as JSON in the catalog's ``items`` table and rebuilt with :func:`record_from_json`,
+so a downstream stage always gets exactly the type its upstream committed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage.store import ArtifactRef
+from tasks.base import ModelFingerprint, Record
+
+
+class CropBox(Record):
+    """A square-or-not crop rectangle in source pixels (HDTF ``crop_wh`` columns x, w, y, h)."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    reference_height: int | None = None  # frame height the box was measured on
+
+
+class SourceClip(Record):
+    """One clip as described by a dataset's published metadata, before anything is fetched."""
+
+    dataset: str  # "hdtf", "celebvhq", "talkvid", "sample"
+    subset: str = ""  # HDTF: RD / WDA / WRA
+    source_id: str  # the source video (YouTube id), one download per source
+    clip_id: str  # safe, unique across datasets: the catalog item id
+    url: str
+    start_s: float
+    end_s: float
+    declared_height: int | None = None
+    crop: CropBox | None = None
+    licence: str = ""
+    speaker: str = ""
+    language: str = ""
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+class NormalizedClip(Record):
+    """A cut, constant-frame-rate clip with its 16 kHz mono audio (download stage output)."""
+
+    clip_id: str
+    dataset: str
+    source_id: str
+    start_s: float
+    end_s: float
+    duration_s: float
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+    audio_sample_rate_hz: int
+    audio_channels: int
+    video: ArtifactRef  # mp4 (h264 + aac) at ``fps``
+    audio: ArtifactRef  # wav, pcm s16le, mono
+    raw: ArtifactRef | None = None  # the source download it was cut from
+
+    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "clips": [
+                {
+                    "dataset": self.dataset,
+                    "source_id": self.source_id,
+                    "start_s": self.start_s,
+                    "end_s": self.end_s,
+                    "duration_s": self.duration_s,
+                    "fps": self.fps,
+                    "num_frames": self.num_frames,
+                    "width": self.width,
+                    "height": self.height,
+                    "audio_sample_rate_hz": self.audio_sample_rate_hz,
+                    "audio_channels": self.audio_channels,
+                }
+            ]
+        }
+
+
+class FaceTrack(Record):
+    """The main face of a clip, tracked and cropped (faces stage output).
+
+    ``boxes`` is a parquet table with one row per frame: frame, x1, y1, x2, y2, score,
+    source ("detected" / "tracked" / "interpolated"), landmarks (10 floats), num_faces,
+    second_face_ratio and the crop transform (crop_x, crop_y, crop_size).
+    """
+
+    clip_id: str
+    fps: float
+    num_frames: int
+    crop_size_px: int
+    crops: ArtifactRef  # mp4 of square face crops, same frame count and fps as the clip
+    boxes: ArtifactRef  # per-frame parquet table
+    detector: str
+    detected_frames: int
+    tracked_frames: int
+    lost_frames: int
+    median_face_size_px: float
+    min_face_size_px: float
+    max_faces_in_frame: int
+    max_second_face_ratio: float  # size of the 2nd largest face / main face, max over frames
+
+    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "faces": [
+                {
+                    "detector": self.detector,
+                    "num_frames": self.num_frames,
+                    "detected_frames": self.detected_frames,
+                    "tracked_frames": self.tracked_frames,
+                    "lost_frames": self.lost_frames,
+                    "median_face_size_px": self.median_face_size_px,
+                    "min_face_size_px": self.min_face_size_px,
+                    "max_faces_in_frame": self.max_faces_in_frame,
+                    "max_second_face_ratio": self.max_second_face_ratio,
+                    "crop_size_px": self.crop_size_px,
+                }
+            ]
+        }
+
+
+class RuleResult(Record):
+    """One quality rule's measurement and verdict."""
+
+    rule: str
+    value: float
+    threshold: float
+    passed: bool
+    hard: bool = True  # hard rules reject; soft rules only lower the sampling weight
+    reason: str = ""  # why it failed, human readable, empty when passed
+
+
+class QualityVerdict(Record):
+    """All rule results for a clip; rejected clips are ``filtered`` with the first reason."""
+
+    clip_id: str
+    accepted: bool
+    sampling_weight: float = 1.0
+    rules: list[RuleResult]
+
+    def rejection_reason(self) -> str | None:
+        if self.accepted:
+            return None
+        failed = [r for r in self.rules if r.hard and not r.passed]
+        return "; ".join(f"{r.rule}: {r.reason}" for r in failed) or "rejected"
+
+    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "quality": [
+                {
+                    "rule": r.rule,
+                    "value": r.value,
+                    "threshold": r.threshold,
+                    "passed": r.passed,
+                    "hard": r.hard,
+                    "reason": r.reason,
+                    "accepted": self.accepted,
+                }
+                for r in self.rules
+            ]
+        }
+
+
+class FeatureFile(Record):
+    """One safetensors feature file of a clip and what made it."""
+
+    family: str  # "vae_latents", "hubert", ...
+    artifact: ArtifactRef
+    shape: list[int]
+    dtype: str
+    frame_rate_hz: float
+    model: ModelFingerprint
+
+
+class ClipFeatures(Record):
+    """Per-frame features of an accepted clip, aligned to its video frames."""
+
+    clip_id: str
+    fps: float
+    num_frames: int
+    files: list[FeatureFile]
+
+    def file(self, family: str) -> FeatureFile:
+        for f in self.files:
+            if f.family == family:
+                return f
+        raise KeyError(f"clip {self.clip_id!r} has no {family!r} features")
+
+    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "features": [
+                {
+                    "family": f.family,
+                    "shape": "x".join(str(d) for d in f.shape),
+                    "dtype": f.dtype,
+                    "num_frames": self.num_frames,
+                    "frame_rate_hz": f.frame_rate_hz,
+                    "model_name": f.model.name,
+                    "model_source": f.model.source,
+                    "model_sha256": f.model.sha256,
+                    "model_origin": f.model.origin,
+                }
+                for f in self.files
+            ]
+        }
+
+
+class MemoryBank(Record):
+    """The Engram viseme memory bank built from training clips' features."""
+
+    bank: ArtifactRef  # safetensors: codebook, hashed n-gram tables, values, counts
+    num_clips: int
+    num_frames: int
+    codebook_size: int
+    ngram_orders: list[int]
+    table_size: int
+    value_shape: list[int]
+    used_codes: int
+    occupied_slots: dict[str, int]  # per n-gram order
+    collision_rate: dict[str, float]  # per n-gram order
+
+    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "engram_stats": [
+                {
+                    "ngram_order": int(order),
+                    "occupied_slots": self.occupied_slots[order],
+                    "collision_rate": self.collision_rate[order],
+                    "codebook_size": self.codebook_size,
+                    "used_codes": self.used_codes,
+                    "table_size": self.table_size,
+                    "num_frames": self.num_frames,
+                }
+                for order in sorted(self.occupied_slots)
+            ]
+        }
+
+
+class TrainStep(Record):
+    step: int
+    loss: float
+    lr: float
+
+
+class TrainedCheckpoint(Record):
+    """The trained audio-conditioned latent model (train stage output)."""
+
+    checkpoint: ArtifactRef  # safetensors weights
+    model_config_json: str  # the UNet config, to rebuild the model for generation
+    steps: int
+    num_processes: int
+    train_clips: list[str]
+    resumed_from_step: int
+    history: list[TrainStep]
+
+    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "train_metrics": [
+                {"step": h.step, "loss": h.loss, "lr": h.lr, "num_processes": self.num_processes}
+                for h in self.history
+            ]
+        }
+
+
+class GeneratedClip(Record):
+    """Frames generated for a held-out clip from the checkpoint, muxed with the clip's audio."""
+
+    clip_id: str
+    video: ArtifactRef
+    num_frames: int
+    fps: float
+    crop_size_px: int
+
+
+class ClipMetrics(Record):
+    """Reconstruction metrics of a generated clip against its ground-truth face crops."""
+
+    clip_id: str
+    num_frames: int
+    psnr_db: float
+    ssim: float
+
+    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "eval_metrics": [
+                {"metric": "psnr_db", "value": self.psnr_db, "num_frames": self.num_frames},
+                {"metric": "ssim", "value": self.ssim, "num_frames": self.num_frames},
+            ]
+        }
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.__name__: cls
+    for cls in (
+        SourceClip,
+        NormalizedClip,
+        FaceTrack,
+        QualityVerdict,
+        ClipFeatures,
+        MemoryBank,
+        TrainedCheckpoint,
+        GeneratedClip,
+        ClipMetrics,
+    )
+}
+
+
+def record_from_json(type_name: str, payload: str) -> Record:
+    """Rebuild a committed record; unknown type names are a catalog/code mismatch."""
+    try:
+        cls = RECORD_TYPES[type_name]
+    except KeyError as exc:
+        raise ValueError(f"unknown record type {type_name!r} in catalog") from exc
+    return cls.model_validate_json(payload)

@@ -1,0 +1,79 @@
+"""Typed config: bad keys, types and values fail at start naming file, key and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from talkforge.config import ConfigError, load_config
+from talkforge.engine import select_stages
+from tests.conftest import REPO
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_config_validates_and_round_trips() -> None:
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    assert cfg.faces.crop_size_px == 256
+    again = load_config(None, None).model_validate(yaml.safe_load(cfg.to_yaml()))
+    assert again.model_dump(exclude={"project"}) == cfg.model_dump(exclude={"project"})
+    assert again.data_root == cfg.data_root  # stored resolved: absolute
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expect"),
+    [
+        ("faces:\n  detect_evry_k: 3\n", "faces.detect_evry_k", "Extra inputs"),
+        ("faces:\n  detect_every_k: many\n", "faces.detect_every_k", "valid integer"),
+        ("faces:\n  detector: dlib\n", "faces.detector", "mtcnn"),
+        ("execution:\n  shard_size: 0\n", "execution.shard_size", "greater than or equal"),
+        ("quality:\n  resources: {num_gpus: -1}\n", "quality.resources.num_gpus", "greater"),
+    ],
+)
+def test_bad_config_names_file_key_and_expectation(
+    tmp_path: Path, text: str, key: str, expect: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message and key in message and expect in message
+
+
+def test_not_a_mapping_and_bad_yaml_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "faces: [\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_apply_and_are_validated(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / "default.yaml", ["faces.detect_every_k=3"])
+    assert cfg.faces.detect_every_k == 3
+    with pytest.raises(ConfigError, match="faces.detect_every_k"):
+        load_config(REPO / "configs" / "default.yaml", ["faces.detect_every_k=x"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(None, ["faces"])
+
+
+def test_resources_do_not_change_the_params_hash() -> None:
+    base = load_config(None)
+    more = load_config(None, ["faces.resources.num_workers=4", "faces.resources.batch_size=64"])
+    other = load_config(None, ["faces.detect_every_k=2"])
+    assert base.faces.params_hash() == more.faces.params_hash()
+    assert base.faces.params_hash() != other.faces.params_hash()
+
+
+def test_stage_selection() -> None:
+    assert select_stages(None, "quality", "engram") == ["quality", "features", "engram"]
+    assert select_stages(["train", "download"]) == ["download", "train"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        select_stages(["fces"])

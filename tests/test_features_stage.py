@@ -1,0 +1,141 @@
+"""Features stage end to end on a tiny real mp4 + wav, with tiny random VAE and HuBERT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from models.vae import decode_latents
+from storage.store import ArtifactStore
+from tasks.base import FailureKind, ItemFailure
+from tasks.features import align_audio_steps
+from tests.features_helpers import commit_clip, commit_media, make_features_stage, run_item
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    """One set-up stage (tiny models built once); each test commits into its own store."""
+    return make_features_stage(tmp_path_factory.mktemp("features-models"))
+
+
+def read(path: str, name: str) -> tuple[torch.Tensor, dict[str, str]]:
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(name), f.metadata()
+
+
+def test_features_stage_writes_aligned_latents_and_hubert(stage, tmp_path):
+    inputs = commit_clip(tmp_path, "clip-a", num_frames=16, size_px=64)
+    rec, ctx = run_item(stage, tmp_path, inputs)
+    assert rec.num_frames == 16 and rec.fps == 25.0
+    assert {a.name for a in ctx.artifacts} == {"vae_latents.safetensors", "hubert.safetensors"}
+
+    lat_file = rec.file("vae_latents")
+    lat, meta = read(ArtifactStore(str(tmp_path / "store"))._path(lat_file.artifact.uri), "latents")
+    assert lat.shape == (16, 16, 8, 8) and lat.dtype == torch.float16
+    assert lat_file.shape == [16, 16, 8, 8] and lat_file.dtype == "float16"
+    assert lat_file.model == stage.env.model_fingerprints["vae-flux1"]
+    assert lat_file.model.origin == "random-init"
+    assert meta["model_sha256"] == lat_file.model.sha256 and float(meta["fps"]) == 25.0
+    assert torch.isfinite(lat.float()).all() and lat.float().std() > 0
+
+    hub_file = rec.file("hubert")
+    feats, hmeta = read(
+        ArtifactStore(str(tmp_path / "store"))._path(hub_file.artifact.uri), "features"
+    )
+    assert feats.shape == (16, 2, 32) and hub_file.shape == [16, 2, 32]
+    assert hmeta["model_sha256"] == stage.env.model_fingerprints["hubert"].sha256
+    # 16 frames = 10240 samples -> 31 steps: the 32nd (frame 15, step 1) repeats step 30
+    assert torch.equal(feats[15, 1], feats[15, 0])
+    assert not torch.equal(feats[14, 1], feats[14, 0])
+
+    # latents decode back to frames of the crop size (the generate stage's path)
+    frames = decode_latents(stage.vae, lat.float())
+    assert frames.shape == (16, 64, 64, 3) and frames.dtype == np.uint8
+
+    rows = rec.stats_rows()["features"]
+    assert {r["family"] for r in rows} == {"vae_latents", "hubert"}
+
+
+def test_features_stage_matches_direct_model_calls(tmp_path):
+    """The stored hubert rows are exactly steps (2i, 2i+1) of a direct HuBERT pass."""
+    from models.hubert import extract_hubert
+    from tasks.media import read_wav
+
+    stage = make_features_stage(tmp_path, latent_dtype="float32", hubert_dtype="float32")
+    inputs = commit_clip(tmp_path, "clip-b", num_frames=12, size_px=64, seed=3)
+    rec, _ = run_item(stage, tmp_path, inputs)
+    store = ArtifactStore(str(tmp_path / "store"))
+    feats, _ = read(store._path(rec.file("hubert").artifact.uri), "features")
+    wave, _ = read_wav(Path(store._path(inputs.records["download"].audio.uri)))
+    (direct,) = extract_hubert(stage.hubert, stage.feature_extractor, [wave], layer=-1)
+    assert direct.shape[0] == 23
+    for i in range(12):
+        for j in range(2):
+            np.testing.assert_allclose(feats[i, j].numpy(), direct[min(2 * i + j, 22)], atol=1e-6)
+
+
+def test_misaligned_audio_is_a_typed_failure(stage, tmp_path):
+    # 16 video frames but 1.0 s of audio (49 steps ~ 24.5 frames)
+    inputs = commit_clip(tmp_path, "clip-long", num_frames=16, audio_samples=16_000)
+    with pytest.raises(ItemFailure) as err:
+        run_item(stage, tmp_path, inputs)
+    assert err.value.kind == FailureKind.MISALIGNED
+    # within tolerance (one frame of extra audio) is accepted and trimmed
+    ok = commit_clip(tmp_path, "clip-ok", num_frames=16, audio_samples=16 * 640 + 640)
+    rec, _ = run_item(stage, tmp_path, ok)
+    assert rec.file("hubert").shape[0] == 16
+
+
+def test_wrong_sample_rate_is_a_format_failure(stage, tmp_path):
+    from tasks.media import write_wav
+
+    inputs = commit_clip(tmp_path, "clip-sr", num_frames=8)
+    wav_path = Path(
+        ArtifactStore(str(tmp_path / "store"))._path(inputs.records["download"].audio.uri)
+    )
+    write_wav(wav_path, np.zeros(8 * 320), 8_000)
+    with pytest.raises(ItemFailure) as err:
+        run_item(stage, tmp_path, inputs)
+    assert err.value.kind == FailureKind.FORMAT
+
+
+def test_align_audio_steps_rule():
+    feats = np.arange(7, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)  # 7 steps
+    out = align_audio_steps(feats, num_frames=4, fps=25.0)
+    assert out.shape == (4, 2, 3)
+    assert out[:, :, 0].tolist() == [[0, 1], [2, 3], [4, 5], [6, 6]]
+    # 50 fps video: one step per frame, duplicated at half-step positions (interpolated)
+    out50 = align_audio_steps(feats, num_frames=3, fps=50.0)
+    assert out50[:, :, 0].tolist() == [[0, 0.5], [1, 1.5], [2, 2.5]]
+
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "clips"
+
+
+@pytest.mark.skipif(not (FIXTURES / "face_1.mp4").exists(), reason="shared fixtures absent")
+def test_real_talking_face_clip_is_aligned(stage, tmp_path):
+    """One second of a real 30 fps clip at 25 fps / 16 kHz, as the download stage makes it."""
+    from tasks.media import count_frames, run_ffmpeg
+
+    src = FIXTURES / "face_1.mp4"
+    crops, wav = tmp_path / "crops.mp4", tmp_path / "audio.wav"
+    cut = ["-ss", "1", "-t", "1", "-i", str(src)]
+    video = ["-vf", "fps=25,scale=64:64", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-an"]
+    run_ffmpeg([*cut, *video, str(crops)], "crops")
+    run_ffmpeg([*cut, "-vn", "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", str(wav)], "audio")
+    n = count_frames(crops)
+    assert abs(n - 25) <= 1
+    inputs = commit_media(tmp_path, "face-1", crops, wav, n, 25.0, 64)
+    rec, _ = run_item(stage, tmp_path, inputs)
+    assert rec.num_frames == n
+    assert rec.file("vae_latents").shape == [n, 16, 8, 8]
+    assert rec.file("hubert").shape == [n, 2, 32]

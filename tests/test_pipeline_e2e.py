@@ -1,0 +1,204 @@
+"""End to end: the whole default pipeline through the CLI, Prefect flows and local Ray.
+
+One session-scoped run of every stage on the generated sample dataset feeds the checks
+below (stats tables, artifacts and checksums, model provenance, cached re-run, config
+change invalidation, CLI commands). The run uses the same code path as
+``talkforge run``: CLI → Prefect pipeline flow → stage subflows → shard tasks → Ray pool.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from storage.catalog import Catalog
+from storage.store import ArtifactRef, ArtifactStore
+from talkforge.cli import app
+from talkforge.stages import STAGE_ORDER
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+CONFIG = str(REPO / "configs" / "default.yaml")
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def sets(root: Path, sample: Path, *extra: str) -> list[str]:
+    out: list[str] = []
+    for item in (f"project.data_root={root}", f"download.sample.dir={sample}", *extra):
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipeline_root(
+    tmp_path_factory: pytest.TempPathFactory, ray_session: None, sample_dir: Path
+) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    invoke("run", "--config", CONFIG, *sets(root, sample_dir))
+    return root
+
+
+def copy_catalog(root: Path, tmp_path: Path) -> Path:
+    """A copy of a run's catalog and models; artifacts stay in (and are read from) the
+    original store, which the copy's runs must name with ``project.store_uri``."""
+    dst = tmp_path / "copy"
+    shutil.copytree(root, dst, ignore=shutil.ignore_patterns("store"))
+    return dst
+
+
+def q(root: Path, sql: str) -> list[dict]:
+    return Catalog(root / "catalog").query(sql).to_pylist()
+
+
+def test_every_stage_produced_current_results(pipeline_root: Path) -> None:
+    rows = q(
+        pipeline_root,
+        "SELECT stage, status, count(*) AS n FROM current_items GROUP BY stage, status",
+    )
+    done = {r["stage"]: r["n"] for r in rows if r["status"] == "done"}
+    assert set(done) == set(STAGE_ORDER), rows
+    assert done["download"] == 6
+    assert done["engram"] == 1 and done["train"] == 1
+    assert done["generate"] == done["evaluate"] >= 1
+    assert not [r for r in rows if r["status"] == "failed"]
+
+
+def test_clips_are_normalized_to_25fps_16k_mono(pipeline_root: Path) -> None:
+    clips = q(pipeline_root, "SELECT * FROM current_clips")
+    assert len(clips) == 6
+    for c in clips:
+        assert c["fps"] == 25.0
+        assert c["audio_sample_rate_hz"] == 16000 and c["audio_channels"] == 1
+        assert abs(c["num_frames"] - c["duration_s"] * 25) <= 1
+        assert 4.0 <= c["duration_s"] <= 8.0
+
+
+def test_quality_rules_store_value_threshold_and_reason(pipeline_root: Path) -> None:
+    rules = q(pipeline_root, "SELECT rule, value, threshold, passed, reason FROM current_quality")
+    names = {r["rule"] for r in rules}
+    assert {"duration", "face_size", "multi_face", "blur"} <= names, names
+    assert all(r["value"] is not None and r["threshold"] is not None for r in rules)
+    assert all(r["reason"] for r in rules if not r["passed"])
+
+
+def test_features_are_aligned_and_labelled_random_init(pipeline_root: Path) -> None:
+    feats = q(
+        pipeline_root,
+        "SELECT f.*, c.num_frames AS clip_frames FROM current_features f "
+        "JOIN current_clips c USING (item_id)",
+    )
+    assert {f["family"] for f in feats} == {"vae_latents", "hubert"}
+    for f in feats:
+        shape = [int(d) for d in f["shape"].split("x")]
+        assert shape[0] == f["clip_frames"]
+        if f["family"] == "hubert":
+            assert shape[1] == 2  # two 50 Hz steps per 25 fps frame
+        else:
+            assert shape[1] == 16 and f["dtype"] == "float16"  # Flux.1 latent layout
+        assert f["model_origin"] == "random-init"
+
+
+def test_every_current_artifact_exists_with_a_valid_checksum(pipeline_root: Path) -> None:
+    arts = q(
+        pipeline_root,
+        "SELECT artifact_id, kind, name, uri, size_bytes, sha256 FROM current_artifacts",
+    )
+    kinds = {a["kind"] for a in arts}
+    assert {"video", "audio", "checkpoint"} <= kinds, kinds
+    store = ArtifactStore(str(pipeline_root / "store"))
+    for a in arts:
+        assert store.verify(ArtifactRef(**a)), a["uri"]
+    tmp_left = list((pipeline_root / "store").rglob(".tmp-*"))
+    assert not tmp_left
+
+
+def test_evaluation_metrics_and_training_history(pipeline_root: Path) -> None:
+    summary = {r["metric"]: r for r in q(pipeline_root, "SELECT * FROM eval_summary")}
+    assert set(summary) == {"psnr_db", "ssim"}
+    assert 0 < summary["psnr_db"]["mean"] < 100 and -1 <= summary["ssim"]["mean"] <= 1
+    steps = q(pipeline_root, "SELECT step, loss FROM current_train_metrics ORDER BY step")
+    assert steps and all(s["loss"] == s["loss"] for s in steps)  # no NaN
+
+
+def test_cached_rerun_skips_everything(
+    pipeline_root: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    root = copy_catalog(pipeline_root, tmp_path)
+    invoke(
+        "run",
+        "--config",
+        CONFIG,
+        *sets(root, sample_dir),
+        "--set",
+        f"project.store_uri={pipeline_root / 'store'}",
+    )
+    run = q(root, "SELECT run_id FROM runs WHERE event='started' ORDER BY event_at DESC LIMIT 1")
+    actions = q(root, f"SELECT DISTINCT action FROM plans WHERE run_id = '{run[0]['run_id']}'")
+    assert {a["action"] for a in actions} == {"cached"}
+
+
+def test_config_change_reruns_that_stage_and_downstream_only(
+    pipeline_root: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    root = copy_catalog(pipeline_root, tmp_path)
+    store = ["--set", f"project.store_uri={pipeline_root / 'store'}"]
+    invoke(
+        "run",
+        "--config",
+        CONFIG,
+        *sets(root, sample_dir, "quality.min_blur_laplacian_var=5"),
+        *store,
+        "--until",
+        "features",
+    )
+    run_id = q(
+        root, "SELECT run_id FROM runs WHERE event='started' ORDER BY event_at DESC LIMIT 1"
+    )[0]["run_id"]
+    actions = q(
+        root,
+        f"SELECT stage, list_distinct(list(action)) AS a FROM plans "
+        f"WHERE run_id = '{run_id}' GROUP BY stage",
+    )
+    by_stage = {r["stage"]: set(r["a"]) for r in actions}
+    assert by_stage == {
+        "download": {"cached"},
+        "faces": {"cached"},
+        "quality": {"run"},
+        "features": {"run"},
+    }
+    versions = invoke("versions", "quality", "--config", CONFIG, *sets(root, sample_dir))
+    assert versions.count("True") == 1 and "False" in versions
+
+
+def test_cli_status_sql_failures_lineage(pipeline_root: Path, sample_dir: Path) -> None:
+    # read commands find the catalog through the config's data_root
+    cfg = pipeline_root / "cfg.yaml"
+    cfg.write_text(json.dumps({"project": {"data_root": str(pipeline_root)}}))
+    args = ["--config", str(cfg)]
+    out = invoke("status", *args)
+    for stage in STAGE_ORDER:
+        assert stage in out
+    out = invoke("sql", "SELECT dataset, clips FROM dataset_summary", *args)
+    assert "sample" in out and "6" in out
+    result = CliRunner().invoke(app, ["sql", "DELETE FROM items", *args])
+    assert result.exit_code == 2 and "SELECT" in result.output
+    invoke("failures", *args)
+    clip = q(pipeline_root, "SELECT item_id FROM current_items WHERE stage='generate' LIMIT 1")
+    out = invoke("lineage", clip[0]["item_id"], *args)
+    for stage in ("download", "faces", "features", "generate", "evaluate"):
+        assert stage in out
+    art = q(pipeline_root, "SELECT artifact_id FROM current_artifacts WHERE kind='checkpoint'")
+    out = invoke("lineage", art[0]["artifact_id"], *args)
+    assert "train" in out
+    out = invoke("report", *args)
+    assert "01_pipeline_state" in out

@@ -1,0 +1,222 @@
+"""Train stage: accelerate with 2 CPU ranks (gloo DDP), checkpoints, kill + resume.
+
+One module-scoped training run (6 steps, checkpoint every 3) serves every test: rank 0 is
+SIGKILLed after step 4, the stage fails typed, and the rerun resumes from the step-3
+checkpoint. Its losses and final weights must equal an uninterrupted single-process
+reference on the whole global batch, which holds only if both ranks trained on their
+halves, DDP averaged their gradients, and resume restored model and optimizer exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from models.unet import build_unet_from_spec, load_unet, predict_latents
+from tasks.base import AggregateInputs, FailureKind, ItemContext, ItemFailure, ItemInputs
+from tasks.evaluate import EvaluateConfig, EvaluateStage
+from tasks.generate import GenerateConfig, GenerateStage
+from tasks.records import TrainedCheckpoint
+from tasks.train import TrainConfig, TrainStage, launch_command, launch_env, work_dir_for
+from tasks.train_data import (
+    CHECKPOINT_NAME,
+    TrainManifest,
+    load_checkpoint,
+    make_batch,
+    step_picks,
+)
+from tasks.train_data import load_clips as load_clip_tensors
+from tasks.train_worker import KILL_HOOK_ENV, MAX_GRAD_NORM, WEIGHT_DECAY
+from tests.train_helpers import build_bank, commit_clip, make_env, split_ids, tiny_vae, train_inputs
+
+T = 24
+SIZE = 128  # 16×16 latents
+CFG = TrainConfig(steps=6, checkpoint_every=3, batch_size=2, num_processes=2, learning_rate=1e-3)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    env = make_env(tmp)
+    vae, vae_fp = tiny_vae(tmp)
+    train_ids, held_ids = split_ids(3, 1)
+    train = [
+        commit_clip(tmp, env, vae, vae_fp, c, T, SIZE, seed=i) for i, c in enumerate(train_ids)
+    ]
+    held = commit_clip(tmp, env, vae, vae_fp, held_ids[0], T, SIZE, seed=9)
+    bank = build_bank(env, train)
+    return {"tmp": tmp, "env": env, "train": train, "held": held, "bank": bank}
+
+
+def _train(world, key: str, cfg: TrainConfig = CFG) -> TrainedCheckpoint:
+    stage = TrainStage(cfg, world["env"])
+    stage.setup()
+    # the held-out clip is passed too: the stage must leave it out
+    inputs = train_inputs([*world["train"], world["held"]], world["bank"])
+    ctx = ItemContext(world["env"].store(), "train", "train", key)
+    try:
+        return stage.process(inputs, ctx)
+    finally:
+        ctx.close()
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    """One training run, interrupted: rank 0 is SIGKILLed after step 4 (checkpoint at 3),
+    then the stage is run again with the same key and resumes."""
+    key = "a" * 40
+    work = work_dir_for(world["env"].data_root, key)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KILL_HOOK_ENV, "4")
+        with pytest.raises(ItemFailure) as exc:
+            _train(world, key)
+    killed = {
+        "failure": exc.value,
+        "checkpoint_step": load_checkpoint(work / CHECKPOINT_NAME).step,
+        "history_lines": len((work / "history.jsonl").read_text().splitlines()),
+    }
+    rec = _train(world, key)
+    return rec, work, killed
+
+
+def reference_training(manifest: TrainManifest) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same optimisation in one process on the whole global batch, without accelerate.
+
+    DDP averages the ranks' gradients, so two ranks on two halves of a batch must match one
+    process on the whole batch (up to float summation order).
+    """
+    torch.manual_seed(manifest.seed)
+    clips = load_clip_tensors(manifest)
+    model = build_unet_from_spec(manifest.spec())
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=manifest.learning_rate, weight_decay=WEIGHT_DECAY
+    )
+    counts = [c.num_frames for c in clips]
+    losses = []
+    for step in range(1, manifest.steps + 1):
+        picks = step_picks(counts, manifest.seed, step, manifest.batch_size * 2)
+        x, tokens, target = make_batch(clips, picks, manifest.audio_window_frames)
+        loss = torch.nn.functional.mse_loss(predict_latents(model, x, tokens), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    return losses, model.state_dict()
+
+
+def test_killed_run_fails_typed_and_keeps_its_last_checkpoint(trained):
+    _, _, killed = trained
+    failure = killed["failure"]
+    assert failure.kind == FailureKind.INTERNAL and failure.retryable
+    assert "accelerate launch exit code" in failure.message
+    assert "SIGKILL" in failure.message  # torchrun's report, from stderr's tail
+    assert killed["checkpoint_step"] == 3
+    assert killed["history_lines"] == 4  # step 4 was logged but is in no checkpoint
+
+
+def test_rerun_resumes_on_two_cpu_ranks_and_commits_a_checkpoint(world, trained):
+    rec, work, _ = trained
+    assert rec.steps == 6 and rec.num_processes == 2 and rec.resumed_from_step == 3
+    assert "resumed from step 3" in (work / "launch.stdout.log").read_text()
+    assert rec.train_clips == sorted(c.clip_id for c in world["train"])
+    assert [h.step for h in rec.history] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(h.loss) and h.lr == pytest.approx(1e-3) for h in rec.history)
+    assert rec.history[-1].loss < rec.history[0].loss
+    ranks = [json.loads((work / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for r, report in enumerate(ranks):
+        assert report["rank"] == r and report["world_size"] == 2
+        assert (report["distributed_type"], report["backend"]) == ("MULTI_CPU", "gloo")
+        assert report["resumed_from_step"] == 3
+        assert report["samples_seen"] == 3 * CFG.batch_size  # steps 4..6
+    assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
+    path = world["env"].store().local_path(rec.checkpoint.uri, world["tmp"])
+    assert rec.checkpoint.kind == "checkpoint" and path.name == "unet.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["model_spec"]) == json.loads(rec.model_config_json)
+
+
+def test_interrupted_two_rank_run_equals_one_process_on_the_whole_batch(world, trained):
+    rec, work, _ = trained
+    losses, state = reference_training(TrainManifest.read(work / "manifest.json"))
+    assert [h.loss for h in rec.history] == pytest.approx(losses, rel=1e-4)
+    trained_state = load_file(
+        str(world["env"].store().local_path(rec.checkpoint.uri, world["tmp"]))
+    )
+    assert trained_state.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.allclose(trained_state[k], v, atol=1e-5, rtol=1e-4), k
+
+
+def test_checkpoint_loads_back_and_reproduces_the_trained_model(world, trained):
+    rec, work, _ = trained
+    path = world["env"].store().local_path(rec.checkpoint.uri, world["tmp"])
+    unet = load_unet(path, rec.model_config_json)
+    manifest = TrainManifest.read(work / "manifest.json")
+    worker_state = load_checkpoint(work / CHECKPOINT_NAME)
+    assert worker_state.step == 6
+    again = build_unet_from_spec(manifest.spec())
+    again.load_state_dict(worker_state.model)
+    torch.manual_seed(0)
+    fresh = build_unet_from_spec(manifest.spec())
+
+    clips = load_clip_tensors(manifest)
+    x, tokens, target = make_batch(clips, [(0, 3, 15), (1, 20, 2)], manifest.audio_window_frames)
+    with torch.no_grad():
+        out = predict_latents(unet, x, tokens)
+        assert torch.equal(out, predict_latents(again.eval(), x, tokens))
+        assert not torch.allclose(out, predict_latents(fresh.eval(), x, tokens))
+    assert out.shape == target.shape == (2, 16, 16, 16)
+
+
+def test_trained_checkpoint_generates_and_evaluates_a_heldout_clip(world, trained):
+    rec, _, _ = trained
+    held = world["held"]
+    gen = GenerateStage(GenerateConfig(batch_size=12), world["env"])
+    gen.setup()
+    assert gen.accepts(held.clip_id, {})
+    shared = {"engram": world["bank"], "train": rec}
+    ctx = ItemContext(world["env"].store(), "generate", held.clip_id, "g" * 40)
+    out = gen.process(
+        ItemInputs(item_id=held.clip_id, records=dict(held.inputs.records), shared=shared), ctx
+    )
+    assert out.num_frames == T and out.crop_size_px == SIZE
+    ev = EvaluateStage(EvaluateConfig(), world["env"])
+    ctx = ItemContext(world["env"].store(), "evaluate", held.clip_id, "e" * 40)
+    metrics = ev.process(
+        ItemInputs(
+            item_id=held.clip_id, records={"faces": held.inputs.records["faces"], "generate": out}
+        ),
+        ctx,
+    )
+    assert metrics.num_frames == T and np.isfinite(metrics.psnr_db)
+
+
+def test_launch_uses_torchrun_fanout_with_cpu_ranks(tmp_path):
+    cmd = launch_command(tmp_path / "m.json", tmp_path / "c.yaml", 2, "no")
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert "--multi_gpu" in cmd and "--cpu" not in cmd  # --cpu would start ONE process
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    assert cmd[cmd.index("-m", 3) :][:2] == ["-m", "tasks.train_worker"]
+    assert launch_env(2)["ACCELERATE_USE_CPU"] == "true"
+    assert "--cpu" in launch_command(tmp_path / "m.json", tmp_path / "c.yaml", 1, "no")
+
+
+def test_accepts_only_training_clips_and_fails_typed_without_any(world):
+    stage = TrainStage(CFG, world["env"])
+    assert all(stage.accepts(c.clip_id, {}) for c in world["train"])
+    assert not stage.accepts(world["held"].clip_id, {})
+    only_held = AggregateInputs(
+        item_id="train",
+        items=[ItemInputs(item_id=world["held"].clip_id, records=world["held"].inputs.records)],
+        shared={"engram": world["bank"]},
+    )
+    ctx = ItemContext(world["env"].store(), "train", "train", "c" * 40)
+    with pytest.raises(ItemFailure) as exc:
+        stage.process(only_held, ctx)
+    assert exc.value.kind == FailureKind.FORMAT
