@@ -37,7 +37,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    family: str  # e.g. "vae-flux1", "hubert", "unet-latent"
+    family: str  # e.g. "vae-flux1", "vae-sd", "hubert"
     source: str  # hub id (org/name) or local path; relative paths are under data_root
     subfolder: str | None = None
     revision: str | None = None
@@ -108,7 +108,6 @@ def _load_builder(family: str) -> TinyBuilder:
             "vae-flux1": "models.vae",
             "vae-sd": "models.vae",
             "hubert": "models.hubert",
-            "unet-latent": "models.unet",
         }.get(family)
         if module:
             importlib.import_module(module)
@@ -147,7 +146,11 @@ def _hash_weights(path: Path) -> str:
     files = (
         [path]
         if path.is_file()
-        else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        else sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith(".")
+        )
     )
     h = hashlib.sha256()
     for f in files:
@@ -157,10 +160,20 @@ def _hash_weights(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hash_cache_path() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "talkforge" / "weight-hashes.json"
+
+
 def _cached_file_hash(f: Path) -> str:
+    """sha256 of a weight file, remembered by (absolute path, size, mtime) in a user cache.
+
+    The cache lives outside the weights folder (which may be read-only, e.g. inside a
+    package) and never changes what is hashed.
+    """
     st = f.stat()
-    cache = f.parent / ".talkforge_hashes.json"
-    key = f"{f.name}:{st.st_size}:{st.st_mtime_ns}"
+    key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    cache = _hash_cache_path()
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
@@ -173,9 +186,10 @@ def _cached_file_hash(f: Path) -> str:
             h.update(block)
     known[key] = h.hexdigest()
     try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(known))
         os.replace(tmp, cache)
     except OSError:
-        pass  # read-only weights directory: hash again next time
+        pass  # unwritable cache: hash again next time
     return known[key]

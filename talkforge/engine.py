@@ -93,6 +93,7 @@ class StagePlan:
     env: StageEnv
     items: list[PlannedItem] = field(default_factory=list)
     blocked_reason: str = ""
+    failed_at_discovery: set[str] = field(default_factory=set)  # manifest rows, not items
 
     @property
     def to_run(self) -> list[PlannedItem]:
@@ -270,22 +271,36 @@ class Engine:
             ):
                 action = "skip_failed"
             plan.items.append(PlannedItem(item_id, key, action, attempts + 1, inputs, input_keys))
+        rows = [(i.item_id, i.item_key, i.action) for i in plan.items]
+        if options.limit is None:
+            rows += [(item_id, "", "dropped") for item_id in self._dropped(stage, plan)]
         self.catalog.append(
             "plans",
             [
                 {
                     "run_id": run_id,
                     "stage": stage,
-                    "item_id": i.item_id,
-                    "item_key": i.item_key,
-                    "action": i.action,
+                    "item_id": item_id,
+                    "item_key": key,
+                    "action": action,
                     "planned_at": now_utc(),
                 }
-                for i in plan.items
+                for item_id, key, action in rows
             ],
         )
         self.reporter.stage_planned(plan)
         return plan
+
+    def _dropped(self, stage: str, plan: StagePlan) -> list[str]:
+        """Items current in ``stage`` that this plan no longer holds (upstream now failed
+        or filtered, clip gone from the manifest): a plan row with an empty key takes them
+        out of the current view, so downstream stages never build on a stale version."""
+        planned = {i.item_id for i in plan.items} | plan.failed_at_discovery
+        rows = self.catalog.query(
+            "SELECT DISTINCT item_id FROM current_plans WHERE stage = ? AND item_key <> ''",
+            [stage],
+        ).to_pylist()
+        return sorted(r["item_id"] for r in rows if r["item_id"] not in planned)
 
     def _candidates(
         self,
@@ -416,6 +431,7 @@ class Engine:
                     "worker": "discover",
                 }
             )
+        plan.failed_at_discovery = {r["item_id"] for r in rows}
         known = set(self._item_state(stage_cls.name, [r["item_key"] for r in rows]))
         fresh = [r for r in rows if r["item_key"] not in known]
         self.catalog.append(

@@ -52,7 +52,9 @@ def stage_status(catalog: Catalog, run_id: str) -> list[dict[str, Any]]:
 
     ``skipped`` counts items the run did not execute because they were already committed
     (cached) or failed permanently earlier; ``pending`` items have no result for the
-    planned key yet (never reached, or the run was killed before them).
+    planned key yet (never reached, or the run was killed before them); ``dropped`` items
+    left the stage's current view (their upstream no longer passes). Stages the run was
+    asked for but never planned (an earlier stage crashed) show with zero items.
     """
     rows = catalog.query(
         """
@@ -61,19 +63,27 @@ def stage_status(catalog: Catalog, run_id: str) -> list[dict[str, Any]]:
                                               ORDER BY planned_at DESC) = 1),
              v AS (SELECT stage, item_key, arg_max(status, created_at) AS status
                    FROM items GROUP BY stage, item_key)
-        SELECT p.stage, count(*) AS items,
+        SELECT p.stage, count(*) FILTER (WHERE p.action <> 'dropped') AS items,
                count(*) FILTER (WHERE v.status = 'done') AS done,
                count(*) FILTER (WHERE v.status = 'filtered') AS filtered,
                count(*) FILTER (WHERE v.status = 'failed') AS failed,
-               count(*) FILTER (WHERE v.status IS NULL) AS pending,
-               count(*) FILTER (WHERE p.action IN ('cached', 'skip_failed')) AS skipped
+               count(*) FILTER (WHERE v.status IS NULL AND p.action <> 'dropped') AS pending,
+               count(*) FILTER (WHERE p.action IN ('cached', 'skip_failed')) AS skipped,
+               count(*) FILTER (WHERE p.action = 'dropped') AS dropped
         FROM p LEFT JOIN v ON p.stage = v.stage AND p.item_key = v.item_key
         GROUP BY p.stage
         """,
         [run_id],
     ).to_pylist()
     by_stage = {r["stage"]: r for r in rows}
-    return [by_stage[s] for s in STAGE_ORDER if s in by_stage]
+    info = run_info(catalog, run_id)
+    asked = set(info["stages"] or []) if info else set(by_stage)
+    empty = dict.fromkeys(
+        ("items", "done", "filtered", "failed", "pending", "skipped", "dropped"), 0
+    )
+    return [
+        by_stage.get(s, {"stage": s, **empty}) for s in STAGE_ORDER if s in by_stage or s in asked
+    ]
 
 
 def failures(
@@ -155,7 +165,7 @@ def _artifact_chain(catalog: Catalog, first: dict[str, Any]) -> list[dict[str, A
 
 def versions(catalog: Catalog, stage: str) -> list[dict[str, Any]]:
     """Every version of a stage's outputs: code version, config hash, models, counts."""
-    return catalog.query(
+    rows = catalog.query(
         """
         SELECT i.code_version, i.config_hash, i.model_fingerprints_json AS models,
                count(DISTINCT i.item_id) AS items,
@@ -170,3 +180,10 @@ def versions(catalog: Catalog, stage: str) -> list[dict[str, Any]]:
         """,
         [stage],
     ).to_pylist()
+    for row in rows:
+        models = json.loads(row["models"] or "{}")
+        row["models"] = ", ".join(
+            f"{name}={m['sha256'][:12]} ({m['origin']})" for name, m in sorted(models.items())
+        )
+        row["config_hash"] = row["config_hash"][:12]
+    return rows

@@ -56,6 +56,11 @@ class MainFaceTracker:
         self._last: Detection | None = None
         self._last_frame = -1
 
+    def reset(self) -> None:
+        """Forget the current face (after a shot change): the next frame re-acquires."""
+        self._last = None
+        self._last_frame = -1
+
     def update(self, frame: int, detections: list[Detection]) -> KeyframeObs:
         faces = [d for d in detections if d.score >= self.min_score and d.area > 0]
         main: Detection | None = None
@@ -165,10 +170,10 @@ def smooth_track(
     side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     if method == "none" or window_frames <= 1 or len(cx) < 2:
         return cx, cy, side
-    return tuple(_moving_average(v, window_frames) for v in (cx, cy, side))  # type: ignore[return-value]
+    return tuple(moving_average(v, window_frames) for v in (cx, cy, side))  # type: ignore[return-value]
 
 
-def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     half = window // 2
     padded = np.pad(values, (half, half), mode="edge")
     kernel = np.full(2 * half + 1, 1.0 / (2 * half + 1))

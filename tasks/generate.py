@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from models.registry import ModelUnavailableError
 from models.unet import (
@@ -73,6 +73,7 @@ class GenerateStage(Stage[GenerateConfig]):
 
     def __init__(self, config: GenerateConfig, env: StageEnv):
         super().__init__(config, env)
+        self.device = torch.device("cpu")
         self._unets: dict[str, tuple[LatentUNetSpec, torch.nn.Module]] = {}
         self._vaes: dict[str, Any] = {}
         self._banks: dict[str, dict[str, torch.Tensor]] = {}
@@ -81,7 +82,8 @@ class GenerateStage(Stage[GenerateConfig]):
         return is_heldout(item_id, self.env)
 
     def setup(self) -> None:
-        self.device = torch.device("cpu")
+        want_gpu = self.config.resources.num_gpus > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if want_gpu else "cpu")
 
     def teardown(self) -> None:
         self._unets.clear()
@@ -96,7 +98,7 @@ class GenerateStage(Stage[GenerateConfig]):
             try:
                 spec = LatentUNetSpec.from_json(ckpt.model_config_json)
                 unet = load_unet(ctx.local_path(ckpt.checkpoint), spec).to(self.device)
-            except (ValidationError, ValueError, RuntimeError, OSError) as exc:
+            except Exception as exc:  # bad spec JSON, bad safetensors, mismatched keys
                 raise ItemFailure(FailureKind.MODEL, f"generate: cannot load UNet: {exc}") from exc
             self._unets[key] = (spec, unet)
         return self._unets[key]
@@ -107,7 +109,7 @@ class GenerateStage(Stage[GenerateConfig]):
         key = f"{where}@{model.sha256}"
         if key not in self._vaes:
             try:
-                self._vaes[key] = load_vae(where, device=self.device)
+                self._vaes[key] = load_vae(where, device=self.device)  # fp32: Flux VAE upcasts
             except ModelUnavailableError as exc:
                 raise ItemFailure(FailureKind.MODEL, f"generate: {exc}") from exc
         return self._vaes[key]
@@ -131,12 +133,16 @@ class GenerateStage(Stage[GenerateConfig]):
         bank_rec = inputs.get("engram", MemoryBank)
         ckpt = inputs.get("train", TrainedCheckpoint)
 
+        try:
+            lat_file, hub_file = feats.file("vae_latents"), feats.file("hubert")
+        except KeyError as exc:
+            raise ItemFailure(FailureKind.FORMAT, f"generate: {exc.args[0]}") from exc
         spec, unet = self._unet(ckpt, ctx)
         vae = self._vae(feats)
         bank = self._bank(bank_rec, ctx)
         try:
-            latents = read_tensor(ctx.local_path(feats.file("vae_latents").artifact), "latents")
-            hubert = read_tensor(ctx.local_path(feats.file("hubert").artifact), "features")
+            latents = read_tensor(ctx.local_path(lat_file.artifact), "latents")
+            hubert = read_tensor(ctx.local_path(hub_file.artifact), "features")
         except Exception as exc:  # safetensors raises several types for bad files
             raise ItemFailure(FailureKind.FORMAT, f"generate: unreadable features: {exc}") from exc
         _check_shapes(spec, latents, hubert, feats.clip_id)

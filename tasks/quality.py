@@ -6,7 +6,7 @@ reject the clip (the verdict's ``rejection_reason`` marks it ``filtered``); a ru
 ``soft_rules`` is still measured but only multiplies the clip's sampling weight by
 ``soft_fail_weight`` when it fails.
 
-Rules (all hard by default):
+Hard rules by default:
 
 - ``duration``: clip duration ≥ ``min_duration_s``.
 - ``face_size``: median side of the detected main face ≥ ``min_face_size_px`` (design notes:
@@ -18,28 +18,73 @@ Rules (all hard by default):
   Laplacian of the grayscale central face region ≥ ``min_blur_laplacian_var``. The measure
   is taken on the crops as training sees them, so a small face upsampled to the crop size
   counts as blurry too. Calibration (256 px crops, crf 17): the five real fixture clips
-  measure 23–385; a Gaussian blur of σ = 6 px on a 150 px face measures ≈ 11 at 128 px, and
+  measure 23–420; a Gaussian blur of σ = 6 px on a 150 px face measures ≈ 11 at 128 px, and
   h264 noise keeps even very blurred crops near 10, so the default threshold is 15.
 - ``face_lost``: share of frames where the face was not seen (interpolated across short
   gaps) ≤ ``max_lost_fraction``.
+- ``shot_change``: hard cuts found by the faces stage ≤ ``max_shot_changes`` (a clip must
+  be one continuous shot, as LatentSync's scene split ensures).
+
+Soft rules by default (see :mod:`tasks.quality_measures` for the measures):
+
+- ``yaw``: 90th percentile of the landmark yaw proxy ≤ ``max_yaw_ratio`` (0.35 ≈ 30°).
+- ``lip_motion``: mean registered frame-to-frame change of the mouth region ≥
+  ``min_lip_motion``; a still mouth means nobody is talking on screen (a photo or a frozen
+  frame under a voice-over). The five real fixture clips measure 1.9–7.8 on 256 px crops;
+  a frozen face measures < 0.5.
+- ``speech``: share of the clip Silero VAD marks as speech ≥ ``min_speech_fraction``.
+- ``snr``: speech-to-noise power ratio ≥ ``min_snr_db`` (see :mod:`tasks.quality_audio`).
+
+Models: Silero VAD (weights in the ``silero-vad`` wheel), loaded once per worker in
+:meth:`QualityStage.setup` and fingerprinted through :meth:`QualityStage.model_specs`.
 """
 
 from __future__ import annotations
 
-from contextlib import closing
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import cv2
 import numpy as np
 from pydantic import Field, field_validator
 
 from tasks.base import ItemContext, ItemInputs, Stage, StageConfig
-from tasks.media import iter_frames
+from tasks.media import read_wav
+from tasks.quality_audio import SileroVad, silero_model_spec
+from tasks.quality_measures import (
+    landmarks,
+    laplacian_variance,
+    mouth_roi,
+    read_boxes,
+    scan_crops,
+    yaw_ratios,
+)
 from tasks.records import FaceTrack, NormalizedClip, QualityVerdict, RuleResult
 
-RuleName = Literal["duration", "face_size", "multi_face", "blur", "face_lost"]
-RULES: tuple[str, ...] = ("duration", "face_size", "multi_face", "blur", "face_lost")
+__all__ = ["RULES", "QualityConfig", "QualityStage", "laplacian_variance"]
+
+RuleName = Literal[
+    "duration",
+    "face_size",
+    "multi_face",
+    "blur",
+    "face_lost",
+    "shot_change",
+    "yaw",
+    "lip_motion",
+    "speech",
+    "snr",
+]
+RULES: tuple[str, ...] = (
+    "duration",
+    "face_size",
+    "multi_face",
+    "blur",
+    "face_lost",
+    "shot_change",
+    "yaw",
+    "lip_motion",
+    "speech",
+    "snr",
+)
 
 
 class QualityConfig(StageConfig):
@@ -50,46 +95,22 @@ class QualityConfig(StageConfig):
     max_second_face_ratio: float = Field(0.5, gt=0.0)
     min_blur_laplacian_var: float = Field(15.0, ge=0.0)
     max_lost_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    max_shot_changes: int = Field(0, ge=0)
+    max_yaw_ratio: float = Field(0.35, gt=0.0)
+    min_lip_motion: float = Field(1.0, ge=0.0)
+    min_speech_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    min_snr_db: float = Field(15.0)
     blur_sample_frames: int = Field(16, ge=1)
     blur_center_fraction: float = Field(
         0.6, gt=0.0, le=1.0, description="side of the central crop region measured for blur"
     )
-    soft_rules: tuple[RuleName, ...] = ()
+    soft_rules: tuple[RuleName, ...] = ("yaw", "lip_motion", "speech", "snr")
     soft_fail_weight: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator("soft_rules")
     @classmethod
     def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(sorted(set(v)))
-
-
-def laplacian_variance(rgb: np.ndarray, center_fraction: float = 1.0) -> float:
-    """Variance of the Laplacian of the grayscale central square of an RGB uint8 image."""
-    h, w = rgb.shape[:2]
-    side_h, side_w = max(1, round(h * center_fraction)), max(1, round(w * center_fraction))
-    y0, x0 = (h - side_h) // 2, (w - side_w) // 2
-    gray = cv2.cvtColor(
-        np.ascontiguousarray(rgb[y0 : y0 + side_h, x0 : x0 + side_w]), cv2.COLOR_RGB2GRAY
-    )
-    return float(cv2.Laplacian(gray, cv2.CV_64F).var())
-
-
-def sampled_blur(
-    crops: Path, size_px: int, num_frames: int, samples: int, center_fraction: float
-) -> float:
-    """Median Laplacian variance over ``samples`` evenly spaced frames, decoded as a stream."""
-    wanted = set(np.unique(np.linspace(0, max(num_frames - 1, 0), samples).round().astype(int)))
-    values: list[float] = []
-    n = 0
-    with closing(iter_frames(crops, size_px, size_px)) as frames:
-        for chunk in frames:
-            for j in range(chunk.shape[0]):
-                if n + j in wanted:
-                    values.append(laplacian_variance(chunk[j], center_fraction))
-            n += chunk.shape[0]
-            if n > max(wanted):
-                break  # closing() stops the decoder
-    return float(np.median(values)) if values else 0.0
 
 
 class QualityStage(Stage[QualityConfig]):
@@ -100,18 +121,40 @@ class QualityStage(Stage[QualityConfig]):
     requires = ("download", "faces")
     config_type = QualityConfig
 
+    vad: SileroVad | None = None
+
+    def model_specs(self) -> list[Any]:
+        return [silero_model_spec()]
+
+    def setup(self) -> None:
+        self.vad = SileroVad()
+
     def process(self, inputs: ItemInputs, ctx: ItemContext) -> QualityVerdict:
+        if self.vad is None:
+            self.setup()
+        assert self.vad is not None
         cfg = self.config
         clip = inputs.get("download", NormalizedClip)
         face = inputs.get("faces", FaceTrack)
-        blur = sampled_blur(
+        samples, rate_hz = read_wav(ctx.local_path(clip.audio))
+        audio = self.vad.measure(samples, rate_hz)
+        boxes = read_boxes(ctx.local_path(face.boxes))
+        scan = scan_crops(
             ctx.local_path(face.crops),
             face.crop_size_px,
             face.num_frames,
             cfg.blur_sample_frames,
             cfg.blur_center_fraction,
+            mouth_roi(boxes, face.crop_size_px),
         )
+        blur, lip = scan.blur_laplacian_var, scan.lip_motion
         lost = face.lost_frames / face.num_frames if face.num_frames else 1.0
+        cuts = int(np.count_nonzero(boxes["shot_change"]))
+        lm = landmarks(boxes)
+        lm = lm[~np.isnan(lm).any(axis=1)]
+        yaw = float(np.percentile(np.abs(yaw_ratios(lm)), 90)) if len(lm) else 0.0
+        second, max_second = face.max_second_face_ratio, cfg.max_second_face_ratio
+        speech, min_speech = audio.speech_fraction, cfg.min_speech_fraction
         rules = [
             self._rule(
                 "duration",
@@ -129,11 +172,11 @@ class QualityStage(Stage[QualityConfig]):
             ),
             self._rule(
                 "multi_face",
-                face.max_second_face_ratio,
-                cfg.max_second_face_ratio,
-                face.max_second_face_ratio < cfg.max_second_face_ratio,
-                f"second face {face.max_second_face_ratio:.2f} of the main face's size "
-                f">= {cfg.max_second_face_ratio:.2f} ({face.max_faces_in_frame} faces in a frame)",
+                second,
+                max_second,
+                second < max_second,
+                f"second face {second:.2f} of the main face's size >= {max_second:.2f} "
+                f"({face.max_faces_in_frame} faces in a frame)",
             ),
             self._rule(
                 "blur",
@@ -148,6 +191,42 @@ class QualityStage(Stage[QualityConfig]):
                 cfg.max_lost_fraction,
                 lost <= cfg.max_lost_fraction,
                 f"face lost in {lost:.0%} of frames > {cfg.max_lost_fraction:.0%}",
+            ),
+            self._rule(
+                "shot_change",
+                cuts,
+                cfg.max_shot_changes,
+                cuts <= cfg.max_shot_changes,
+                f"{cuts} shot change(s) > {cfg.max_shot_changes}",
+            ),
+            self._rule(
+                "yaw",
+                yaw,
+                cfg.max_yaw_ratio,
+                yaw <= cfg.max_yaw_ratio,
+                f"head turned: yaw ratio {yaw:.2f} > {cfg.max_yaw_ratio:.2f}",
+            ),
+            self._rule(
+                "lip_motion",
+                lip,
+                cfg.min_lip_motion,
+                lip >= cfg.min_lip_motion,
+                f"mouth still: lip motion {lip:.2f} < {cfg.min_lip_motion:.2f}",
+            ),
+            self._rule(
+                "speech",
+                speech,
+                min_speech,
+                speech >= min_speech,
+                f"speech in {speech:.0%} of the clip < {min_speech:.0%}",
+            ),
+            self._rule(
+                "snr",
+                audio.snr_db,
+                cfg.min_snr_db,
+                audio.snr_db >= cfg.min_snr_db,
+                f"noisy audio: SNR {audio.snr_db:.1f} dB < {cfg.min_snr_db:.1f} dB"
+                + ("" if audio.speech_s else " (no speech found)"),
             ),
         ]
         accepted = all(r.passed for r in rules if r.hard)

@@ -27,13 +27,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import Field
 
 from models.unet import build_unet_from_spec, save_unet_weights
@@ -136,12 +136,34 @@ def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
         proc.wait()
 
 
-def _tail(path: Path, lines: int = 6) -> str:
+_RANK_ERROR = re.compile(r"^\[rank(\d+)\]: ([A-Za-z_][\w.]*(?:Error|Exception)\b.*)$")
+
+
+def failure_summary(stderr_log: Path, offset: int = 0, limit: int = 600) -> str:
+    """One line from a failed launch's stderr: the first rank exception, torchrun's root cause.
+
+    Only the bytes after ``offset`` (this launch's part of an appended log) are read.
+    torchrun ends stderr with a summary whose last lines say little ("To enable traceback
+    see ..."), so the rank's own exception line is searched for first.
+    """
     try:
-        text = path.read_text(errors="replace").strip().splitlines()
+        with stderr_log.open("rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
-        return ""
-    return " | ".join(text[-lines:])[-600:]
+        return "no stderr"
+    parts: list[str] = []
+    for line in lines:
+        m = _RANK_ERROR.match(line.strip())
+        if m:
+            parts.append(f"rank {m.group(1)}: {m.group(2)}")
+            break
+    if "Root Cause (first observed failure):" in lines:
+        root = lines[lines.index("Root Cause (first observed failure):") :]
+        parts += [ln.strip() for ln in root if ln.strip().startswith(("exitcode", "traceback"))][:2]
+    if not parts:
+        parts = [ln.strip() for ln in lines[-4:] if ln.strip()]
+    return " | ".join(parts)[:limit]
 
 
 class TrainStage(Stage[TrainConfig]):
@@ -168,8 +190,12 @@ class TrainStage(Stage[TrainConfig]):
 
     def build_manifest(
         self, inputs: AggregateInputs, ctx: ItemContext, work: Path
-    ) -> tuple[TrainManifest, list[str]]:
-        """Validate each clip's feature headers; returns the manifest and skipped-clip reasons."""
+    ) -> TrainManifest:
+        """Validate each clip's feature headers (no tensor data is read) into a manifest.
+
+        A clip with unreadable or misaligned features is skipped (listed in the manifest's
+        ``skipped`` with the reason) rather than failing the whole training run.
+        """
         cfg = self.config
         bank = self._bank(inputs)
         entries: list[ClipEntry] = []
@@ -237,8 +263,9 @@ class TrainStage(Stage[TrainConfig]):
             seed=cfg.seed,
             audio_window_frames=cfg.audio_window_frames,
             unet=cfg.unet,
+            skipped=skipped,
         )
-        return manifest, skipped
+        return manifest
 
     # ------------------------------------------------------------------ run
 
@@ -246,9 +273,11 @@ class TrainStage(Stage[TrainConfig]):
         """Launch the ranks and wait; a non-zero exit becomes ``ItemFailure(INTERNAL)``."""
         cfg = self.config
         work = Path(manifest.work_dir)
-        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        if cfg.mixed_precision == "fp16":
             raise ItemFailure(
-                FailureKind.INTERNAL, "train: fp16 mixed precision needs a GPU", retryable=False
+                FailureKind.INTERNAL,
+                "train: fp16 mixed precision needs CUDA; the ranks run on CPU (use bf16 or no)",
+                retryable=False,
             )
         manifest_path = work / MANIFEST_NAME
         tmp = work / f".tmp-{MANIFEST_NAME}"
@@ -266,6 +295,7 @@ class TrainStage(Stage[TrainConfig]):
             old.unlink()
         cmd = launch_command(manifest_path, config_path, cfg.num_processes, cfg.mixed_precision)
         out_log, err_log = work / "launch.stdout.log", work / "launch.stderr.log"
+        err_offset = err_log.stat().st_size if err_log.exists() else 0
         with out_log.open("ab") as out, err_log.open("ab") as err:
             proc = subprocess.Popen(
                 cmd,
@@ -284,7 +314,7 @@ class TrainStage(Stage[TrainConfig]):
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             raise ItemFailure(
                 FailureKind.INTERNAL,
-                f"train: accelerate launch {how}; stderr: {_tail(err_log)}",
+                f"train: accelerate launch {how}: {failure_summary(err_log, err_offset)}",
             )
 
     def check_ranks(self, work: Path) -> dict:
@@ -308,7 +338,7 @@ class TrainStage(Stage[TrainConfig]):
         cfg = self.config
         work = work_dir_for(self.env.data_root, ctx.item_key)
         work.mkdir(parents=True, exist_ok=True)
-        manifest, _skipped = self.build_manifest(inputs, ctx, work)
+        manifest = self.build_manifest(inputs, ctx, work)
         self.run_training(manifest)
         rank0 = self.check_ranks(work)
 

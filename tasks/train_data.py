@@ -76,6 +76,7 @@ class TrainManifest(BaseModel):
     seed: int
     audio_window_frames: int
     unet: str  # "tiny"
+    skipped: list[str] = []  # clips left out, with the reason (information only)
 
     def spec(self) -> LatentUNetSpec:
         c, h, _ = self.latent_shape
@@ -90,7 +91,7 @@ class TrainManifest(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of what defines the training run (content hashes, not local paths)."""
-        payload = self.model_dump(mode="json", exclude={"work_dir", "bank_path"})
+        payload = self.model_dump(mode="json", exclude={"work_dir", "bank_path", "skipped"})
         for clip in payload["clips"]:
             clip.pop("latents_path")
             clip.pop("hubert_path")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from models.unet import build_unet_from_spec, predict_latents
+from models.unet import build_unet_from_spec, predict_latents, spec_summary
 from tasks.train_data import (
     CHECKPOINT_NAME,
     HISTORY_NAME,
@@ -101,6 +101,9 @@ def train(manifest: TrainManifest) -> None:
     frame_counts = [c.num_frames for c in clips]
     spec = manifest.spec()
     model = build_unet_from_spec(spec)
+    if accelerator.is_main_process:
+        params = sum(p.numel() for p in model.parameters())
+        _log(rank, f"unet {spec_summary(spec)} params={params} clips={len(clips)}")
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=manifest.learning_rate, weight_decay=WEIGHT_DECAY
     )
@@ -119,6 +122,8 @@ def train(manifest: TrainManifest) -> None:
             _log(rank, "ignoring a checkpoint of a different manifest; starting at step 0")
     history = work / HISTORY_NAME
     if accelerator.is_main_process:
+        for stale in work.glob(".tmp-*"):  # half-written files of an interrupted run
+            stale.unlink(missing_ok=True)
         if start == 0:
             history.unlink(missing_ok=True)
         _truncate_history(history, start)

@@ -7,15 +7,18 @@ plain canvas, one frame at a time, so each quality rule can be triggered on purp
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from storage.store import ArtifactStore
 from tasks.base import ItemContext, ItemInputs, StageEnv
-from tasks.media import VideoWriter, count_frames, probe, run_ffmpeg, write_wav
+from tasks.media import VideoWriter, count_frames, probe, read_wav, run_ffmpeg, write_wav
 from tasks.records import NormalizedClip
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -82,9 +85,14 @@ def normalized_from_file(
 
 
 def normalized_from_frames(
-    tmp_path: Path, clip_id: str, frames: Iterable[np.ndarray], fps: float = 25.0
+    tmp_path: Path,
+    clip_id: str,
+    frames: Iterable[np.ndarray],
+    fps: float = 25.0,
+    speech: bool = False,
 ) -> NormalizedClip:
-    """Encode frames (an iterable of HxWx3 uint8 RGB) with silent audio and commit them."""
+    """Encode frames (an iterable of HxWx3 uint8 RGB) and commit them with 16 kHz audio:
+    silence, or with ``speech`` espeak-ng speech (skips the test without espeak-ng)."""
     work = tmp_path / f"synth-{clip_id}"
     work.mkdir(parents=True)
     frames = list(frames)
@@ -92,21 +100,48 @@ def normalized_from_frames(
     video, wav = work / "clip.mp4", work / "audio.wav"
     with VideoWriter(video, w, h, fps) as writer:
         writer.write(np.stack(frames))
-    write_wav(wav, np.zeros(int(16000 * len(frames) / fps), np.float32), 16000)
+    num_samples = int(16000 * len(frames) / fps)
+    samples = espeak_speech(work, num_samples) if speech else np.zeros(num_samples, np.float32)
+    write_wav(wav, samples, 16000)
     return _commit_clip(tmp_path, clip_id, video, wav, fps)
+
+
+SENTENCE = "Speech for the test clip, one two three four five, and it goes on talking. "
+
+
+def espeak_speech(work: Path, num_samples: int) -> np.ndarray:
+    """Synthesised speech (espeak-ng, real phonemes) at 16 kHz mono, cut to ``num_samples``."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    raw, wav = work / "espeak.wav", work / "speech16k.wav"
+    text = SENTENCE * (1 + num_samples // (16000 * 4))
+    subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True)
+    run_ffmpeg(["-i", str(raw), "-ar", "16000", "-ac", "1", str(wav)], "resample speech")
+    samples, _ = read_wav(wav)
+    out = np.zeros(num_samples, np.float32)
+    out[: min(num_samples, len(samples))] = samples[:num_samples]
+    return out
 
 
 def inputs_for(clip_id: str, **records: object) -> ItemInputs:
     return ItemInputs(item_id=clip_id, records=records)
 
 
-def astronaut_face(size_px: int) -> np.ndarray:
-    """A square patch around the astronaut's face (face ≈ 0.6 of the side), resized."""
+def astronaut_face(size_px: int, mouth_open: float = 0.0) -> np.ndarray:
+    """A square patch around the astronaut's face (face ≈ 0.6 of the side), resized.
+
+    ``mouth_open`` in [0, 1] paints an open mouth (a dark ellipse between the lip corners)
+    so clips can "talk"; 0 leaves the photo's closed mouth.
+    """
     from skimage import data
 
     img = data.astronaut()
     cx, cy, side = 224, 117, 170  # face box ≈ (181, 62)-(268, 172) in the 512 px photo
-    patch = img[cy - side // 2 : cy + side // 2, cx - side // 2 : cx + side // 2]
+    patch = img[cy - side // 2 : cy + side // 2, cx - side // 2 : cx + side // 2].copy()
+    if mouth_open > 0:  # mouth corners ≈ (202, 139) and (245, 142) in the photo
+        centre = (224 - cx + side // 2, 143 - cy + side // 2)
+        axes = (14, max(1, round(10 * mouth_open)))
+        cv2.ellipse(patch, centre, axes, 0, 0, 360, (45, 20, 25), thickness=-1)
     interp = cv2.INTER_AREA if size_px < side else cv2.INTER_LINEAR
     return cv2.resize(patch, (size_px, size_px), interpolation=interp)
 
@@ -131,10 +166,13 @@ def moving_face_frames(
     path: Callable[[int], tuple[int, int]] | None = None,
     extra_faces: list[tuple[int, int]] | None = None,
     blur_sigma: float = 0.0,
+    talking: bool = True,
 ) -> list[np.ndarray]:
     """Frames of one astronaut face moving along ``path(i) -> (x, y)`` (default: a slow
-    sway of a few pixels), plus static ``extra_faces`` top-left positions of equal size."""
-    face = astronaut_face(face_px)
+    sway of a few pixels), plus static ``extra_faces`` top-left positions of equal size.
+    ``talking`` opens and closes the mouth about three times a second."""
+    still = astronaut_face(face_px)
+    faces = [astronaut_face(face_px, abs(np.sin(np.pi * k / 8))) for k in range(8)]
     h, w = CANVAS_HW
     x0, y0 = (w - face_px) // 2, (h - face_px) // 2
     path = path or (lambda i: (x0 + round(6 * np.sin(i / 6)), y0 + round(3 * np.cos(i / 9))))
@@ -142,8 +180,8 @@ def moving_face_frames(
     for i in range(num_frames):
         f = canvas()
         for ex, ey in extra_faces or []:
-            paste(f, face, ex, ey)
-        paste(f, face, *path(i))
+            paste(f, still, ex, ey)
+        paste(f, faces[i % 8] if talking else still, *path(i))
         if blur_sigma > 0:
             f = cv2.GaussianBlur(f, (0, 0), blur_sigma)
         frames.append(f)

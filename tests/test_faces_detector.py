@@ -169,3 +169,40 @@ def test_unknown_detector_and_missing_weights(tmp_path: Path):
         load_detector("haar")
     with pytest.raises(ModelUnavailableError):
         load_detector("retinaface", tmp_path / "missing.pth")
+
+
+def test_faces_stage_runs_retinaface_from_a_data_root_path(random_retinaface, tmp_path):
+    """Wiring only (random weights find no real faces): path, fingerprint label, typed result."""
+    from tasks.base import FailureKind, ItemFailure
+    from tasks.faces import FacesConfig, FacesStage
+    from tests.faces_helpers import (
+        inputs_for,
+        make_ctx,
+        make_env,
+        moving_face_frames,
+        normalized_from_frames,
+    )
+
+    weights = tmp_path / "weights" / "retinaface.pth"
+    weights.parent.mkdir()
+    torch.save(random_retinaface.model.state_dict(), weights)
+    cfg = FacesConfig(
+        detector="retinaface",
+        retinaface_weights="weights/retinaface.pth",
+        detect_max_side_px=64,
+        crop_size_px=64,
+    )
+    stage = FacesStage(cfg, make_env(tmp_path))
+    assert stage.model_specs()[0].source == str(weights)
+    stage.setup()
+    sha = hashlib.sha256(
+        b"retinaface.pth" + hashlib.sha256(weights.read_bytes()).hexdigest().encode()
+    ).hexdigest()
+    assert stage.detector_label == f"retinaface@{sha[:12]}"
+    clip = normalized_from_frames(tmp_path, "rf", moving_face_frames(10))
+    try:
+        rec = stage.process(inputs_for("rf", download=clip), make_ctx(tmp_path, "faces", "rf"))
+    except ItemFailure as e:
+        assert e.kind in (FailureKind.NO_FACE, FailureKind.FACE_LOST)
+    else:
+        assert rec.num_frames == 10 and rec.detector == stage.detector_label

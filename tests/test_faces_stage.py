@@ -9,7 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from faces_helpers import (
+
+from models.face_detector import load_detector
+from tasks.base import FailureKind, ItemFailure
+from tasks.faces import BOXES_SCHEMA, LANDMARK_COLUMNS, FacesConfig, FacesStage
+from tasks.media import count_frames, iter_frames, probe
+from tasks.quality import QualityConfig, QualityStage
+from tests.faces_helpers import (
     CLIPS,
     canvas,
     inputs_for,
@@ -18,11 +24,6 @@ from faces_helpers import (
     normalized_from_file,
     normalized_from_frames,
 )
-
-from models.face_detector import load_detector
-from tasks.base import FailureKind, ItemFailure
-from tasks.faces import BOXES_SCHEMA, LANDMARK_COLUMNS, FacesConfig, FacesStage
-from tasks.media import count_frames, iter_frames, probe
 
 CROP_PX = 128
 MARGIN = 0.5
@@ -71,6 +72,7 @@ def test_real_clip_is_tracked_and_cropped_on_the_face(stage, tmp_path, name):
     lms = np.stack([cols[c].astype(float) for c in LANDMARK_COLUMNS], axis=1)
     assert not np.isnan(lms[detected]).any() and np.isnan(lms[~detected]).all()
     assert (cols["num_faces"][~cols["detector_ran"].astype(bool)] == -1).all()
+    assert not cols["shot_change"].astype(bool).any()  # one continuous shot
 
     # boxes are stable frame to frame: the crop window moves a few pixels at most
     size = cols["crop_size"].astype(float)
@@ -90,6 +92,14 @@ def test_real_clip_is_tracked_and_cropped_on_the_face(stage, tmp_path, name):
         centre = np.array([(d.x1 + d.x2) / 2, (d.y1 + d.y2) / 2])
         assert np.abs(centre - CROP_PX / 2).max() < 0.12 * CROP_PX
         assert d.size_px == pytest.approx(CROP_PX / (1 + MARGIN), rel=0.25)
+
+    # and the real clip passes every quality rule with the default thresholds
+    quality = QualityStage(QualityConfig(), stage.env)
+    inputs = inputs_for(name, download=clip, faces=rec)
+    verdict = quality.process(inputs, make_ctx(tmp_path, "quality", name))
+    assert verdict.accepted and verdict.sampling_weight == 1.0, verdict.rules
+    values = {r.rule: r.value for r in verdict.rules}
+    assert values["speech"] > 0.5 and values["snr"] > 15 and values["lip_motion"] > 1.0
 
 
 def test_blank_clip_fails_with_no_face(stage, tmp_path):

@@ -32,9 +32,12 @@ def invoke(*args: str) -> str:
     return result.output
 
 
+FAST = ("train.steps=6", "train.checkpoint_every=3")  # a short training keeps the suite fast
+
+
 def sets(root: Path, sample: Path, *extra: str) -> list[str]:
     out: list[str] = []
-    for item in (f"project.data_root={root}", f"download.sample.dir={sample}", *extra):
+    for item in (f"project.data_root={root}", f"download.sample.dir={sample}", *FAST, *extra):
         out += ["--set", item]
     return out
 

@@ -1,20 +1,34 @@
 """Quality rules on constructed clips: each defect is caught by its own rule and reason.
 
 Clips are 320×240 at 25 fps with the astronaut's face (a real face MTCNN finds) pasted
-on a plain canvas; the faces stage runs for real (MTCNN, 128 px crops) before quality.
-``min_face_size_px`` is lowered to 80 because the pasted faces are ~90-100 px.
+on a plain canvas, its mouth opening and closing; the faces stage runs for real (MTCNN,
+128 px crops) before quality. ``min_face_size_px`` is lowered to 80 because the pasted
+faces are ~90-100 px.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from faces_helpers import inputs_for, make_ctx, make_env, moving_face_frames, normalized_from_frames
 
 from tasks.base import FailureKind, ItemFailure
 from tasks.faces import FacesConfig, FacesStage
+from tasks.media import read_wav, write_wav
 from tasks.quality import RULES, QualityConfig, QualityStage, laplacian_variance
 from tasks.records import QualityVerdict
+from tests.faces_helpers import (
+    astronaut_face,
+    canvas,
+    inputs_for,
+    make_ctx,
+    make_env,
+    moving_face_frames,
+    normalized_from_frames,
+    paste,
+)
 
 QCFG = QualityConfig(min_face_size_px=80)
 N = 55  # 2.2 s at 25 fps: just above the 2 s minimum
@@ -27,10 +41,10 @@ def faces(tmp_path_factory):
     return st
 
 
-def run(faces_stage, tmp_path, name, frames, qcfg=QCFG):
-    clip = normalized_from_frames(tmp_path, name, frames)
+def run(faces_stage, tmp_path, name, frames, qcfg=QCFG, speech=False):
+    clip = normalized_from_frames(tmp_path, name, frames, speech=speech)
     track = faces_stage.process(inputs_for(name, download=clip), make_ctx(tmp_path, "faces", name))
-    return track, judge(tmp_path, name, clip, track, qcfg)
+    return clip, track, judge(tmp_path, name, clip, track, qcfg)
 
 
 def judge(tmp_path, name, clip, track, qcfg=QCFG) -> QualityVerdict:
@@ -41,23 +55,46 @@ def judge(tmp_path, name, clip, track, qcfg=QCFG) -> QualityVerdict:
     return verdict
 
 
-def failed(verdict: QualityVerdict) -> dict[str, str]:
-    return {r.rule: r.reason for r in verdict.rules if not r.passed}
+def failed(verdict: QualityVerdict, hard: bool | None = True) -> dict[str, str]:
+    """Failed rules and reasons (hard ones by default; ``hard=None`` for all)."""
+    return {
+        r.rule: r.reason for r in verdict.rules if not r.passed and (hard is None or r.hard == hard)
+    }
 
 
-def test_clean_clip_passes_every_rule(faces, tmp_path):
-    _, v = run(faces, tmp_path, "clean", moving_face_frames(N))
-    assert v.accepted and failed(v) == {} and v.rejection_reason() is None
-    assert all(r.reason == "" and r.hard for r in v.rules)
+def test_clean_talking_clip_passes_every_rule(faces, tmp_path):
+    clip, track, v = run(faces, tmp_path, "clean", moving_face_frames(N), speech=True)
+    assert v.accepted and failed(v, hard=None) == {} and v.rejection_reason() is None
+    assert v.sampling_weight == 1.0
+    assert all(r.reason == "" for r in v.rules)
+    assert {r.rule for r in v.rules if not r.hard} == {"yaw", "lip_motion", "speech", "snr"}
     rows = v.stats_rows()["quality"]
     assert len(rows) == len(RULES) and all(r["accepted"] for r in rows)
+
+    # the same clip without speech, then with noisy speech: the audio rules object softly
+    ctx = make_ctx(tmp_path, "download", "clean-audio")
+    speech, rate = read_wav(ctx.local_path(clip.audio))
+    silent, noisy = ctx.scratch / "silent.wav", ctx.scratch / "noisy.wav"
+    write_wav(silent, np.zeros_like(speech), rate)
+    noise = np.random.default_rng(0).normal(0, 0.05, speech.shape).astype(np.float32)
+    write_wav(noisy, speech + noise, rate)
+    for wav, expected in ((silent, {"speech", "snr"}), (noisy, {"snr"})):
+        audio = ctx.commit(wav, wav.name, "audio")
+        v = judge(tmp_path, "clean", clip.model_copy(update={"audio": audio}), track)
+        assert v.accepted and failed(v) == {} and set(failed(v, hard=False)) == expected
+        assert v.sampling_weight == QCFG.soft_fail_weight ** len(expected)
+        reasons = failed(v, hard=False)
+        assert reasons["snr"].startswith("noisy audio: SNR")
+        if "speech" in expected:
+            assert reasons["speech"] == "speech in 0% of the clip < 30%"
+            assert reasons["snr"].endswith("(no speech found)")
 
 
 def test_two_faces_side_by_side_fail_multi_face(faces, tmp_path):
     frames = moving_face_frames(
         N, face_px=130, path=lambda i: (175 + round(3 * np.sin(i / 5)), 55), extra_faces=[(15, 55)]
     )
-    track, v = run(faces, tmp_path, "two", frames)
+    _, track, v = run(faces, tmp_path, "two", frames)
     assert track.max_faces_in_frame == 2 and track.max_second_face_ratio > 0.8
     assert set(failed(v)) == {"multi_face"}
     assert "second face" in failed(v)["multi_face"] and "2 faces" in failed(v)["multi_face"]
@@ -65,27 +102,30 @@ def test_two_faces_side_by_side_fail_multi_face(faces, tmp_path):
 
 
 def test_blurred_clip_fails_blur(faces, tmp_path):
-    clip = normalized_from_frames(tmp_path, "blurred", moving_face_frames(N, blur_sigma=6))
-    ctx = make_ctx(tmp_path, "faces", "blurred")
-    track = faces.process(inputs_for("blurred", download=clip), ctx)
-    v = judge(tmp_path, "blurred", clip, track)
+    frames = moving_face_frames(N, blur_sigma=6, talking=False)
+    clip, track, v = run(faces, tmp_path, "blurred", frames)
     assert set(failed(v)) == {"blur"}
     blur = next(r for r in v.rules if r.rule == "blur")
     assert blur.value < QCFG.min_blur_laplacian_var
     assert "Laplacian variance" in blur.reason and "blurry" in blur.reason
-    # the same rule made soft keeps the clip with a lower sampling weight
-    soft = QualityConfig(min_face_size_px=80, soft_rules=("blur",), soft_fail_weight=0.25)
+    # with blur made soft the clip is kept, its weight lowered once per failed soft rule
+    soft = QualityConfig(
+        min_face_size_px=80, soft_rules=(*QCFG.soft_rules, "blur"), soft_fail_weight=0.25
+    )
     v_soft = judge(tmp_path, "blurred", clip, track, soft)
-    assert v_soft.accepted and v_soft.sampling_weight == 0.25 and v_soft.rejection_reason() is None
+    soft_failures = len(failed(v_soft, hard=False))
+    assert "blur" in failed(v_soft, hard=False)
+    assert v_soft.accepted and v_soft.rejection_reason() is None
+    assert v_soft.sampling_weight == pytest.approx(0.25**soft_failures)
 
 
 def test_short_clip_fails_duration(faces, tmp_path):
-    _, v = run(faces, tmp_path, "short", moving_face_frames(30))  # 1.2 s
+    _, _, v = run(faces, tmp_path, "short", moving_face_frames(30))  # 1.2 s
     assert failed(v) == {"duration": "duration 1.20 s < 2.00 s"}
 
 
 def test_small_face_fails_face_size(faces, tmp_path):
-    track, v = run(faces, tmp_path, "small", moving_face_frames(N, face_px=60))
+    _, track, v = run(faces, tmp_path, "small", moving_face_frames(N, face_px=60))
     assert set(failed(v)) == {"face_size"}
     assert failed(v)["face_size"] == f"face {track.median_face_size_px:.0f} px < 80 px"
     assert track.median_face_size_px < 60
@@ -104,10 +144,62 @@ def test_face_leaving_the_frame_is_lost(faces, tmp_path):
     # with long gaps tolerated, the faces stage keeps the clip and quality rejects it
     lenient = FacesStage(FacesConfig(crop_size_px=128, max_gap_frames=1000), faces.env)
     lenient.setup()
-    track, v = run(lenient, tmp_path, "leaves-lenient", frames)
+    _, track, v = run(lenient, tmp_path, "leaves-lenient", frames)
     assert track.lost_frames > 0.3 * track.num_frames
     assert set(failed(v)) == {"face_lost"}
     assert failed(v)["face_lost"].startswith("face lost in") and "> 30%" in failed(v)["face_lost"]
+
+
+def test_hard_cut_fails_shot_change(faces, tmp_path):
+    first = moving_face_frames(28)
+    # the second shot: same person, mirrored, closer, on a different background
+    second = [
+        cv2.resize(np.ascontiguousarray(f[:, ::-1]), (320, 240))
+        for f in moving_face_frames(27, face_px=170)
+    ]
+    tint = np.array([40, -20, 30], np.int16)
+    second = [np.clip(f.astype(np.int16) + tint, 0, 255).astype(np.uint8) for f in second]
+    _, track, v = run(faces, tmp_path, "cut", first + second)
+    boxes = pq.read_table(make_ctx(tmp_path, "x", "x").local_path(track.boxes))
+    cuts = np.flatnonzero(boxes.column("shot_change").to_numpy(zero_copy_only=False))
+    assert list(cuts) == [28]
+    assert track.lost_frames == 0  # the track restarts on the new shot instead of losing it
+    assert failed(v) == {"shot_change": "1 shot change(s) > 0"}
+
+
+def test_frozen_face_fails_lip_motion_softly(faces, tmp_path):
+    frames = moving_face_frames(N, talking=False, path=lambda i: (85, 45))
+    _, _, v = run(faces, tmp_path, "frozen", frames, speech=True)
+    assert failed(v) == {}  # no hard failure: kept
+    lip = next(r for r in v.rules if r.rule == "lip_motion")
+    assert not lip.passed and not lip.hard and lip.value < 0.5
+    assert lip.reason.startswith("mouth still")
+    assert v.accepted and v.sampling_weight == QCFG.soft_fail_weight
+
+
+def test_turned_head_fails_yaw_softly(faces, tmp_path):
+    """Real run, then the nose landmarks moved towards one eye as on a turned head."""
+    clip, track, v = run(faces, tmp_path, "yaw", moving_face_frames(N), speech=True)
+    assert next(r for r in v.rules if r.rule == "yaw").passed
+    ctx = make_ctx(tmp_path, "faces", "yaw-turned")
+    table = pq.read_table(ctx.local_path(track.boxes))
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False).copy() for c in table.column_names}
+    # slide each nose along the eye axis until it sits half an eye distance off centre
+    ax, ay = cols["lm_x1"] - cols["lm_x0"], cols["lm_y1"] - cols["lm_y0"]
+    along = (
+        (cols["lm_x2"] - (cols["lm_x0"] + cols["lm_x1"]) / 2) * ax
+        + (cols["lm_y2"] - (cols["lm_y0"] + cols["lm_y1"]) / 2) * ay
+    ) / (ax**2 + ay**2)
+    cols["lm_x2"] = cols["lm_x2"] + (0.5 - along) * ax  # ≈ 40° turn
+    cols["lm_y2"] = cols["lm_y2"] + (0.5 - along) * ay
+    turned = ctx.scratch / "boxes.parquet"
+    pq.write_table(pa.table(cols, schema=table.schema), turned)
+    track = track.model_copy(update={"boxes": ctx.commit(turned, "boxes.parquet", "table")})
+    v = judge(tmp_path, "yaw-turned", clip, track)
+    yaw = next(r for r in v.rules if r.rule == "yaw")
+    assert not yaw.passed and yaw.value == pytest.approx(0.5, abs=0.01)
+    assert yaw.reason == "head turned: yaw ratio 0.50 > 0.35"
+    assert v.accepted and v.sampling_weight == QCFG.soft_fail_weight
 
 
 def test_laplacian_variance_orders_sharpness():
@@ -120,3 +212,11 @@ def test_laplacian_variance_orders_sharpness():
     framed = sharp.copy()
     framed[16:48, 16:48] = 128
     assert laplacian_variance(framed, center_fraction=0.4) == 0.0
+
+
+def test_helpers_paint_a_real_face():
+    """Guard for the fixtures: the pasted face must be the photo, mouth painted when asked."""
+    closed, opened = astronaut_face(100), astronaut_face(100, mouth_open=1.0)
+    assert closed.shape == (100, 100, 3) and np.abs(closed.astype(int) - opened).sum() > 0
+    f = paste(canvas(), closed, 300, 200)  # clipped at the corner, no error
+    assert (f[200:, 300:] == closed[:40, :20]).all()
