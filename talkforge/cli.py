@@ -57,7 +57,7 @@ def _catalog(config: Path, overrides: list[str] | None) -> Catalog:
 
 def _print_rows(rows: list[dict[str, Any]], title: str = "", fmt: str = "table") -> None:
     if fmt == "json":
-        console.print_json(json.dumps(rows, default=str))
+        sys.stdout.write(json.dumps(rows, default=str) + "\n")
         return
     if fmt == "csv":
         import csv
@@ -241,9 +241,11 @@ def failures(
     history: Annotated[bool, typer.Option("--all", help="every attempt, not only current")] = False,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
     """Failed items with their typed error, attempt and whether a resume retries them."""
-    _print_rows(ops.failures(_catalog(config, set_), stage, kind, history), title="failures")
+    rows = ops.failures(_catalog(config, set_), stage, kind, history)
+    _print_rows(rows, title="failures", fmt=fmt)
 
 
 @app.command()

@@ -21,23 +21,28 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
-
-from pydantic import BaseModel, ConfigDict
+from typing import Any
 
 from models.registry import fingerprint
 from storage.catalog import Catalog
 from storage.store import ArtifactStore
 from talkforge.config import PipelineConfig
 from talkforge.executors import LocalExecutor, RayExecutor, make_executor
+from talkforge.plan import (
+    LogReporter,
+    PlannedItem,
+    Reporter,
+    RunOptions,
+    StagePlan,
+    StageSummary,
+    new_run_id,
+    now_utc,
+    select_stages,
+)
 from talkforge.stages import STAGE_ORDER, STAGES
 from tasks.base import (
     AggregateInputs,
-    FailureKind,
     ItemInputs,
     Record,
     SourceStage,
@@ -49,107 +54,6 @@ from tasks.records import record_from_json
 from tasks.runner import Outcome, WorkItem
 
 log = logging.getLogger(__name__)
-
-
-class RunOptions(BaseModel):
-    """What the user asked of a run besides the config."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    stages: list[str] = list(STAGE_ORDER)
-    limit: int | None = None
-    retry_failed: bool = False
-
-
-def select_stages(
-    stages: list[str] | None = None, from_stage: str | None = None, until: str | None = None
-) -> list[str]:
-    """Resolve --stages/--from/--until to an ordered list of stage names."""
-    for name in [*(stages or []), from_stage, until]:
-        if name is not None and name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_ORDER)}")
-    chosen = [s for s in STAGE_ORDER if not stages or s in stages]
-    if from_stage:
-        chosen = [s for s in chosen if STAGE_ORDER.index(s) >= STAGE_ORDER.index(from_stage)]
-    if until:
-        chosen = [s for s in chosen if STAGE_ORDER.index(s) <= STAGE_ORDER.index(until)]
-    return chosen
-
-
-@dataclass
-class PlannedItem:
-    item_id: str
-    item_key: str
-    action: str  # run / cached / skip_failed
-    attempt: int
-    inputs: ItemInputs | AggregateInputs | None
-    input_keys: dict[str, Any] = field(default_factory=dict)  # upstream keys: lineage
-
-
-@dataclass
-class StagePlan:
-    run_id: str
-    stage: str
-    env: StageEnv
-    items: list[PlannedItem] = field(default_factory=list)
-    blocked_reason: str = ""
-    failed_at_discovery: set[str] = field(default_factory=set)  # manifest rows, not items
-
-    @property
-    def to_run(self) -> list[PlannedItem]:
-        return [i for i in self.items if i.action == "run"]
-
-    def shards(self, size: int) -> list[list[PlannedItem]]:
-        work = self.to_run
-        return [work[i : i + size] for i in range(0, len(work), size)]
-
-    def count(self, action: str) -> int:
-        return sum(1 for i in self.items if i.action == action)
-
-
-@dataclass
-class StageSummary:
-    stage: str
-    planned: int = 0
-    cached: int = 0
-    skipped_failed: int = 0
-    done: int = 0
-    filtered: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    blocked_reason: str = ""
-
-
-class Reporter(Protocol):
-    def stage_planned(self, plan: StagePlan) -> None: ...
-    def item_finished(self, stage: str, outcome: Outcome) -> None: ...
-    def stage_finished(self, summary: StageSummary) -> None: ...
-
-
-class LogReporter:
-    def stage_planned(self, plan: StagePlan) -> None:
-        log.info("%s: %d items, %d to run", plan.stage, len(plan.items), len(plan.to_run))
-
-    def item_finished(self, stage: str, outcome: Outcome) -> None:
-        if outcome.status == "failed":
-            log.warning(
-                "%s %s failed: %s %s",
-                stage,
-                outcome.item_id,
-                outcome.error_kind,
-                outcome.error_message,
-            )
-
-    def stage_finished(self, summary: StageSummary) -> None:
-        log.info("%s finished: %s", summary.stage, summary)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
-
-
-def new_run_id() -> str:
-    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 class Engine:
@@ -271,6 +175,7 @@ class Engine:
             ):
                 action = "skip_failed"
             plan.items.append(PlannedItem(item_id, key, action, attempts + 1, inputs, input_keys))
+        rejected = self._plan_discovery_failures(plan, common)
         rows = [(i.item_id, i.item_key, i.action) for i in plan.items]
         if options.limit is None:
             rows += [(item_id, "", "dropped") for item_id in self._dropped(stage, plan)]
@@ -288,14 +193,44 @@ class Engine:
                 for item_id, key, action in rows
             ],
         )
+        self._commit(plan, {}, rejected)
         self.reporter.stage_planned(plan)
         return plan
+
+    def _plan_discovery_failures(self, plan: StagePlan, common: dict[str, Any]) -> list[Outcome]:
+        """Manifest rows that cannot become items are planned as permanent failures.
+
+        Each gets a key from its raw id and message, so a row is recorded once and again
+        only when the manifest or the message changes. Returns the outcomes to commit.
+        """
+        keyed = [
+            (raw_id, f, stable_hash({**common, "raw_id": raw_id, "message": f.message}))
+            for raw_id, f in plan.discovery_failures
+        ]
+        known = self._item_state(plan.stage, [key for _, _, key in keyed])
+        fresh = []
+        for raw_id, failure, key in keyed:
+            plan.items.append(PlannedItem(raw_id, key, "skip_failed", 1, None))
+            if key not in known:
+                fresh.append(
+                    Outcome(
+                        item_id=raw_id,
+                        item_key=key,
+                        attempt=1,
+                        status="failed",
+                        error_kind=str(failure.kind),
+                        error_message=failure.message,
+                        retryable=False,
+                        worker="discover",
+                    )
+                )
+        return fresh
 
     def _dropped(self, stage: str, plan: StagePlan) -> list[str]:
         """Items current in ``stage`` that this plan no longer holds (upstream now failed
         or filtered, clip gone from the manifest): a plan row with an empty key takes them
         out of the current view, so downstream stages never build on a stale version."""
-        planned = {i.item_id for i in plan.items} | plan.failed_at_discovery
+        planned = {i.item_id for i in plan.items}
         rows = self.catalog.query(
             "SELECT DISTINCT item_id FROM current_plans WHERE stage = ? AND item_key <> ''",
             [stage],
@@ -313,7 +248,7 @@ class Engine:
         """(item_id, key material, inputs) for every item this stage should hold."""
         if issubclass(stage_cls, SourceStage):
             records, problems = stage_cls.discover(cfg, env)
-            self._record_discovery_failures(plan, stage_cls, problems)
+            plan.discovery_failures = problems
             found = sorted(((r.clip_id, r) for r in records), key=lambda t: t[0])
             found = found[: options.limit] if options.limit else found
             return [
@@ -393,62 +328,6 @@ class Engine:
             for r in rows
             if r["item_key"] in wanted
         }
-
-    def _record_discovery_failures(
-        self, plan: StagePlan, stage_cls: type[Stage[Any]], problems: list[tuple[str, Any]]
-    ) -> None:
-        """Manifest rows that cannot become items are failed items, recorded once per key."""
-        rows = []
-        for raw_id, failure in problems:
-            key = stable_hash(
-                {
-                    "stage": stage_cls.name,
-                    "code_version": stage_cls.code_version,
-                    "raw_id": raw_id,
-                    "message": failure.message,
-                }
-            )
-            rows.append(
-                {
-                    "run_id": plan.run_id,
-                    "stage": stage_cls.name,
-                    "item_id": raw_id,
-                    "item_key": key,
-                    "created_at": now_utc(),
-                    "status": "failed",
-                    "error_kind": str(failure.kind),
-                    "error_message": failure.message,
-                    "retryable": False,
-                    "attempt": 1,
-                    "record_type": "",
-                    "record_json": "",
-                    "artifact_ids": [],
-                    "input_keys_json": "{}",
-                    "code_version": stage_cls.code_version,
-                    "config_hash": "",
-                    "model_fingerprints_json": "{}",
-                    "duration_s": 0.0,
-                    "worker": "discover",
-                }
-            )
-        plan.failed_at_discovery = {r["item_id"] for r in rows}
-        known = set(self._item_state(stage_cls.name, [r["item_key"] for r in rows]))
-        fresh = [r for r in rows if r["item_key"] not in known]
-        self.catalog.append(
-            "plans",
-            [
-                {
-                    "run_id": plan.run_id,
-                    "stage": r["stage"],
-                    "item_id": r["item_id"],
-                    "item_key": r["item_key"],
-                    "action": "skip_failed",
-                    "planned_at": now_utc(),
-                }
-                for r in rows
-            ],
-        )
-        self.catalog.append("items", fresh)
 
     # ------------------------------------------------------------------ execution
     def execute(self, plan: StagePlan, items: list[PlannedItem]) -> StageSummary:
@@ -563,4 +442,13 @@ class Engine:
         self.catalog.append_many({**stats, "artifacts": artifacts, "items": items})
 
 
-__all__ = ["Engine", "FailureKind", "RunOptions", "StagePlan", "StageSummary", "select_stages"]
+__all__ = [
+    "Engine",
+    "PlannedItem",
+    "Reporter",
+    "RunOptions",
+    "StagePlan",
+    "StageSummary",
+    "new_run_id",
+    "select_stages",
+]

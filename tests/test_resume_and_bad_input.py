@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -208,5 +209,9 @@ def test_bad_inputs_become_typed_failures_and_the_rest_completes(
         ("quality", "hdtf-RD-Good_0"),
     }
     assert not list(root.rglob("evil*")), "an escaping id must never become a path"
-    out = CliRunner().invoke(app, ["failures", "--config", str(cfg), "--kind", "format"])
-    assert out.exit_code == 0 and "Trunc" in out.output
+    out = CliRunner().invoke(
+        app, ["failures", "--config", str(cfg), "--kind", "format", "--format", "json"]
+    )
+    assert out.exit_code == 0, out.output
+    listed = {row["item_id"] for row in json.loads(out.output)}
+    assert listed == {"hdtf-RD-Trunc_0", "hdtf-RD-Empty_0", "hdtf-RD-NoAudio_0"}

@@ -1,0 +1,122 @@
+"""Plans and their parts: what the user asked for, what each stage will do, what it did.
+
+Kept apart from the engine so flows, reporters and the CLI can use the types without
+pulling in execution.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from talkforge.stages import STAGE_ORDER, STAGES
+from tasks.base import AggregateInputs, ItemInputs, StageEnv
+from tasks.runner import Outcome
+
+log = logging.getLogger(__name__)
+
+
+class RunOptions(BaseModel):
+    """What the user asked of a run besides the config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stages: list[str] = list(STAGE_ORDER)
+    limit: int | None = None
+    retry_failed: bool = False
+
+
+def select_stages(
+    stages: list[str] | None = None, from_stage: str | None = None, until: str | None = None
+) -> list[str]:
+    """Resolve --stages/--from/--until to an ordered list of stage names."""
+    for name in [*(stages or []), from_stage, until]:
+        if name is not None and name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_ORDER)}")
+    chosen = [s for s in STAGE_ORDER if not stages or s in stages]
+    if from_stage:
+        chosen = [s for s in chosen if STAGE_ORDER.index(s) >= STAGE_ORDER.index(from_stage)]
+    if until:
+        chosen = [s for s in chosen if STAGE_ORDER.index(s) <= STAGE_ORDER.index(until)]
+    return chosen
+
+
+@dataclass
+class PlannedItem:
+    item_id: str
+    item_key: str
+    action: str  # run / cached / skip_failed
+    attempt: int
+    inputs: ItemInputs | AggregateInputs | None
+    input_keys: dict[str, Any] = field(default_factory=dict)  # upstream keys: lineage
+
+
+@dataclass
+class StagePlan:
+    run_id: str
+    stage: str
+    env: StageEnv
+    items: list[PlannedItem] = field(default_factory=list)
+    blocked_reason: str = ""
+    discovery_failures: list[tuple[str, Any]] = field(default_factory=list)  # (raw id, failure)
+
+    @property
+    def to_run(self) -> list[PlannedItem]:
+        return [i for i in self.items if i.action == "run"]
+
+    def shards(self, size: int) -> list[list[PlannedItem]]:
+        work = self.to_run
+        return [work[i : i + size] for i in range(0, len(work), size)]
+
+    def count(self, action: str) -> int:
+        return sum(1 for i in self.items if i.action == action)
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    planned: int = 0
+    cached: int = 0
+    skipped_failed: int = 0
+    done: int = 0
+    filtered: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    blocked_reason: str = ""
+
+
+class Reporter(Protocol):
+    def stage_planned(self, plan: StagePlan) -> None: ...
+    def item_finished(self, stage: str, outcome: Outcome) -> None: ...
+    def stage_finished(self, summary: StageSummary) -> None: ...
+
+
+class LogReporter:
+    def stage_planned(self, plan: StagePlan) -> None:
+        log.info("%s: %d items, %d to run", plan.stage, len(plan.items), len(plan.to_run))
+
+    def item_finished(self, stage: str, outcome: Outcome) -> None:
+        if outcome.status == "failed":
+            log.warning(
+                "%s %s failed: %s %s",
+                stage,
+                outcome.item_id,
+                outcome.error_kind,
+                outcome.error_message,
+            )
+
+    def stage_finished(self, summary: StageSummary) -> None:
+        log.info("%s finished: %s", summary.stage, summary)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
