@@ -253,12 +253,13 @@ def lineage(
     target: Annotated[str, typer.Argument(help="artifact id or clip id")],
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
     """Where an artifact or a clip came from, stage by stage."""
     rows = ops.lineage(_catalog(config, set_), target)
     if not rows:
         _fail(f"nothing in the catalog for {target!r}")
-    _print_rows(rows, title=f"lineage of {target}")
+    _print_rows(rows, title=f"lineage of {target}", fmt=fmt)
 
 
 @app.command()

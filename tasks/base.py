@@ -47,9 +47,11 @@ class StageConfig(BaseModel):
 
     ``resources`` change where and how fast work runs, not what it produces, so they are
     excluded from :meth:`params_hash` and changing them never invalidates artifacts.
+    Defaults go through validators too, so a default and its stored, reloaded copy hash
+    the same (a resumed run must not see a "changed" config).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     resources: Resources = Resources()
 

@@ -42,8 +42,8 @@ def ray_session() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The generated sample dataset, built once per session (~20 s)."""
-    from tasks.download.sample import build_sample_dataset
+def sample_dir(request: pytest.FixtureRequest) -> Path:
+    """The generated sample dataset, built once and kept in pytest's cache (~20 s cold)."""
+    from tests.download_helpers import sample_root
 
-    return build_sample_dataset(tmp_path_factory.mktemp("sample-root") / "sample", seed=0)
+    return sample_root(request)

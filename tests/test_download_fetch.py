@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from download_helpers import sample_root
 from yt_dlp.networking import Response
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import DownloadError, ExtractorError, GeoRestrictedError
@@ -26,6 +25,7 @@ from tasks.download.fetch import (
     ydl_params,
 )
 from tasks.download.sample import SOURCES, sample_videos_dir
+from tests.download_helpers import sample_root
 
 
 @pytest.fixture(scope="module")

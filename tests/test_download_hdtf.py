@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from download_helpers import HDTF_METADATA
 
 from storage.store import safe_id
 from tasks.base import FailureKind, ItemFailure
@@ -17,6 +16,7 @@ from tasks.download.hdtf import (
     youtube_id_from_url,
 )
 from tasks.records import CropBox
+from tests.download_helpers import HDTF_METADATA
 
 needs_shared = pytest.mark.skipif(
     not HDTF_METADATA.is_dir(), reason="../shared HDTF metadata fixtures not present"

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from download_helpers import decode_audio, ffprobe_json, sample_root, stream
 
 import tasks.download.sample as sample_mod
 from tasks.download.hdtf import read_hdtf
@@ -20,6 +19,7 @@ from tasks.download.sample import (
     write_sample_metadata,
 )
 from tasks.media import iter_frames
+from tests.download_helpers import decode_audio, ffprobe_json, sample_root, stream
 
 
 @pytest.fixture(scope="module")

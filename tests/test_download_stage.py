@@ -8,7 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from download_helpers import (
+
+from tasks.base import FailureKind, ItemFailure, StageEnv
+from tasks.download.sample import SOURCES, sample_videos_dir
+from tasks.download.stage import DownloadConfig, DownloadStage, SampleConfig
+from tasks.media import count_frames, iter_frames, read_wav
+from tasks.records import NormalizedClip, SourceClip
+from tests.download_helpers import (
     decode_audio,
     ffprobe_json,
     link_sample_into,
@@ -17,12 +23,6 @@ from download_helpers import (
     sample_root,
     stream,
 )
-
-from tasks.base import FailureKind, ItemFailure, StageEnv
-from tasks.download.sample import SOURCES, sample_videos_dir
-from tasks.download.stage import DownloadConfig, DownloadStage, SampleConfig
-from tasks.media import count_frames, iter_frames, read_wav
-from tasks.records import NormalizedClip, SourceClip
 
 
 @pytest.fixture(scope="module")
