@@ -41,7 +41,7 @@ Models: Silero VAD (weights in the ``silero-vad`` wheel), loaded once per worker
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -73,18 +73,7 @@ RuleName = Literal[
     "speech",
     "snr",
 ]
-RULES: tuple[str, ...] = (
-    "duration",
-    "face_size",
-    "multi_face",
-    "blur",
-    "face_lost",
-    "shot_change",
-    "yaw",
-    "lip_motion",
-    "speech",
-    "snr",
-)
+RULES: tuple[str, ...] = get_args(RuleName)
 
 
 class QualityConfig(StageConfig):
