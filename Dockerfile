@@ -6,6 +6,6 @@ WORKDIR /opt/talkforge
 COPY requirements.lock pyproject.toml ./
 RUN python -m pip install -q --no-deps -r requirements.lock
 COPY . .
-RUN python -m pip install -q --no-deps --no-build-isolation -e .
+RUN python -m pip install -q --no-deps -e .
 ENV HF_HUB_OFFLINE=1
 ENTRYPOINT ["talkforge"]

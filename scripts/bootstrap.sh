@@ -44,7 +44,7 @@ if [ ! -f "$stamp" ]; then
   # The lock is a complete, resolved set: --no-deps keeps pip from re-resolving the known
   # conflicts (retinaface-pytorch 0.0.8 and facenet-pytorch pin an old torch).
   .venv/bin/python -m pip install -q --no-deps -r requirements.lock
-  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  .venv/bin/python -m pip install -q --no-deps -e .
   rm -f .venv/.talkforge-*
   touch "$stamp"
 fi
