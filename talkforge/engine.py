@@ -76,6 +76,7 @@ class Engine:
         self.reporter: Reporter = reporter or LogReporter()
         self._executor = executor
         self._owns_executor = executor is None
+        self._fingerprint_cache: dict[str, dict[str, Any]] = {}
 
     @property
     def executor(self) -> LocalExecutor | RayExecutor:
@@ -140,11 +141,16 @@ class Engine:
         )
 
     def _fingerprints(self, stage: str) -> dict[str, Any]:
-        probe_env = StageEnv(
-            data_root=str(self.data_root), store_uri=self.config.store_uri, run_id="preflight"
-        )
-        specs = STAGES[stage](self.config.stage(stage), probe_env).model_specs()
-        return {spec.family: fingerprint(spec, self.data_root) for spec in specs}
+        """Model fingerprints of a stage, computed once per engine (preflight, then plan)."""
+        if stage not in self._fingerprint_cache:
+            probe_env = StageEnv(
+                data_root=str(self.data_root), store_uri=self.config.store_uri, run_id="preflight"
+            )
+            specs = STAGES[stage](self.config.stage(stage), probe_env).model_specs()
+            self._fingerprint_cache[stage] = {
+                spec.family: fingerprint(spec, self.data_root) for spec in specs
+            }
+        return self._fingerprint_cache[stage]
 
     def plan(self, run_id: str, stage: str, options: RunOptions) -> StagePlan:
         stage_cls = STAGES[stage]
@@ -385,7 +391,7 @@ class Engine:
         if not outcomes:
             return
         stage_cls = STAGES[plan.stage]
-        cfg = self.config.stage(plan.stage)
+        config_hash = self.config.stage(plan.stage).params_hash()
         fps_json = json.dumps(
             {k: v.model_dump() for k, v in plan.env.model_fingerprints.items()}, sort_keys=True
         )
@@ -410,7 +416,7 @@ class Engine:
                         **base,
                         **a.model_dump(),
                         "code_version": stage_cls.code_version,
-                        "config_hash": cfg.params_hash(),
+                        "config_hash": config_hash,
                         "model_fingerprints_json": fps_json,
                         "input_artifact_ids": o.input_artifact_ids,
                         "status": "committed",
@@ -433,7 +439,7 @@ class Engine:
                         planned.input_keys if planned else {}, sort_keys=True
                     ),
                     "code_version": stage_cls.code_version,
-                    "config_hash": cfg.params_hash(),
+                    "config_hash": config_hash,
                     "model_fingerprints_json": fps_json,
                     "duration_s": o.duration_s,
                     "worker": o.worker,
