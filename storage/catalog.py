@@ -17,6 +17,9 @@ Views (all read-only):
 - ``failures`` / ``current_failures``: failed attempts (all / current).
 - ``current_<stats>`` for every stats table, plus ``artifact_versions``,
   ``current_artifacts``, ``eval_summary``, ``dataset_summary``, ``quality_summary``.
+- ``current_datasets`` / ``current_manifest``: the latest ingest of every dataset's
+  published metadata (``talkforge ingest``), ``manifest_summary`` (clips, hours, speakers,
+  licence per dataset) and ``clip_progress`` (every manifest clip with its download status).
 """
 
 from __future__ import annotations
@@ -175,6 +178,29 @@ _SUMMARY_VIEWS = [
               max(q.value) AS max_value, any_value(q.threshold) AS threshold
        FROM current_quality q LEFT JOIN current_clips c USING (item_id)
        GROUP BY c.dataset, q.rule ORDER BY c.dataset, q.rule""",
+    """CREATE VIEW current_datasets AS
+       SELECT * FROM datasets
+       QUALIFY row_number() OVER (PARTITION BY dataset ORDER BY ingested_at DESC) = 1""",
+    """CREATE VIEW current_manifest AS
+       SELECT m.* FROM manifest m JOIN current_datasets d USING (ingest_id, dataset)""",
+    """CREATE VIEW manifest_summary AS
+       SELECT m.dataset, any_value(d.licence) AS licence,
+              count(*) FILTER (WHERE m.status = 'ok') AS clips,
+              count(*) FILTER (WHERE m.status <> 'ok') AS bad_rows,
+              round(sum(m.duration_s) / 3600, 3) AS hours,
+              count(DISTINCT m.source_id) AS source_videos,
+              count(DISTINCT nullif(m.speaker, '')) AS speakers,
+              count(DISTINCT nullif(m.language, '')) AS languages
+       FROM current_manifest m JOIN current_datasets d USING (ingest_id, dataset)
+       GROUP BY m.dataset ORDER BY m.dataset""",
+    """CREATE VIEW clip_progress AS
+       SELECT m.dataset, m.clip_id, m.source_id, m.duration_s,
+              CASE WHEN m.status <> 'ok' THEN 'bad_metadata'
+                   ELSE coalesce(i.status, 'pending') END AS download_status,
+              coalesce(i.error_kind, m.error_kind) AS error_kind,
+              coalesce(i.error_message, m.error_message) AS error_message
+       FROM current_manifest m
+       LEFT JOIN current_items i ON i.stage = 'download' AND i.item_id = m.clip_id""",
     """CREATE VIEW eval_summary AS
        SELECT metric, count(*) AS clips, avg(value) AS mean, min(value) AS min,
               max(value) AS max

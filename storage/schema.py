@@ -87,6 +87,62 @@ CORE_TABLES: dict[str, pa.Schema] = {
 }
 
 
+# what the datasets' published metadata says, before anything is fetched (talkforge ingest)
+MANIFEST_TABLES: dict[str, pa.Schema] = {
+    # one row per dataset and ingest; an unchanged manifest is not ingested again
+    "datasets": pa.schema(
+        [
+            pa.field("ingest_id", pa.string()),
+            pa.field("ingested_at", _TS),
+            pa.field("run_id", pa.string()),
+            pa.field("dataset", pa.string()),
+            pa.field("kind", pa.string()),
+            pa.field("licence", pa.string()),
+            pa.field("metadata_files", pa.list_(pa.string())),
+            pa.field("metadata_sha256", pa.string()),
+            pa.field("content_sha256", pa.string()),
+            pa.field("clips", pa.int64()),
+            pa.field("problems", pa.int64()),
+            pa.field("warnings", pa.list_(pa.string())),
+            pa.field("summary_json", pa.string()),
+        ]
+    ),
+    # one row per clip (status ok) or unusable metadata row (status bad_metadata)
+    "manifest": pa.schema(
+        [
+            pa.field("ingest_id", pa.string()),
+            pa.field("dataset", pa.string()),
+            pa.field("clip_id", pa.string()),
+            pa.field("status", pa.string()),
+            pa.field("error_kind", pa.string()),
+            pa.field("error_message", pa.string()),
+            pa.field("subset", pa.string()),
+            pa.field("source_id", pa.string()),
+            pa.field("url", pa.string()),
+            pa.field("start_s", pa.float64()),
+            pa.field("end_s", pa.float64()),
+            pa.field("duration_s", pa.float64()),
+            pa.field("declared_width", pa.int32()),
+            pa.field("declared_height", pa.int32()),
+            pa.field("declared_fps", pa.float64()),
+            pa.field("has_crop", pa.bool_()),
+            pa.field("speaker", pa.string()),
+            pa.field("language", pa.string()),
+            pa.field("gender", pa.string()),
+            pa.field("age_group", pa.string()),
+            pa.field("ethnicity", pa.string()),
+            pa.field("category", pa.string()),
+            pa.field("emotion", pa.string()),
+            pa.field("appearance", pa.list_(pa.string())),
+            pa.field("actions", pa.list_(pa.string())),
+            pa.field("dover_score", pa.float64()),
+            pa.field("cotracker_ratio", pa.float64()),
+            pa.field("head_detail_json", pa.string()),
+        ]
+    ),
+}
+
+
 def _stats(*fields: pa.Field) -> pa.Schema:
     return pa.schema([*ITEM_COLUMNS, *fields])
 
@@ -159,4 +215,4 @@ STATS_TABLES: dict[str, pa.Schema] = {
     ),
 }
 
-ALL_TABLES: dict[str, pa.Schema] = {**CORE_TABLES, **STATS_TABLES}
+ALL_TABLES: dict[str, pa.Schema] = {**CORE_TABLES, **MANIFEST_TABLES, **STATS_TABLES}

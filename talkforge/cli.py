@@ -1,4 +1,5 @@
-"""The ``talkforge`` command line: run, resume, status, sql, failures, lineage, versions, runs.
+"""The ``talkforge`` command line: ingest, datasets, run, resume, status, sql, failures, lineage,
+versions, runs, report.
 
 Errors are one clear line plus where to look (the run's log file, ``talkforge failures``);
 full tracebacks go to ``<data_root>/logs/<run_id>.log``.
@@ -293,6 +294,36 @@ def report(
             err.print(f"[red]{path.name}: {exc}[/]")
             continue
         _print_rows(rows, title=path.stem)
+
+
+@app.command()
+def ingest(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+) -> None:
+    """Read the configured datasets' metadata into the catalog (no download)."""
+    cfg = _load(config, set_)
+    try:
+        rows = ops.ingest(cfg)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read dataset metadata: {exc}", 2)
+    _print_rows(rows, title="ingested", fmt=fmt)
+    if fmt == "table":
+        console.print("[dim]query: talkforge sql 'SELECT * FROM current_manifest LIMIT 10'[/]")
+
+
+@app.command()
+def datasets(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+) -> None:
+    """Ingested datasets with their licence terms, clips, hours, speakers and languages."""
+    rows = ops.datasets(_catalog(config, set_))
+    if not rows and fmt == "table":
+        _fail("no dataset ingested yet; run `talkforge ingest` (or `talkforge run`)")
+    _print_rows(rows, title="datasets", fmt=fmt)
 
 
 @app.command()

@@ -29,6 +29,7 @@ from storage.catalog import Catalog
 from storage.store import ArtifactStore
 from talkforge.config import PipelineConfig
 from talkforge.executors import LocalExecutor, RayExecutor, make_executor
+from talkforge.manifests import record_manifests
 from talkforge.plan import (
     LogReporter,
     PlannedItem,
@@ -253,14 +254,16 @@ class Engine:
     ) -> list[tuple[str, Any, Any]]:
         """(item_id, key material, inputs) for every item this stage should hold."""
         if issubclass(stage_cls, SourceStage):
-            records, problems = stage_cls.discover(cfg, env)
+            manifests = stage_cls.read_manifests(cfg, env)
+            record_manifests(self.catalog, manifests, env.run_id)
+            records, problems = stage_cls.discover(manifests)
             plan.discovery_failures = problems
             found = sorted(((r.clip_id, r) for r in records), key=lambda t: t[0])
             found = found[: options.limit] if options.limit else found
             return [
                 (
                     cid,
-                    {"source": stable_hash(r.model_dump(mode="json"))},
+                    {"source": stable_hash(r.model_dump(mode="json", exclude_defaults=True))},
                     ItemInputs(item_id=cid, source=r),
                 )
                 for cid, r in found

@@ -187,3 +187,32 @@ def versions(catalog: Catalog, stage: str) -> list[dict[str, Any]]:
         )
         row["config_hash"] = row["config_hash"][:12]
     return rows
+
+
+def ingest(config: Any, run_id: str = "ingest") -> list[Any]:
+    """Read every dataset of ``config.download`` and record what changed in the catalog."""
+    from talkforge.manifests import record_manifests
+    from tasks.base import StageEnv
+    from tasks.download.stage import DownloadStage
+
+    env = StageEnv(data_root=str(config.data_root), store_uri=config.store_uri, run_id=run_id)
+    manifests = DownloadStage.read_manifests(config.stage("download"), env)
+    results = record_manifests(Catalog(config.data_root / "catalog"), manifests, run_id)
+    warnings = {m.dataset: len(m.warnings) for m in manifests}
+    return [
+        {
+            "dataset": r.dataset,
+            "clips": r.clips,
+            "bad_rows": r.problems,
+            "warnings": warnings[r.dataset],
+            "hours": round(r.hours, 3),
+            "ingest": "new version" if r.written else "unchanged",
+            "licence": r.licence,
+        }
+        for r in results
+    ]
+
+
+def datasets(catalog: Catalog) -> list[dict[str, Any]]:
+    """Per dataset: licence, clips, bad rows, hours, sources, speakers, languages."""
+    return catalog.query("SELECT * FROM manifest_summary").to_pylist()

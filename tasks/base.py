@@ -22,6 +22,7 @@ import hashlib
 import json
 import tempfile
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -273,19 +274,60 @@ class Stage(ABC, Generic[C]):
         """Process one item (or all items for aggregate stages); raise ItemFailure on bad data."""
 
 
+@dataclass
+class SourceManifest:
+    """What one dataset's published metadata says, read before anything is fetched.
+
+    ``records`` become items; ``problems`` are rows that cannot (recorded as failed items);
+    ``warnings`` are oddities that did not stop a row. ``metadata_sha256`` fingerprints the
+    files read, so re-reading unchanged metadata is recognised; ``summary`` holds the
+    reader's own counts (published numbers are pinned against them in tests).
+    """
+
+    dataset: str
+    kind: str
+    licence: str
+    metadata_files: list[str]
+    metadata_sha256: str
+    records: list[Any]
+    problems: list[tuple[str, ItemFailure]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+
+
 class SourceStage(Stage[C]):
     """The first stage: its items come from dataset metadata, not from an upstream stage."""
 
     @classmethod
     @abstractmethod
-    def discover(
-        cls, config: C, env: StageEnv
-    ) -> tuple[list[Record], list[tuple[str, ItemFailure]]]:
-        """Read manifests into source records (``inputs.source``) plus per-row failures.
+    def read_manifests(cls, config: C, env: StageEnv) -> list[SourceManifest]:
+        """Read every configured dataset's metadata (cheap: no media is touched).
 
-        Each record must expose ``clip_id`` (a safe id); a row that cannot become a record
-        is returned as ``(raw_id, ItemFailure)`` and recorded as a failed item.
+        Each record must expose ``clip_id`` (a safe id, unique across datasets); a row that
+        cannot become a record is a ``(raw_id, ItemFailure)`` problem.
         """
+
+    @classmethod
+    def discover(
+        cls, manifests: list[SourceManifest]
+    ) -> tuple[list[Any], list[tuple[str, ItemFailure]]]:
+        """The items of ``manifests`` plus per-row failures.
+
+        A clip id seen twice (the same dataset listed twice) is kept once; the repeat is a
+        ``BAD_METADATA`` failure under a ``#dup`` suffix so it never shadows the kept clip.
+        """
+        unique: dict[str, Any] = {}
+        problems: list[tuple[str, ItemFailure]] = []
+        for manifest in manifests:
+            problems += manifest.problems
+            for record in manifest.records:
+                if record.clip_id in unique:
+                    message = f"duplicate clip id {record.clip_id} (dataset {manifest.dataset})"
+                    failure = ItemFailure(FailureKind.BAD_METADATA, message)
+                    problems.append((f"{record.clip_id}#dup", failure))
+                    continue
+                unique[record.clip_id] = record
+        return list(unique.values()), problems
 
 
 def stable_hash(obj: Any) -> str:

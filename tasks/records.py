@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from storage.store import ArtifactRef
 from tasks.base import ModelFingerprint, Record
 
@@ -23,6 +25,48 @@ class CropBox(Record):
     reference_height: int | None = None  # frame height the box was measured on
 
 
+class NormalizedBox(Record):
+    """A face box in fractions of the frame (CelebV-HQ ``bbox``: top/bottom/left/right)."""
+
+    top: float
+    bottom: float
+    left: float
+    right: float
+
+
+class EmotionSegment(Record):
+    """One emotion over part of a clip; times relative to the clip start (CelebV-HQ)."""
+
+    emotion: str
+    start_s: float
+    end_s: float
+
+
+class CelebvAnnotations(Record):
+    """CelebV-HQ attributes decoded to names with the file's own ``meta_info`` mappings."""
+
+    appearance: tuple[str, ...] = ()  # names whose flag is 1
+    actions: tuple[str, ...] = ()
+    emotion: str = ""  # the single label, or "mixed" when the clip has segments
+    emotion_segments: tuple[EmotionSegment, ...] = ()
+    version: str = ""
+
+
+class TalkvidAnnotations(Record):
+    """TalkVid per-clip person info and the release's quality scores (kept as columns)."""
+
+    person_id: str = ""
+    gender: str = ""
+    age_group: str = ""
+    ethnicity: str = ""
+    category: str = ""
+    description: str = ""
+    dover_score: float | None = None
+    cotracker_ratio: float | None = None
+    head_detail: dict[str, float] = Field(default_factory=dict)
+    declared_duration_s: float | None = None  # the ``durations`` string ("5.042s")
+
+
 class SourceClip(Record):
     """One clip as described by a dataset's published metadata, before anything is fetched."""
 
@@ -34,10 +78,15 @@ class SourceClip(Record):
     start_s: float
     end_s: float
     declared_height: int | None = None
-    crop: CropBox | None = None
+    declared_width: int | None = None
+    declared_fps: float | None = None
+    crop: CropBox | None = None  # HDTF: pixels at ``crop.reference_height``
+    bbox: NormalizedBox | None = None  # CelebV-HQ: fractions, expanded and squared at cut time
     licence: str = ""
     speaker: str = ""
     language: str = ""
+    celebvhq: CelebvAnnotations | None = None
+    talkvid: TalkvidAnnotations | None = None
 
     @property
     def duration_s(self) -> float:

@@ -15,9 +15,9 @@ from yt_dlp.utils import DownloadError, ExtractorError, GeoRestrictedError
 
 import tasks.download.fetch as fetch
 from tasks.base import FailureKind, ItemFailure
+from tasks.download.errors import classify_download_error
 from tasks.download.fetch import (
     FetchOptions,
-    classify_download_error,
     download_slot,
     ensure_raw,
     format_selector,

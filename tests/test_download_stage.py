@@ -37,7 +37,7 @@ def processed(sample: Path, tmp_path_factory):
     link_sample_into(root, sample)
     config = DownloadConfig(sample=SampleConfig(enabled=True))
     env = StageEnv(data_root=str(root), store_uri=str(root / "store"), run_id="t")
-    clips, problems = DownloadStage.discover(config, env)
+    clips, problems = DownloadStage.discover(DownloadStage.read_manifests(config, env))
     stage, store = make_stage(root, sample=SampleConfig(enabled=True))
     results = []
     for clip in clips:
@@ -118,7 +118,9 @@ def test_apply_crop_scales_the_published_box(sample: Path, tmp_path: Path):
     link_sample_into(tmp_path, sample)
     config = DownloadConfig(sample=SampleConfig(enabled=True), apply_crop=True)
     env = StageEnv(data_root=str(tmp_path), store_uri=str(tmp_path / "store"), run_id="t")
-    clips = {c.clip_id: c for c in DownloadStage.discover(config, env)[0]}
+    clips = {
+        c.clip_id: c for c in DownloadStage.discover(DownloadStage.read_manifests(config, env))[0]
+    }
     stage, store = make_stage(tmp_path, sample=SampleConfig(enabled=True), apply_crop=True)
     sizes = {}
     for cid in ("sample-RD-TfSample1_0", "sample-RD-TfSample2_1", "sample-RD-TfSample3_0"):

@@ -178,7 +178,7 @@ def test_bad_inputs_become_typed_failures_and_the_rest_completes(
         "download:\n"
         "  sample: {enabled: false}\n"
         "  datasets:\n"
-        f"    - {{kind: hdtf, metadata_dir: {ds / 'meta'}, subsets: [RD],\n"
+        f"    - {{kind: hdtf, metadata: {ds / 'meta'}, subsets: [RD],\n"
         f"       url_template: 'file://{ds / 'videos'}/{{id}}.mp4'}}\n"
         "quality: {min_face_size_px: 96}\n"
     )

@@ -13,9 +13,14 @@ Across sources, at most ``max_concurrent_downloads`` downloads run at once on a 
 (slot locks under ``raw/.slots``), whatever the number of workers: the polite limit for
 YouTube is lower than the useful number of ffmpeg workers.
 
-yt-dlp and HTTP errors are mapped to :class:`FailureKind` (see
-:func:`classify_download_error`), so dead, private, geo-blocked and bot-checked videos are
-typed failures; only rate limits, bot checks and network errors are retried.
+yt-dlp and HTTP errors are mapped to :class:`FailureKind` by
+:func:`tasks.download.errors.classify_download_error`, so dead, private, geo-blocked and
+bot-checked videos are typed failures. Rate limits and network errors are retried here with
+exponential backoff and jitter, or after the server's ``Retry-After``
+(:class:`~tasks.download.errors.RetryPolicy`); yt-dlp's own retries are turned off so that
+one policy, with its waits, governs. The download slot is released while waiting. A
+finished download is probed before it enters the cache: bytes that are not a video are a
+``format`` failure and are deleted.
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import yt_dlp
-from yt_dlp.networking.exceptions import HTTPError, TransportError
-from yt_dlp.utils import GeoRestrictedError, UnsupportedError
 
 from storage.store import ArtifactRef, UnsafeIdError, safe_id, sha256_file
 from tasks.base import FailureKind, ItemContext, ItemFailure
+from tasks.download.errors import RetryPolicy, classify_download_error
+from tasks.media import probe
 
 RAW_ARTIFACT_NAME = "source.mp4"
 RAW_ARTIFACT_KIND = "raw_video"
@@ -61,6 +66,7 @@ class FetchOptions:
     ytdlp_options: Mapping[str, str | int | bool] = field(default_factory=dict)
     max_concurrent_downloads: int = 2
     socket_timeout_s: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 @dataclass(frozen=True)
@@ -165,14 +171,41 @@ def ensure_raw(
             if leftover.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)  # from a killed download; we hold the lock
         _sidecar(path).unlink(missing_ok=True)  # the entry is invalid until re-marked below
-        with download_slot(Path(data_root) / "raw" / ".slots", options.max_concurrent_downloads):
-            info = download(url, path, options)
+        info = _download_with_retries(Path(data_root), url, path, options)
         digest = sha256_file(path)
         meta = {"url": url, "size_bytes": path.stat().st_size, "sha256": digest, **info}
         tmp_meta = path.parent / f".tmp-{uuid.uuid4().hex}-{source_id}.json"
         tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
         os.replace(tmp_meta, _sidecar(path))
         return RawSource(path, url, meta["size_bytes"], digest, downloaded=True)
+
+
+def _download_with_retries(
+    data_root: Path, url: str, dest: Path, options: FetchOptions
+) -> dict[str, Any]:
+    """:func:`download` under a slot, retried per ``options.retry``; then probed."""
+    attempt = 1
+    while True:
+        try:
+            with download_slot(data_root / "raw" / ".slots", options.max_concurrent_downloads):
+                info = download(url, dest, options)
+            break
+        except ItemFailure as failure:
+            if not options.retry.should_retry(failure, attempt):
+                if attempt == 1:
+                    raise
+                message = f"{failure.message} (after {attempt} attempts)"
+                raise ItemFailure(failure.kind, message) from failure
+            time.sleep(options.retry.delay_s(attempt, getattr(failure, "retry_after_s", None)))
+            attempt += 1
+    try:
+        media = probe(dest)
+    except ItemFailure as failure:
+        dest.unlink(missing_ok=True)
+        raise ItemFailure(FailureKind.FORMAT, f"{url} is not a video: {failure.message}") from None
+    info["attempts"] = attempt
+    info["duration_s"] = media.duration_s
+    return info
 
 
 def raw_owner(dataset: str, source_id: str, raw: RawSource) -> tuple[str, str]:
@@ -240,8 +273,9 @@ def ydl_params(url: str, outtmpl: str, options: FetchOptions, logger: Any) -> di
         "cachedir": False,
         "overwrites": True,
         "continuedl": False,
-        "retries": 3,
-        "fragment_retries": 3,
+        "retries": 0,  # retries are ours (RetryPolicy), with backoff and Retry-After
+        "fragment_retries": 0,
+        "extractor_retries": 0,
         "socket_timeout": options.socket_timeout_s,
         "logger": logger,
     }
@@ -303,91 +337,3 @@ def _check_local_source(url: str) -> None:
         raise ItemFailure(FailureKind.UNAVAILABLE, f"{url}: no such file")
     if path.stat().st_size == 0:
         raise ItemFailure(FailureKind.FORMAT, f"{url}: empty (zero-byte) file")
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    """The exception and what caused it (yt-dlp wraps causes in ``exc_info``/``cause``)."""
-    chain: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or any(e is seen for seen in chain) or len(chain) > 10:
-            continue
-        chain.append(e)
-        exc_info = getattr(e, "exc_info", None)
-        todo += [
-            exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) > 1 else None,
-            getattr(e, "cause", None)
-            if isinstance(getattr(e, "cause", None), BaseException)
-            else None,
-            e.__cause__,
-            e.__context__,
-        ]
-    return chain
-
-
-_PATTERNS: tuple[tuple[FailureKind, tuple[str, ...]], ...] = (
-    (FailureKind.PRIVATE, ("private video", "sign in to confirm your age", "members-only")),
-    (FailureKind.BOT_CHECK, ("sign in to confirm", "not a bot", "confirm you're not a bot")),
-    (
-        FailureKind.GEO_BLOCKED,
-        ("not available in your country", "blocked it in your country", "geo restrict"),
-    ),
-    (FailureKind.RATE_LIMITED, ("http error 429", "too many requests", "rate-limit", "rate limit")),
-    (
-        FailureKind.UNAVAILABLE,
-        (
-            "video unavailable",
-            "has been removed",
-            "no longer available",
-            "account associated with this video has been terminated",
-            "does not exist",
-            "http error 404",
-            "http error 410",
-            "no such file or directory",
-            "unsupported url",
-        ),
-    ),
-    (
-        FailureKind.FORMAT,
-        ("requested format is not available", "no video formats found", "postprocessing"),
-    ),
-)
-
-
-def classify_download_error(exc: BaseException, logged: list[str] | None = None) -> ItemFailure:
-    """Map a yt-dlp / HTTP / OS error to a typed failure (retryable follows the kind).
-
-    Exception types decide first (HTTP status, geo restriction, unsupported URL, transport
-    errors), then the messages YouTube is known to send. Anything unrecognised is treated
-    as a transient ``network`` error so a resume retries it rather than losing the video.
-    """
-    chain = _exception_chain(exc)
-    text = " | ".join([*(logged or []), *(str(e) for e in chain)])
-    message = _one_line(logged[-1] if logged else str(exc))
-    lowered = text.lower()
-    for e in chain:
-        if isinstance(e, HTTPError):
-            if e.status == 429:
-                return ItemFailure(FailureKind.RATE_LIMITED, message)
-            if e.status in (404, 410):
-                return ItemFailure(FailureKind.UNAVAILABLE, message)
-            if e.status == 403 and "sign in" not in lowered:
-                return ItemFailure(FailureKind.NETWORK, f"HTTP 403 (throttled?): {message}")
-        if isinstance(e, GeoRestrictedError):
-            return ItemFailure(FailureKind.GEO_BLOCKED, message)
-        if isinstance(e, UnsupportedError):
-            return ItemFailure(FailureKind.UNAVAILABLE, message)
-        if isinstance(e, FileNotFoundError):
-            return ItemFailure(FailureKind.UNAVAILABLE, message)
-    for kind, needles in _PATTERNS:
-        if any(n in lowered for n in needles):
-            return ItemFailure(kind, message)
-    if any(isinstance(e, TransportError) for e in chain):
-        return ItemFailure(FailureKind.NETWORK, message)
-    return ItemFailure(FailureKind.NETWORK, f"unclassified download error: {message}")
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line.removeprefix("ERROR: ")[:limit]

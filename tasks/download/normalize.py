@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.base import FailureKind, ItemFailure
+from tasks.download.celebvhq import celebv_crop_box
 from tasks.download.hdtf import scale_crop
 from tasks.media import count_frames, probe, run_ffmpeg
 from tasks.records import CropBox, SourceClip
@@ -94,8 +95,10 @@ def normalize_clip(
         raise ItemFailure(FailureKind.BAD_METADATA, f"clip of {duration_s:.3f}s has no frame")
 
     crop = None
-    if settings.apply_crop and clip.crop is not None:
+    if settings.apply_crop and clip.crop is not None:  # HDTF: pixels at the declared height
         crop = scale_crop(clip.crop, info.width, info.height)
+    elif settings.apply_crop and clip.bbox is not None:  # CelebV-HQ: expand and square
+        crop = celebv_crop_box(clip.bbox, info.width, info.height)
 
     video = out_dir / "clip.mp4"
     audio = out_dir / "audio.wav"

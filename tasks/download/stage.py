@@ -1,10 +1,10 @@
 """The download stage: dataset metadata in, normalised clips out.
 
-``discover`` reads each configured dataset's published metadata (and, when enabled, the
-offline sample dataset, built on first use) into :class:`SourceClip` records plus typed
-per-row failures. ``process`` fetches the clip's source video once into the shared raw
-cache (see :mod:`tasks.download.fetch`), cuts and normalises the clip
-(:mod:`tasks.download.normalize`) and commits three artifacts:
+``read_manifests`` reads each configured dataset's published metadata (and, when enabled,
+the offline sample dataset, built on first use) into :class:`SourceClip` records plus typed
+per-row failures (see :mod:`tasks.download.datasets`). ``process`` fetches the clip's
+source video once into the shared raw cache (see :mod:`tasks.download.fetch`), cuts and
+normalises the clip (:mod:`tasks.download.normalize`) and commits three artifacts:
 
 - ``clip.mp4`` (kind ``video``): H.264 at ``fps`` with 16 kHz mono AAC;
 - ``audio.wav`` (kind ``audio``): 16 kHz mono pcm_s16le;
@@ -12,7 +12,8 @@ cache (see :mod:`tasks.download.fetch`), cuts and normalises the clip
   under the owner ``<dataset>-<source_id>`` and shared by all its clips.
 
 Config fields that only change how work runs, not what it produces (``datasets``,
-``sample``, ``cookies_file``, ``max_concurrent_downloads``), are left out of
+``sample``, ``cookies_file``, ``max_concurrent_downloads``, timeouts and retries), are left
+out of
 :meth:`DownloadConfig.params_hash`, so adding a dataset or a cookie file does not
 invalidate clips already cut; each clip's own metadata is part of its input.
 """
@@ -20,9 +21,9 @@ invalidate clips already cut; each clip's own metadata is part of its input.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from storage.store import UnsafeIdError, safe_id
 from tasks.base import (
@@ -30,11 +31,14 @@ from tasks.base import (
     ItemContext,
     ItemFailure,
     ItemInputs,
+    SourceManifest,
     SourceStage,
     StageConfig,
     StageEnv,
     stable_hash,
 )
+from tasks.download.datasets import DatasetSource, fingerprint_files, read_dataset
+from tasks.download.errors import RetryPolicy
 from tasks.download.fetch import (
     RESERVED_YTDLP_OPTIONS,
     FetchOptions,
@@ -42,7 +46,7 @@ from tasks.download.fetch import (
     commit_raw,
     ensure_raw,
 )
-from tasks.download.hdtf import HDTF_LICENCE, HDTF_SUBSETS, read_hdtf
+from tasks.download.hdtf import read_hdtf
 from tasks.download.normalize import NormalizeSettings, normalize_clip
 from tasks.download.sample import (
     SAMPLE_LICENCE,
@@ -52,18 +56,6 @@ from tasks.download.sample import (
     sample_videos_dir,
 )
 from tasks.records import NormalizedClip, SourceClip
-
-
-class DatasetSource(BaseModel):
-    """One dataset to read. ``metadata_dir`` is absolute or relative to the working dir."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["hdtf"] = "hdtf"
-    metadata_dir: str
-    subsets: list[str] = Field(default_factory=lambda: list(HDTF_SUBSETS))
-    url_template: str | None = None  # e.g. "file:///mirror/{id}.mp4"; None: YouTube
-    licence: str = HDTF_LICENCE
 
 
 class SampleConfig(BaseModel):
@@ -87,10 +79,34 @@ class DownloadConfig(StageConfig):
     cookies_file: str | None = None
     ytdlp_options: dict[str, str | int | bool] = Field(default_factory=dict)
     max_concurrent_downloads: int = Field(2, ge=1, le=64)
+    socket_timeout_s: float = Field(30.0, gt=0, le=600)
+    download_attempts: int = Field(4, ge=1, le=20)
+    retry_base_delay_s: float = Field(2.0, ge=0, le=600)
+    retry_max_delay_s: float = Field(60.0, ge=0, le=3600)
+    max_retry_after_s: float = Field(300.0, ge=0, le=3600)
 
     OPERATIONAL_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"resources", "datasets", "sample", "cookies_file", "max_concurrent_downloads"}
+        {
+            "resources",
+            "datasets",
+            "sample",
+            "cookies_file",
+            "max_concurrent_downloads",
+            "socket_timeout_s",
+            "download_attempts",
+            "retry_base_delay_s",
+            "retry_max_delay_s",
+            "max_retry_after_s",
+        }
     )
+
+    @model_validator(mode="after")
+    def _unique_dataset_names(self) -> DownloadConfig:
+        names = [d.dataset for d in self.datasets] + (["sample"] if self.sample.enabled else [])
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"dataset names must be unique; repeated: {repeated} (set name:)")
+        return self
 
     @field_validator("ytdlp_options")
     @classmethod
@@ -109,6 +125,13 @@ class DownloadConfig(StageConfig):
             cookies_file=self.cookies_file,
             ytdlp_options=dict(self.ytdlp_options),
             max_concurrent_downloads=self.max_concurrent_downloads,
+            socket_timeout_s=self.socket_timeout_s,
+            retry=RetryPolicy(
+                attempts=self.download_attempts,
+                base_delay_s=self.retry_base_delay_s,
+                max_delay_s=self.retry_max_delay_s,
+                max_retry_after_s=self.max_retry_after_s,
+            ),
         )
 
     def normalize_settings(self) -> NormalizeSettings:
@@ -132,48 +155,31 @@ class DownloadStage(SourceStage[DownloadConfig]):
     config_type = DownloadConfig
 
     @classmethod
-    def discover(
-        cls, config: DownloadConfig, env: StageEnv
-    ) -> tuple[list[SourceClip], list[tuple[str, ItemFailure]]]:
-        """All clips of the configured datasets (and the sample), plus per-row failures.
-
-        A clip id seen twice (the same dataset listed twice) is kept once; the repeat is a
-        ``BAD_METADATA`` failure under a ``#dup`` suffix so it never shadows the kept clip.
-        """
-        clips: list[SourceClip] = []
-        problems: list[tuple[str, ItemFailure]] = []
-        for source in config.datasets:
-            manifest = read_hdtf(
-                Path(source.metadata_dir).expanduser(),
-                subsets=tuple(source.subsets),
-                url_template=source.url_template,
-                licence=source.licence,
-            )
-            clips += manifest.clips
-            problems += manifest.problems
+    def read_manifests(cls, config: DownloadConfig, env: StageEnv) -> list[SourceManifest]:
+        manifests = [read_dataset(source) for source in config.datasets]
         if config.sample.enabled:
             root = build_sample_dataset(Path(env.data_root) / config.sample.dir, config.sample.seed)
-            manifest = read_hdtf(
+            files = sorted(sample_metadata_dir(root).glob("*.txt"))
+            result = read_hdtf(
                 sample_metadata_dir(root),
                 subsets=(SAMPLE_SUBSET,),
                 url_template=sample_url_template(sample_videos_dir(root)),
                 dataset="sample",
                 licence=SAMPLE_LICENCE,
             )
-            clips += manifest.clips
-            problems += manifest.problems
-        unique: dict[str, SourceClip] = {}
-        for clip in clips:
-            if clip.clip_id in unique:
-                problems.append(
-                    (
-                        f"{clip.clip_id}#dup",
-                        ItemFailure(FailureKind.BAD_METADATA, f"duplicate clip id {clip.clip_id}"),
-                    )
+            manifests.append(
+                SourceManifest(
+                    dataset="sample",
+                    kind="hdtf",
+                    licence=SAMPLE_LICENCE,
+                    metadata_files=[str(p) for p in files],
+                    metadata_sha256=fingerprint_files(files),
+                    records=list(result.clips),
+                    problems=list(result.problems),
+                    warnings=list(result.warnings),
                 )
-                continue
-            unique[clip.clip_id] = clip
-        return list(unique.values()), problems
+            )
+        return manifests
 
     def process(self, inputs: ItemInputs, ctx: ItemContext) -> NormalizedClip:
         clip = inputs.source

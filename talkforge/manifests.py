@@ -1,0 +1,151 @@
+"""Ingest: the datasets' published metadata into the catalog, before anything is fetched.
+
+Every dataset read by the source stage lands in two catalog tables: ``datasets`` (one row
+per ingest: licence, metadata files and their sha256, counts, the reader's summary) and
+``manifest`` (one row per clip, or per metadata row that could not become a clip, with the
+fields ops ask about: duration, declared resolution and fps, speaker, language, person and
+quality annotations). ``talkforge sql`` then answers "hours per dataset", "clips per
+speaker" or "language mix" from ``current_manifest`` / ``manifest_summary`` without a single
+download, and ``clip_progress`` joins every manifest clip to its download status.
+
+An ingest is keyed by the content of what was read (records and problems), so re-reading
+unchanged metadata writes nothing, while a new release, a changed URL template or a reader
+fix writes a new version that supersedes the old one in the ``current_*`` views.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from storage.catalog import Catalog
+from talkforge.plan import now_utc
+from tasks.base import SourceManifest, stable_hash
+from tasks.records import SourceClip
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    dataset: str
+    ingest_id: str
+    written: bool  # False: the same content was already the current ingest
+    clips: int
+    problems: int
+    hours: float
+    licence: str
+
+
+def content_hash(manifest: SourceManifest) -> str:
+    records = [r.model_dump(mode="json", exclude_defaults=True) for r in manifest.records]
+    problems = [(raw_id, str(f.kind), f.message) for raw_id, f in manifest.problems]
+    return stable_hash([manifest.dataset, manifest.licence, records, problems])
+
+
+def clip_row(clip: SourceClip) -> dict[str, Any]:
+    """The ``manifest`` table row of one clip."""
+    celeb, talk = clip.celebvhq, clip.talkvid
+    return {
+        "dataset": clip.dataset,
+        "clip_id": clip.clip_id,
+        "status": "ok",
+        "subset": clip.subset,
+        "source_id": clip.source_id,
+        "url": clip.url,
+        "start_s": clip.start_s,
+        "end_s": clip.end_s,
+        "duration_s": clip.duration_s,
+        "declared_width": clip.declared_width,
+        "declared_height": clip.declared_height,
+        "declared_fps": clip.declared_fps,
+        "has_crop": clip.crop is not None or clip.bbox is not None,
+        "speaker": clip.speaker,
+        "language": clip.language,
+        "gender": talk.gender if talk else None,
+        "age_group": talk.age_group if talk else None,
+        "ethnicity": talk.ethnicity if talk else None,
+        "category": talk.category if talk else None,
+        "emotion": celeb.emotion if celeb else None,
+        "appearance": list(celeb.appearance) if celeb else None,
+        "actions": list(celeb.actions) if celeb else None,
+        "dover_score": talk.dover_score if talk else None,
+        "cotracker_ratio": talk.cotracker_ratio if talk else None,
+        "head_detail_json": json.dumps(talk.head_detail, sort_keys=True) if talk else None,
+    }
+
+
+def record_manifests(
+    catalog: Catalog, manifests: list[SourceManifest], run_id: str = ""
+) -> list[IngestResult]:
+    """Write each manifest whose content differs from its dataset's current ingest."""
+    current = {
+        r["dataset"]: r
+        for r in catalog.query(
+            "SELECT dataset, ingest_id, content_sha256 FROM current_datasets"
+        ).to_pylist()
+    }
+    results = []
+    for manifest in manifests:
+        digest = content_hash(manifest)
+        hours = sum(getattr(r, "duration_s", 0.0) for r in manifest.records) / 3600
+        previous = current.get(manifest.dataset)
+        if previous is not None and previous["content_sha256"] == digest:
+            results.append(
+                IngestResult(
+                    manifest.dataset,
+                    previous["ingest_id"],
+                    False,
+                    len(manifest.records),
+                    len(manifest.problems),
+                    hours,
+                    manifest.licence,
+                )
+            )
+            continue
+        ingest_id = uuid.uuid4().hex
+        rows = [{**clip_row(r), "ingest_id": ingest_id} for r in manifest.records]
+        rows += [
+            {
+                "ingest_id": ingest_id,
+                "dataset": manifest.dataset,
+                "clip_id": raw_id,
+                "status": str(failure.kind),
+                "error_kind": str(failure.kind),
+                "error_message": failure.message,
+            }
+            for raw_id, failure in manifest.problems
+        ]
+        catalog.append("manifest", rows)
+        catalog.append(  # written last: the ingest becomes current only when complete
+            "datasets",
+            [
+                {
+                    "ingest_id": ingest_id,
+                    "ingested_at": now_utc(),
+                    "run_id": run_id,
+                    "dataset": manifest.dataset,
+                    "kind": manifest.kind,
+                    "licence": manifest.licence,
+                    "metadata_files": manifest.metadata_files,
+                    "metadata_sha256": manifest.metadata_sha256,
+                    "content_sha256": digest,
+                    "clips": len(manifest.records),
+                    "problems": len(manifest.problems),
+                    "warnings": manifest.warnings,
+                    "summary_json": json.dumps(manifest.summary, sort_keys=True),
+                }
+            ],
+        )
+        results.append(
+            IngestResult(
+                manifest.dataset,
+                ingest_id,
+                True,
+                len(manifest.records),
+                len(manifest.problems),
+                hours,
+                manifest.licence,
+            )
+        )
+    return results

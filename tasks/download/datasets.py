@@ -1,0 +1,127 @@
+"""Which datasets the download stage reads, and one reader call per dataset kind.
+
+A :class:`DatasetSource` names a dataset kind (``hdtf``, ``celebvhq``, ``talkvid``), where
+its published metadata lies (a folder, or for the JSON datasets the file itself), how to
+build a source URL from a video id (YouTube by default; a mirror, loopback server or
+``file://`` folder otherwise) and its licence terms (the published terms by default).
+:func:`read_dataset` runs the matching reader and returns a
+:class:`~tasks.base.SourceManifest` fingerprinted by the bytes of the files it read, so an
+unchanged metadata release is recognised and not re-ingested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from storage.store import UnsafeIdError, safe_id
+from tasks.base import SourceManifest
+from tasks.download.celebvhq import CELEBVHQ_LICENCE, INFO_FILE, read_celebvhq
+from tasks.download.hdtf import HDTF_LICENCE, HDTF_SUBSETS, read_hdtf
+from tasks.download.talkvid import TALKVID_LICENCE, read_talkvid, talkvid_metadata_file
+
+DatasetKind = Literal["hdtf", "celebvhq", "talkvid"]
+LICENCES: dict[str, str] = {
+    "hdtf": HDTF_LICENCE,
+    "celebvhq": CELEBVHQ_LICENCE,
+    "talkvid": TALKVID_LICENCE,
+}
+
+
+class DatasetSource(BaseModel):
+    """One dataset to read. ``metadata`` is absolute or relative to the working dir."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: DatasetKind
+    metadata: str  # HDTF: the HDTF_dataset folder; others: the JSON file or its folder
+    name: str | None = None  # dataset label and clip-id prefix; default: the kind
+    subsets: list[str] | None = None  # HDTF only; default RD, WDA, WRA
+    url_template: str | None = None  # e.g. "http://mirror/{id}.mp4"; None: YouTube watch URL
+    licence: str | None = None  # default: the dataset's published terms (LICENCES)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                safe_id(value)
+            except UnsafeIdError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("url_template")
+    @classmethod
+    def _template_has_id(cls, value: str | None) -> str | None:
+        if value is not None and "{id}" not in value:
+            raise ValueError("url_template must contain '{id}' (the video id)")
+        return value
+
+    @model_validator(mode="after")
+    def _subsets_only_for_hdtf(self) -> DatasetSource:
+        if self.subsets is not None and self.kind != "hdtf":
+            raise ValueError(f"subsets apply to hdtf only, not {self.kind}")
+        return self
+
+    @property
+    def dataset(self) -> str:
+        return self.name or self.kind
+
+    @property
+    def terms(self) -> str:
+        return self.licence or LICENCES[self.kind]
+
+
+def metadata_files(source: DatasetSource) -> list[Path]:
+    """The files a reader of ``source`` reads (what the manifest fingerprint covers)."""
+    root = Path(source.metadata).expanduser()
+    if root.is_file():
+        return [root]
+    if source.kind == "hdtf":
+        subsets = source.subsets or list(HDTF_SUBSETS)
+        return sorted(p for s in subsets for p in root.glob(f"{s}_*.txt"))
+    if source.kind == "celebvhq":
+        return [root / INFO_FILE]
+    return [talkvid_metadata_file(root)]
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """sha256 over the names and bytes of ``paths`` (missing files hash as absent)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        if path.is_file():
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def read_dataset(source: DatasetSource) -> SourceManifest:
+    """Run the reader of ``source.kind``; a missing or malformed metadata file raises."""
+    root = Path(source.metadata).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"{source.kind} metadata not found: {root}")
+    dataset, licence = source.dataset, source.terms
+    if source.kind == "hdtf":
+        subsets = tuple(source.subsets or HDTF_SUBSETS)
+        result = read_hdtf(root, subsets, source.url_template, dataset=dataset, licence=licence)
+    elif source.kind == "celebvhq":
+        result = read_celebvhq(root, source.url_template, dataset=dataset, licence=licence)
+    else:
+        result = read_talkvid(root, source.url_template, dataset=dataset, licence=licence)
+    files = metadata_files(source)
+    summary = dataclasses.asdict(result.summary) if result.summary is not None else {}
+    return SourceManifest(
+        dataset=dataset,
+        kind=source.kind,
+        licence=licence,
+        metadata_files=[str(p.resolve()) for p in files],
+        metadata_sha256=fingerprint_files(files),
+        records=list(result.clips),
+        problems=list(result.problems),
+        warnings=list(result.warnings),
+        summary={k: float(v) for k, v in summary.items()},
+    )
