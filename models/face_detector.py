@@ -415,6 +415,7 @@ def detector_model_spec(name: str, weights_path: str | None) -> ModelSpec:
     """The registry spec for a detector's weights, without loading the network."""
     if name == "mtcnn":
         return ModelSpec(family="mtcnn", source=str(mtcnn_weights_dir()))
-    if name == "retinaface":
-        return ModelSpec(family="retinaface", source=str(resolve_retinaface_weights(weights_path)))
+    if name == "retinaface":  # a missing file fails in ensure_model, with the fix to apply
+        path = Path(weights_path).expanduser() if weights_path else retinaface_hub_path()
+        return ModelSpec(family="retinaface", source=str(path))
     raise ValueError(f"unknown face detector {name!r}; choose one of {DETECTOR_NAMES}")

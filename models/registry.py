@@ -78,8 +78,9 @@ def ensure_model(spec: ModelSpec, data_root: Path) -> Path | None:
         return path
     if not spec.tiny_random:
         raise ModelUnavailableError(
-            f"model {spec.family!r} not found at {path}; import the official weights there "
-            f"or set tiny_random: true for an offline smoke run"
+            f"model {spec.family!r} not found at {path}; import the official weights with "
+            f"`talkforge models import {spec.family} <file-or-folder>` (check with "
+            f"`talkforge models list`), or set tiny_random: true for an offline smoke run"
         )
     builder = _load_builder(spec.family)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,9 @@ def _load_builder(family: str) -> TinyBuilder:
             "vae-flux1": "models.vae",
             "vae-sd": "models.vae",
             "hubert": "models.hubert",
+            "syncnet": "models.syncnet",
+            "liveportrait-motion": "models.liveportrait",
+            "emoca": "models.emoca",
         }.get(family)
         if module:
             importlib.import_module(module)

@@ -16,7 +16,9 @@ Views (all read-only):
 - ``current_items``: item_versions that match current_plans (the "current view").
 - ``failures`` / ``current_failures``: failed attempts (all / current).
 - ``current_<stats>`` for every stats table, plus ``artifact_versions``,
-  ``current_artifacts``, ``eval_summary``, ``dataset_summary``, ``quality_summary``.
+  ``current_artifacts``, ``eval_summary``, ``dataset_summary``, ``quality_summary``,
+  ``quality_rules`` (per dataset and rule: clips failed and removed, removed by this rule
+  alone, score quantiles, and an ``attention`` flag when a rule fails every clip or none).
 - ``current_datasets`` / ``current_manifest``: the latest ingest of every dataset's
   published metadata (``talkforge ingest``), ``manifest_summary`` (clips, hours, speakers,
   licence per dataset) and ``clip_progress`` (every manifest clip with its download status).
@@ -201,6 +203,24 @@ _SUMMARY_VIEWS = [
               coalesce(i.error_message, m.error_message) AS error_message
        FROM current_manifest m
        LEFT JOIN current_items i ON i.stage = 'download' AND i.item_id = m.clip_id""",
+    """CREATE VIEW quality_rules AS
+       WITH q AS (
+         SELECT q.*, coalesce(c.dataset, '') AS dataset,
+                count(*) FILTER (WHERE q.hard AND NOT q.passed)
+                  OVER (PARTITION BY q.item_id) AS hard_fails
+         FROM current_quality q LEFT JOIN current_clips c USING (item_id))
+       SELECT dataset, rule, bool_or(hard) AS hard, count(*) AS clips,
+              count(*) FILTER (WHERE NOT passed) AS failed,
+              round(100.0 * count(*) FILTER (WHERE NOT passed) / count(*), 1) AS failed_pct,
+              count(*) FILTER (WHERE NOT passed AND hard) AS removed,
+              count(*) FILTER (WHERE NOT passed AND hard AND hard_fails = 1) AS removed_only_here,
+              any_value(threshold) AS threshold,
+              min(value) AS min, quantile_cont(value, 0.1) AS p10, median(value) AS p50,
+              quantile_cont(value, 0.9) AS p90, max(value) AS max,
+              CASE WHEN count(*) FILTER (WHERE NOT passed) = count(*) THEN 'fails EVERY clip'
+                   WHEN count(*) FILTER (WHERE NOT passed) = 0 THEN 'fails no clip'
+                   ELSE '' END AS attention
+       FROM q GROUP BY dataset, rule ORDER BY dataset, rule""",
     """CREATE VIEW eval_summary AS
        SELECT metric, count(*) AS clips, avg(value) AS mean, min(value) AS min,
               max(value) AS max

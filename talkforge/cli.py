@@ -7,11 +7,9 @@ full tracebacks go to ``<data_root>/logs/<run_id>.log``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,73 +18,26 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from storage.catalog import Catalog, ReadOnlyQueryError
+from storage.catalog import ReadOnlyQueryError
 from talkforge import ops
-from talkforge.config import ConfigError, PipelineConfig, load_config, parse_config
+from talkforge.cli_common import (
+    DEFAULT_CONFIG,
+    ConfigOpt,
+    SetOpt,
+    console,
+    err,
+    fail,
+    load_pipeline_config,
+    open_catalog,
+    print_rows,
+)
+from talkforge.cli_models import models_app
+from talkforge.config import PipelineConfig, parse_config
 from talkforge.progress import RichReporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
-err = Console(stderr=True)
-
-DEFAULT_CONFIG = Path("configs/default.yaml")
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="override, e.g. faces.detect_every_k=3")
-]
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _load(config: Path, overrides: list[str] | None) -> PipelineConfig:
-    try:
-        return load_config(config, overrides)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-        raise  # unreachable, for type checkers
-
-
-def _catalog(config: Path, overrides: list[str] | None) -> Catalog:
-    return Catalog(_load(config, overrides).data_root / "catalog")
-
-
-def _print_rows(rows: list[dict[str, Any]], title: str = "", fmt: str = "table") -> None:
-    if fmt == "json":
-        sys.stdout.write(json.dumps(rows, default=str) + "\n")
-        return
-    if fmt == "csv":
-        import csv
-
-        if rows:
-            writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        return
-    if not rows:
-        console.print(f"[dim]{title + ': ' if title else ''}no rows[/]")
-        return
-    table = Table(title=title or None, show_lines=False)
-    for col in rows[0]:
-        table.add_column(str(col), overflow="fold")
-    for row in rows:
-        table.add_row(*(_cell(v) for v in row.values()))
-    console.print(table)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+app.add_typer(models_app, name="models")
 
 
 def _setup_logging(data_root: Path, run_id: str) -> logging.Handler:
@@ -119,7 +70,7 @@ def _execute(cfg: PipelineConfig, config_path: str, options: Any, command: str) 
     try:
         engine.preflight(options.stages)
     except ModelUnavailableError as exc:
-        _fail(f"missing weights, nothing was run: {exc}")
+        fail(f"missing weights, nothing was run: {exc}")
     handler = _setup_logging(cfg.data_root, run_id)
     log_path = cfg.data_root / "logs" / f"{run_id}.log"
     engine.start_run(command, options, run_id=run_id)
@@ -134,11 +85,11 @@ def _execute(cfg: PipelineConfig, config_path: str, options: Any, command: str) 
             )
     except KeyboardInterrupt:
         engine.finish_run(run_id, "interrupted", options, "KeyboardInterrupt")
-        _fail(f"run {run_id} interrupted; continue with `talkforge resume {run_id}`", 130)
+        fail(f"run {run_id} interrupted; continue with `talkforge resume {run_id}`", 130)
     except Exception as exc:
         logging.getLogger("talkforge").exception("run %s failed", run_id)
         engine.finish_run(run_id, "failed", options, f"{type(exc).__name__}: {exc}")
-        _fail(
+        fail(
             f"run {run_id} failed: {type(exc).__name__}: {exc}\n  see {log_path} "
             f"and `talkforge status --run {run_id}`"
         )
@@ -146,7 +97,7 @@ def _execute(cfg: PipelineConfig, config_path: str, options: Any, command: str) 
         engine.close()
         _teardown_logging(handler)
     engine.finish_run(run_id, "finished", options)
-    _print_rows(ops.stage_status(engine.catalog, run_id), title=f"run {run_id}")
+    print_rows(ops.stage_status(engine.catalog, run_id), title=f"run {run_id}")
     failed = ops.failures(engine.catalog)
     if failed:
         console.print(f"[yellow]{len(failed)} item(s) failed[/]: `talkforge failures` lists them")
@@ -166,11 +117,11 @@ def run(
     """Run the pipeline (or some stages) on a config; committed items are skipped."""
     from talkforge.engine import RunOptions, select_stages
 
-    cfg = _load(config, set_)
+    cfg = load_pipeline_config(config, set_)
     try:
         chosen = select_stages(stages.split(",") if stages else None, from_, until)
     except ValueError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     options = RunOptions(stages=chosen, limit=limit, retry_failed=retry_failed)
     _execute(cfg, str(config), options, " ".join(["talkforge", *sys.argv[1:]]))
 
@@ -187,11 +138,11 @@ def resume(
 
     from talkforge.engine import RunOptions
 
-    catalog = _catalog(config, set_)
+    catalog = open_catalog(config, set_)
     target = ops.latest_run_id(catalog) if run_id == "latest" else run_id
     info = ops.run_info(catalog, target) if target else None
     if info is None:
-        _fail(f"no run {run_id!r} in {catalog.root}; `talkforge runs` lists runs")
+        fail(f"no run {run_id!r} in {catalog.root}; `talkforge runs` lists runs")
     cfg = parse_config(yaml.safe_load(info["config_yaml"]) or {}, f"run {target}")
     options = RunOptions.model_validate_json(info["options_json"])
     if retry_failed:
@@ -206,16 +157,16 @@ def status(
     set_: SetOpt = None,
 ) -> None:
     """Per stage of a run: done / filtered / failed / pending / skipped counts."""
-    catalog = _catalog(config, set_)
+    catalog = open_catalog(config, set_)
     run_id = run or ops.latest_run_id(catalog)
     info = ops.run_info(catalog, run_id) if run_id else None
     if info is None:
-        _fail("no runs yet; start one with `talkforge run`")
+        fail("no runs yet; start one with `talkforge run`")
     state = info["last_event"]
     if state == "started":
         state = "started, no end recorded (still running, or killed: `talkforge resume`)"
     console.print(f"run [bold]{run_id}[/] · {state} · {info['command']}")
-    _print_rows(ops.stage_status(catalog, run_id), title="stages")
+    print_rows(ops.stage_status(catalog, run_id), title="stages")
 
 
 @app.command()
@@ -227,12 +178,12 @@ def sql(
 ) -> None:
     """Read-only SQL over the catalog (tables: clips, faces, quality, ... and current_*)."""
     try:
-        rows = _catalog(config, set_).query_readonly(query).to_pylist()
+        rows = open_catalog(config, set_).query_readonly(query).to_pylist()
     except ReadOnlyQueryError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     except Exception as exc:  # duckdb errors: show the message, not a traceback
-        _fail(f"query failed: {exc}", 2)
-    _print_rows(rows, fmt=fmt)
+        fail(f"query failed: {exc}", 2)
+    print_rows(rows, fmt=fmt)
 
 
 @app.command()
@@ -245,8 +196,8 @@ def failures(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
     """Failed items with their typed error, attempt and whether a resume retries them."""
-    rows = ops.failures(_catalog(config, set_), stage, kind, history)
-    _print_rows(rows, title="failures", fmt=fmt)
+    rows = ops.failures(open_catalog(config, set_), stage, kind, history)
+    print_rows(rows, title="failures", fmt=fmt)
 
 
 @app.command()
@@ -257,10 +208,10 @@ def lineage(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
     """Where an artifact or a clip came from, stage by stage."""
-    rows = ops.lineage(_catalog(config, set_), target)
+    rows = ops.lineage(open_catalog(config, set_), target)
     if not rows:
-        _fail(f"nothing in the catalog for {target!r}")
-    _print_rows(rows, title=f"lineage of {target}", fmt=fmt)
+        fail(f"nothing in the catalog for {target!r}")
+    print_rows(rows, title=f"lineage of {target}", fmt=fmt)
 
 
 @app.command()
@@ -270,7 +221,7 @@ def versions(
     set_: SetOpt = None,
 ) -> None:
     """Every version of a stage's outputs (code version, config hash, models)."""
-    _print_rows(ops.versions(_catalog(config, set_), stage), title=f"versions of {stage}")
+    print_rows(ops.versions(open_catalog(config, set_), stage), title=f"versions of {stage}")
 
 
 @app.command()
@@ -283,17 +234,17 @@ def report(
     / "dashboards",
 ) -> None:
     """Run every saved dashboard query (dashboards/*.sql) and print one table each."""
-    catalog = _catalog(config, set_)
+    catalog = open_catalog(config, set_)
     files = sorted(folder.glob("*.sql"))
     if not files:
-        _fail(f"no .sql files in {folder}")
+        fail(f"no .sql files in {folder}")
     for path in files:
         try:
             rows = catalog.query_readonly(path.read_text()).to_pylist()
         except Exception as exc:
             err.print(f"[red]{path.name}: {exc}[/]")
             continue
-        _print_rows(rows, title=path.stem)
+        print_rows(rows, title=path.stem)
 
 
 @app.command()
@@ -303,12 +254,12 @@ def ingest(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
     """Read the configured datasets' metadata into the catalog (no download)."""
-    cfg = _load(config, set_)
+    cfg = load_pipeline_config(config, set_)
     try:
         rows = ops.ingest(cfg)
     except (OSError, ValueError) as exc:
-        _fail(f"cannot read dataset metadata: {exc}", 2)
-    _print_rows(rows, title="ingested", fmt=fmt)
+        fail(f"cannot read dataset metadata: {exc}", 2)
+    print_rows(rows, title="ingested", fmt=fmt)
     if fmt == "table":
         console.print("[dim]query: talkforge sql 'SELECT * FROM current_manifest LIMIT 10'[/]")
 
@@ -320,16 +271,38 @@ def datasets(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
     """Ingested datasets with their licence terms, clips, hours, speakers and languages."""
-    rows = ops.datasets(_catalog(config, set_))
+    rows = ops.datasets(open_catalog(config, set_))
     if not rows and fmt == "table":
-        _fail("no dataset ingested yet; run `talkforge ingest` (or `talkforge run`)")
-    _print_rows(rows, title="datasets", fmt=fmt)
+        fail("no dataset ingested yet; run `talkforge ingest` (or `talkforge run`)")
+    print_rows(rows, title="datasets", fmt=fmt)
+
+
+@app.command()
+def quality(
+    dataset: Annotated[str | None, typer.Option(help="only this dataset")] = None,
+    histogram: Annotated[
+        str | None, typer.Option("--histogram", help="show the score distribution of this rule")
+    ] = None,
+    bins: int = 10,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+) -> None:
+    """Per dataset and rule: clips failed / removed, score quantiles, rules failing all or none."""
+    catalog = open_catalog(config, set_)
+    if histogram:
+        rows = ops.score_histogram(catalog, histogram, dataset, bins)
+        if not rows and fmt == "table":
+            fail(f"no measured values for rule {histogram!r}")
+        print_rows(rows, title=f"{histogram} scores", fmt=fmt)
+        return
+    print_rows(ops.quality_rules(catalog, dataset), title="quality rules", fmt=fmt)
 
 
 @app.command()
 def runs(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, limit: int = 20) -> None:
     """Recent runs and how they ended."""
-    _print_rows(ops.list_runs(_catalog(config, set_), limit), title="runs")
+    print_rows(ops.list_runs(open_catalog(config, set_), limit), title="runs")
 
 
 def main() -> None:

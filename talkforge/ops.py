@@ -216,3 +216,57 @@ def ingest(config: Any, run_id: str = "ingest") -> list[Any]:
 def datasets(catalog: Catalog) -> list[dict[str, Any]]:
     """Per dataset: licence, clips, bad rows, hours, sources, speakers, languages."""
     return catalog.query("SELECT * FROM manifest_summary").to_pylist()
+
+
+def quality_rules(catalog: Catalog, dataset: str | None = None) -> list[dict[str, Any]]:
+    """Per dataset and rule: how many clips it failed and removed, and its score spread."""
+    sql = "SELECT * FROM quality_rules"
+    params: list[Any] = []
+    if dataset:
+        sql += " WHERE dataset = ?"
+        params.append(dataset)
+    return catalog.query(sql, params).to_pylist()
+
+
+def score_histogram(
+    catalog: Catalog, rule: str, dataset: str | None = None, bins: int = 10
+) -> list[dict[str, Any]]:
+    """Equal-width histogram of one rule's measured values (NaN = not measurable)."""
+    import numpy as np
+
+    sql = (
+        "SELECT q.value, q.threshold FROM current_quality q "
+        "LEFT JOIN current_clips c USING (item_id) WHERE q.rule = ?"
+    )
+    params: list[Any] = [rule]
+    if dataset:
+        sql += " AND c.dataset = ?"
+        params.append(dataset)
+    rows = catalog.query(sql, params).to_pylist()
+    values = np.array([r["value"] for r in rows if r["value"] is not None], dtype=float)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return []
+    counts, edges = np.histogram(finite, bins=bins)
+    threshold = rows[0]["threshold"]
+    out = [
+        {
+            "from": float(lo),
+            "to": float(hi),
+            "clips": int(n),
+            "bar": "#" * round(40 * n / max(counts.max(), 1)),
+            "threshold_here": threshold is not None and lo <= threshold <= hi,
+        }
+        for lo, hi, n in zip(edges[:-1], edges[1:], counts, strict=True)
+    ]
+    if finite.size < values.size:
+        out.append(
+            {
+                "from": None,
+                "to": None,
+                "clips": int(values.size - finite.size),
+                "bar": "not measurable",
+                "threshold_here": False,
+            }
+        )
+    return out

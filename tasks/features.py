@@ -1,10 +1,15 @@
-"""Features stage: VAE latents of the face crops and HuBERT features aligned to video frames.
+"""Features stage: per-frame video and audio features of every accepted clip.
 
-Per accepted clip it writes two safetensors files:
+Per accepted clip it writes one safetensors file per feature family, each a catalog
+artifact carrying shape, dtype and the fingerprint of the weights that made it:
 
 - ``vae_latents.safetensors``: tensor ``latents`` ``(T, C, H/8, W/8)`` (``latent_dtype``),
   normalised as the VAE family's pipelines do (``(mode - shift) * scale``), one row per
   decoded face-crop frame;
+- ``liveportrait_motion.safetensors``: tensor ``motion`` ``(T, 133)`` (``motion: null``
+  disables it) and ``emoca_flame.safetensors``: tensor ``flame`` ``(T, 159)`` (``flame:
+  null`` disables it); both computed from the same decoded crop frames as the latents
+  (see :mod:`tasks.features_video`);
 - ``hubert.safetensors``: tensor ``features`` ``(T, 2, D)``, two HuBERT steps per video frame.
 
 **Alignment rule.** HuBERT emits ``T_a = floor((N - 400) / 320) + 1`` steps for ``N`` samples
@@ -33,6 +38,7 @@ import torch
 from pydantic import Field, field_validator
 from safetensors.torch import save_file
 
+from models.emoca import FLAME_LAYOUT
 from models.hubert import (
     FRAME_RATE_HZ,
     SAMPLE_RATE_HZ,
@@ -42,8 +48,9 @@ from models.hubert import (
     load_hubert,
     make_feature_extractor,
 )
+from models.liveportrait import MOTION_LAYOUT
 from models.registry import ModelSpec, ensure_model, fingerprint
-from models.vae import LATENT_STRIDE, encode_frames, latent_factors, load_vae
+from models.vae import latent_factors, load_vae
 from tasks.base import (
     FailureKind,
     ItemContext,
@@ -53,7 +60,8 @@ from tasks.base import (
     Stage,
     StageConfig,
 )
-from tasks.media import iter_frames, probe, read_wav
+from tasks.features_video import VideoExtractors
+from tasks.media import read_wav
 from tasks.records import ClipFeatures, FaceTrack, FeatureFile, NormalizedClip
 
 VAE_FAMILIES = ("vae-flux1", "vae-sd")
@@ -69,6 +77,15 @@ class FeaturesConfig(StageConfig):
     max_misalignment_frames: int = Field(2, ge=0, description="allowed |audio - video| in frames")
     hubert_window_s: float = Field(20.0, gt=1.0, description="HuBERT window for long audio")
     hubert_context_s: float = Field(1.0, ge=0.0, description="extra audio each side of a window")
+    motion: ModelSpec | None = ModelSpec(
+        family="liveportrait-motion", source="models/liveportrait-motion-tiny", tiny_random=True
+    )
+    flame: ModelSpec | None = ModelSpec(
+        family="emoca", source="models/emoca-tiny", tiny_random=True
+    )
+    emoca_crop_fraction: float = Field(
+        0.83, gt=0.2, le=1.0, description="central share of the face crop EMOCA sees"
+    )
 
     @field_validator("vae")
     @classmethod
@@ -108,12 +125,13 @@ class FeaturesStage(Stage[FeaturesConfig]):
     """Face-crop VAE latents + frame-aligned HuBERT features for each accepted clip."""
 
     name: ClassVar[str] = "features"
-    code_version: ClassVar[str] = "1"
+    code_version: ClassVar[str] = "2"
     requires: ClassVar[tuple[str, ...]] = ("download", "faces", "quality")
     config_type: ClassVar[type[StageConfig]] = FeaturesConfig
 
     def model_specs(self) -> list[Any]:
-        return [self.config.vae, self.config.hubert]
+        cfg = self.config
+        return [s for s in (cfg.vae, cfg.hubert, cfg.motion, cfg.flame) if s is not None]
 
     def setup(self) -> None:
         root = Path(self.env.data_root)
@@ -138,9 +156,17 @@ class FeaturesStage(Stage[FeaturesConfig]):
         )
         check_layer(self.hubert, self.config.hubert_layer)
         self.feature_extractor = make_feature_extractor()
+        self.video = VideoExtractors.load(
+            self.vae,
+            self.config.motion,
+            self.config.flame,
+            root,
+            self.device,
+            self.config.emoca_crop_fraction,
+        )
         self.fingerprints: dict[str, ModelFingerprint] = {
             s.family: self.env.model_fingerprints.get(s.family) or fingerprint(s, root)
-            for s in (vae_spec, hub_spec)
+            for s in self.model_specs()
         }
 
     def process(self, inputs: ItemInputs, ctx: ItemContext) -> ClipFeatures:
@@ -149,89 +175,80 @@ class FeaturesStage(Stage[FeaturesConfig]):
         fps = float(face.fps or clip.fps)
         if fps <= 0:
             raise ItemFailure(FailureKind.BAD_METADATA, f"non-positive frame rate {fps}")
-        latents = self._encode_crops(ctx.local_path(face.crops), face.num_frames)
-        t = latents.shape[0]
-        aligned = self._audio_features(ctx.local_path(clip.audio), t, fps)
-
-        vae_fp = self.fingerprints[self.config.vae.family]
-        hub_fp = self.fingerprints[self.config.hubert.family]
-        scale, shift = latent_factors(self.vae)
-        common = {"clip_id": clip.clip_id, "fps": repr(fps), "num_frames": str(t)}
-        lat_path = ctx.scratch / "vae_latents.safetensors"
-        lat_tensor = latents.to(getattr(torch, self.config.latent_dtype)).contiguous()
-        save_file(
-            {"latents": lat_tensor},
-            str(lat_path),
-            metadata={
-                **common,
-                **_fp_meta(vae_fp),
-                "layout": "T,C,H/8,W/8",
-                "scaling_factor": repr(scale),
-                "shift_factor": repr(shift),
-                "normalisation": "(mode - shift) * scale",
-            },
-        )
-        hub_path = ctx.scratch / "hubert.safetensors"
-        hub_tensor = torch.from_numpy(aligned).to(getattr(torch, self.config.hubert_dtype))
-        save_file(
-            {"features": hub_tensor.contiguous()},
-            str(hub_path),
-            metadata={
-                **common,
-                **_fp_meta(hub_fp),
-                "layout": "T,2,D",
-                "layer": str(self.config.hubert_layer),
-                "alignment": "frame i <- 50 Hz steps (2i, 2i+1) at 25 fps; tail repeats last",
-            },
-        )
-        lat_ref = ctx.commit(lat_path, "vae_latents.safetensors", kind="features")
-        hub_ref = ctx.commit(hub_path, "hubert.safetensors", kind="features")
-        return ClipFeatures(
-            clip_id=clip.clip_id,
-            fps=fps,
-            num_frames=t,
-            files=[
-                FeatureFile(
-                    family="vae_latents",
-                    artifact=lat_ref,
-                    shape=list(lat_tensor.shape),
-                    dtype=self.config.latent_dtype,
-                    frame_rate_hz=fps,
-                    model=vae_fp,
-                ),
-                FeatureFile(
-                    family="hubert",
-                    artifact=hub_ref,
-                    shape=list(hub_tensor.shape),
-                    dtype=self.config.hubert_dtype,
-                    frame_rate_hz=fps,
-                    model=hub_fp,
-                ),
-            ],
-        )
-
-    def _encode_crops(self, crops: Path, expected_frames: int) -> torch.Tensor:
-        info = probe(crops)
-        if info.width % LATENT_STRIDE or info.height % LATENT_STRIDE:
-            raise ItemFailure(
-                FailureKind.FORMAT,
-                f"crop size {info.width}x{info.height} is not a multiple of {LATENT_STRIDE}",
-            )
-        bs = self.config.resources.batch_size
-        chunks = [
-            encode_frames(self.vae, frames, bs).to(torch.float32)
-            for frames in iter_frames(crops, info.width, info.height, chunk=bs)
-        ]
-        if not chunks:
-            raise ItemFailure(FailureKind.FORMAT, f"{crops.name}: no decodable frames")
-        latents = torch.cat(chunks)
-        if abs(latents.shape[0] - expected_frames) > self.config.max_misalignment_frames:
+        video = self.video.run(ctx.local_path(face.crops), self.config.resources.batch_size)
+        t = video["vae_latents"].shape[0]
+        if abs(t - face.num_frames) > self.config.max_misalignment_frames:
             raise ItemFailure(
                 FailureKind.MISALIGNED,
-                f"crops decode to {latents.shape[0]} frames, faces stage reported "
-                f"{expected_frames}",
+                f"crops decode to {t} frames, faces stage reported {face.num_frames}",
             )
-        return latents
+        aligned = self._audio_features(ctx.local_path(clip.audio), t, fps)
+        scale, shift = latent_factors(self.vae)
+        cfg = self.config
+        common = {"clip_id": clip.clip_id, "fps": repr(fps), "num_frames": str(t)}
+        files = [
+            self._save(
+                ctx, "vae_latents", "latents", video["vae_latents"], cfg.latent_dtype,
+                cfg.vae.family, fps, common,
+                {"layout": "T,C,H/8,W/8", "scaling_factor": repr(scale),
+                 "shift_factor": repr(shift), "normalisation": "(mode - shift) * scale"},
+            ),
+            self._save(
+                ctx, "hubert", "features", torch.from_numpy(aligned), cfg.hubert_dtype,
+                cfg.hubert.family, fps, common,
+                {"layout": "T,2,D", "layer": str(cfg.hubert_layer),
+                 "alignment": "frame i <- 50 Hz steps (2i, 2i+1) at 25 fps; tail repeats last"},
+            ),
+        ]  # fmt: skip
+        if cfg.motion is not None:
+            layout = ",".join(f"{name}:{size}" for name, size in MOTION_LAYOUT)
+            files.append(
+                self._save(
+                    ctx, "liveportrait_motion", "motion", video["liveportrait_motion"], "float32",
+                    cfg.motion.family, fps, common,
+                    {"layout": f"T,133 ({layout}); angles in degrees",
+                     "input": "face crop resized to 256x256 RGB in [0, 1]"},
+                )
+            )  # fmt: skip
+        if cfg.flame is not None:
+            layout = ",".join(f"{name}:{size}" for name, size in FLAME_LAYOUT)
+            files.append(
+                self._save(
+                    ctx, "emoca_flame", "flame", video["emoca_flame"], "float32",
+                    cfg.flame.family, fps, common,
+                    {"layout": f"T,159 ({layout}); pose axis-angle",
+                     "input": f"central {cfg.emoca_crop_fraction:g} of the face crop, "
+                              "224x224 RGB in [0, 1]"},
+                )
+            )  # fmt: skip
+        return ClipFeatures(clip_id=clip.clip_id, fps=fps, num_frames=t, files=files)
+
+    def _save(
+        self,
+        ctx: ItemContext,
+        family: str,
+        tensor_name: str,
+        values: torch.Tensor,
+        dtype: str,
+        model_family: str,
+        fps: float,
+        common: dict[str, str],
+        meta: dict[str, str],
+    ) -> FeatureFile:
+        """Write one family's safetensors file, commit it, and describe it."""
+        fp = self.fingerprints[model_family]
+        tensor = values.to(getattr(torch, dtype)).contiguous()
+        path = ctx.scratch / f"{family}.safetensors"
+        save_file({tensor_name: tensor}, str(path), metadata={**common, **_fp_meta(fp), **meta})
+        ref = ctx.commit(path, f"{family}.safetensors", kind="features")
+        return FeatureFile(
+            family=family,
+            artifact=ref,
+            shape=list(tensor.shape),
+            dtype=dtype,
+            frame_rate_hz=fps,
+            model=fp,
+        )
 
     def _audio_features(self, wav: Path, num_frames: int, fps: float) -> np.ndarray:
         wave, rate = read_wav(wav)

@@ -13,6 +13,7 @@ from models.vae import decode_latents
 from storage.store import ArtifactStore
 from tasks.base import FailureKind, ItemFailure
 from tasks.features import align_audio_steps
+from tasks.features_video import resize_frames
 from tests.features_helpers import commit_clip, commit_media, make_features_stage, run_item
 
 
@@ -36,7 +37,12 @@ def test_features_stage_writes_aligned_latents_and_hubert(stage, tmp_path):
     inputs = commit_clip(tmp_path, "clip-a", num_frames=16, size_px=64)
     rec, ctx = run_item(stage, tmp_path, inputs)
     assert rec.num_frames == 16 and rec.fps == 25.0
-    assert {a.name for a in ctx.artifacts} == {"vae_latents.safetensors", "hubert.safetensors"}
+    assert {a.name for a in ctx.artifacts} == {
+        "vae_latents.safetensors",
+        "hubert.safetensors",
+        "liveportrait_motion.safetensors",
+        "emoca_flame.safetensors",
+    }
 
     lat_file = rec.file("vae_latents")
     lat, meta = read(ArtifactStore(str(tmp_path / "store"))._path(lat_file.artifact.uri), "latents")
@@ -62,7 +68,46 @@ def test_features_stage_writes_aligned_latents_and_hubert(stage, tmp_path):
     assert frames.shape == (16, 64, 64, 3) and frames.dtype == np.uint8
 
     rows = rec.stats_rows()["features"]
-    assert {r["family"] for r in rows} == {"vae_latents", "hubert"}
+    assert {r["family"] for r in rows} == {
+        "vae_latents",
+        "hubert",
+        "liveportrait_motion",
+        "emoca_flame",
+    }
+
+
+def test_motion_and_flame_come_from_the_same_decoded_crops(stage, tmp_path):
+    """Stored motion / FLAME rows equal direct model calls on the decoded, resized crops."""
+    from models.emoca import extract_flame
+    from models.liveportrait import extract_motion
+    from tasks.features_video import resize_frames
+    from tasks.media import iter_frames
+
+    inputs = commit_clip(tmp_path, "clip-m", num_frames=10, size_px=64, seed=5)
+    rec, _ = run_item(stage, tmp_path, inputs)
+    store = ArtifactStore(str(tmp_path / "store"))
+    motion, mmeta = read(store._path(rec.file("liveportrait_motion").artifact.uri), "motion")
+    flame, fmeta = read(store._path(rec.file("emoca_flame").artifact.uri), "flame")
+    assert motion.shape == (10, 133) and flame.shape == (10, 159)
+    assert rec.file("emoca_flame").model.origin == "random-init"
+    assert mmeta["model_sha256"] == stage.env.model_fingerprints["liveportrait-motion"].sha256
+    assert fmeta["model_sha256"] == stage.env.model_fingerprints["emoca"].sha256
+    assert "pitch:1" in mmeta["layout"] and "expression:50" in fmeta["layout"]
+    crops = Path(store._path(inputs.records["faces"].crops.uri))
+    frames = np.concatenate(list(iter_frames(crops, 64, 64)))
+    np.testing.assert_allclose(
+        motion.numpy(), extract_motion(stage.video.motion, resize_frames(frames, 256)), atol=1e-5
+    )
+    direct = extract_flame(stage.video.flame, resize_frames(frames, 224, 0.83))
+    np.testing.assert_allclose(flame.numpy(), direct, atol=1e-4)
+
+
+def test_resize_frames_takes_the_central_square():
+    frames = np.zeros((2, 100, 100, 3), np.uint8)
+    frames[:, 25:75, 25:75] = 255  # a white central square of half the side
+    out = resize_frames(frames, 50, center_fraction=0.5)
+    assert out.shape == (2, 50, 50, 3) and out.min() == 255
+    assert resize_frames(frames, 100).tobytes() == frames.tobytes()
 
 
 def test_features_stage_matches_direct_model_calls(tmp_path):

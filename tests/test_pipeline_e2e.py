@@ -206,3 +206,27 @@ def test_cli_status_sql_failures_lineage(pipeline_root: Path, sample_dir: Path) 
     assert {"train", "features", "faces", "download"} <= chain, chain
     out = invoke("report", *args)
     assert "01_pipeline_state" in out
+
+
+def test_quality_command_counts_removals_per_dataset_and_rule(pipeline_root: Path) -> None:
+    cfg = pipeline_root / "cfg.yaml"
+    cfg.write_text(json.dumps({"project": {"data_root": str(pipeline_root)}}))
+    rows = json.loads(invoke("quality", "--config", str(cfg), "--format", "json"))
+    measured = q(pipeline_root, "SELECT rule, passed, hard, value FROM current_quality")
+    by_rule = {r["rule"]: r for r in rows}
+    assert set(by_rule) == {m["rule"] for m in measured}
+    for rule, row in by_rule.items():
+        mine = [m for m in measured if m["rule"] == rule]
+        failed = sum(not m["passed"] for m in mine)
+        assert row["dataset"] == "sample" and row["clips"] == len(mine) == 6
+        assert row["failed"] == failed
+        assert row["removed"] == (failed if row["hard"] else 0)
+        assert row["removed_only_here"] <= row["removed"]
+        assert row["min"] <= row["p50"] <= row["max"]
+        expected = {0: "fails no clip", len(mine): "fails EVERY clip"}.get(failed, "")
+        assert row["attention"] == expected
+    hist = json.loads(
+        invoke("quality", "--config", str(cfg), "--histogram", "blur", "--bins", "4",
+               "--format", "json")
+    )  # fmt: skip
+    assert sum(h["clips"] for h in hist) == 6 and len(hist) == 4

@@ -1,0 +1,317 @@
+"""EMOCA FLAME-parameter encoder: a clean-room implementation with a checkpoint loader.
+
+Licence note: EMOCA's code and models are MPI non-commercial research only, and its code may
+not be redistributed or modified. This module copies none of it. It is written from the
+published architecture (DECA/EMOCA coarse encoders: an ImageNet-style ResNet-50 followed by
+an MLP regressor) using torchvision's ``ResNet``, whose layer names the checkpoint uses. The
+EMOCA *weights* keep their own licence; import them locally, nothing is downloaded here.
+
+Architecture (:class:`EmocaEncoder`), two regressors of the same structure:
+
+- ``E_flame``: ResNet-50 (Bottleneck, blocks [3, 4, 6, 3], ``fc`` removed, global average
+  pool) → ``layers = Sequential(Linear(2048, 1024), ReLU, Linear(1024, 236))``; the 236
+  outputs are, in order, shape 100 | tex 50 | exp 50 | pose 6 | cam 3 | light 27.
+- ``E_expression``: the same with 50 outputs; EMOCA uses them *instead of* E_flame's exp.
+
+Key layout (assumed, see ``models.md`` §4: inferred from third-party loaders, not from a
+downloaded file): the Lightning ``.ckpt`` holds ``state_dict`` with keys such as
+``deca.E_flame.encoder.conv1.weight``, ``deca.E_flame.layers.0.weight`` and
+``deca.E_expression.layers.2.weight``. A ``Sequential(Linear, ReLU, Linear)`` names its
+Linears ``layers.0`` and ``layers.2`` (the ReLU at index 1 has no parameters). The MLP
+hidden width is 1024 as in DECA's published regressor (``models.md`` §4); a checkpoint
+with another width fails strict loading with the shapes in the message.
+
+Input: ``(B, 3, 224, 224)`` RGB float in [0, 1], no mean/std normalisation. The expected
+crop (DECA/EMOCA demos, constants unverified) is a square around the FAN face box,
+side ≈ 1.25 × the box size, resized to 224²; the caller supplies such crops.
+
+Output per frame (:data:`FLAME_LAYOUT`, 159 floats): shape 100 | expression 50 (from
+E_expression) | pose 6 (global rotation 3 + jaw 3, axis-angle) | cam 3 (weak-perspective
+scale, tx, ty).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from models.registry import ModelUnavailableError, register_tiny_builder
+
+INPUT_SIZE = 224
+FEATURE_DIM = 2048  # ResNet Bottleneck output: 512 planes × expansion 4, whatever the width
+E_FLAME_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("shape", 100),
+    ("tex", 50),
+    ("exp", 50),
+    ("pose", 6),
+    ("cam", 3),
+    ("light", 27),
+)
+E_FLAME_DIM = sum(n for _, n in E_FLAME_LAYOUT)  # 236
+EXPRESSION_DIM = 50
+FLAME_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("shape", 100),
+    ("expression", 50),
+    ("pose", 6),
+    ("cam", 3),
+)
+FLAME_DIM = sum(n for _, n in FLAME_LAYOUT)  # 159
+CHECKPOINT_FILE = "emoca.ckpt"
+CONFIG_FILE = "emoca_config.json"
+_WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+_ENCODERS = ("E_flame", "E_expression")
+_CONVERT_HINT = (
+    "convert it once, in an environment you trust with that file, to a plain safetensors "
+    "file of the encoder weights and point the config at it:\n"
+    "  python -c \"import torch, safetensors.torch as st; sd = torch.load('IN.ckpt', "
+    "map_location='cpu', weights_only=False)['state_dict']; st.save_file({k: v.contiguous() "
+    "for k, v in sd.items() if 'E_flame' in k or 'E_expression' in k}, 'emoca.safetensors')\""
+)
+
+
+@dataclass(frozen=True)
+class EmocaConfig:
+    """Backbone shape: ``blocks`` per ResNet stage, bottleneck ``width_per_group``, MLP width.
+
+    The default is the official architecture. Smaller values keep the parameter *names*
+    of the layers that exist, but a model with fewer blocks has no ``layer3.5.*`` etc.,
+    so only the default loads the official checkpoint.
+    """
+
+    blocks: tuple[int, int, int, int] = (3, 4, 6, 3)
+    width_per_group: int = 64
+    mlp_hidden: int = 1024
+
+
+TINY_CONFIG = EmocaConfig(blocks=(1, 1, 1, 1), width_per_group=8, mlp_hidden=32)
+
+
+class ResnetRegressor(nn.Module):
+    """``encoder`` (torchvision ResNet, ``fc`` = identity) → ``layers`` MLP → ``out_dim``."""
+
+    def __init__(self, out_dim: int, config: EmocaConfig) -> None:
+        super().__init__()
+        # Same construction as torchvision.models.resnet50(weights=None) for the default config.
+        self.encoder = ResNet(
+            Bottleneck, list(config.blocks), width_per_group=config.width_per_group
+        )
+        self.encoder.fc = nn.Identity()
+        self.layers = nn.Sequential(
+            nn.Linear(FEATURE_DIM, config.mlp_hidden),
+            nn.ReLU(),
+            nn.Linear(config.mlp_hidden, out_dim),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.encoder(images))
+
+
+class EmocaEncoder(nn.Module):
+    """EMOCA's coarse encoders ``E_flame`` (236 outputs) and ``E_expression`` (50 outputs)."""
+
+    def __init__(self, config: EmocaConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or EmocaConfig()
+        self.E_flame = ResnetRegressor(E_FLAME_DIM, self.config)
+        self.E_expression = ResnetRegressor(EXPRESSION_DIM, self.config)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, 224, 224)`` RGB in [0, 1] → ``(B, 159)`` in :data:`FLAME_LAYOUT` order."""
+        return assemble_flame(self.E_flame(images), self.E_expression(images))
+
+
+def _slices(layout: tuple[tuple[str, int], ...]) -> dict[str, slice]:
+    out, start = {}, 0
+    for name, size in layout:
+        out[name] = slice(start, start + size)
+        start += size
+    return out
+
+
+E_FLAME_SLICES = _slices(E_FLAME_LAYOUT)
+FLAME_SLICES = _slices(FLAME_LAYOUT)
+
+
+def assemble_flame(flame_code: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
+    """``(B, 236)`` E_flame code + ``(B, 50)`` E_expression code → ``(B, 159)`` FLAME vector.
+
+    Keeps shape, pose and cam from E_flame and replaces its exp with E_expression's;
+    tex and light are dropped.
+    """
+    s = E_FLAME_SLICES
+    return torch.cat(
+        [flame_code[:, s["shape"]], expression, flame_code[:, s["pose"]], flame_code[:, s["cam"]]],
+        dim=1,
+    )
+
+
+def _weights_file(path: Path) -> Path:
+    """``path`` itself, or the single weight file under the directory ``path``."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ModelUnavailableError(f"EMOCA weights not found at {path}")
+    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} candidate"
+        raise ModelUnavailableError(
+            f"{what} EMOCA weight files ({', '.join(_WEIGHT_SUFFIXES)}) under {path}"
+            + (f": {[str(p) for p in found]}; point the config at one" if found else "")
+        )
+    return found[0]
+
+
+def _read_config(weights: Path) -> EmocaConfig:
+    """The architecture beside the weights (:data:`CONFIG_FILE`), else the official one."""
+    file = weights.parent / CONFIG_FILE
+    if not file.is_file():
+        return EmocaConfig()
+    raw = json.loads(file.read_text())
+    return EmocaConfig(
+        blocks=tuple(raw["blocks"]),
+        width_per_group=int(raw["width_per_group"]),
+        mlp_hidden=int(raw["mlp_hidden"]),
+    )
+
+
+def _read_state(file: Path) -> Mapping[str, object]:
+    if file.suffix == ".safetensors":
+        return load_file(file, device="cpu")
+    try:
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelUnavailableError(
+            f"{file} holds pickled objects besides tensors (a Lightning checkpoint's "
+            f"hyper-parameters?); weights_only loading refused it and code is never "
+            f"unpickled here. {_CONVERT_HINT}\n({exc})"
+        ) from exc
+    if not isinstance(raw, Mapping):
+        raise ModelUnavailableError(f"{file} is not a state dict or a Lightning checkpoint")
+    state = raw.get("state_dict", raw)
+    if not isinstance(state, Mapping):
+        raise ModelUnavailableError(f"{file}: 'state_dict' is not a mapping")
+    return state
+
+
+def encoder_state_dict(state: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """The ``E_flame``/``E_expression`` entries of a checkpoint state dict, ``deca.`` stripped.
+
+    Keys that mention neither encoder (detail decoder, FLAME layer, losses...) are dropped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not any(name in key for name in _ENCODERS):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ModelUnavailableError(f"checkpoint entry {key!r} is not a tensor")
+        out[key.removeprefix("deca.")] = value
+    return out
+
+
+def _check_keys(model: EmocaEncoder, state: Mapping[str, torch.Tensor], file: Path) -> None:
+    """Raise one message listing missing, unexpected and mis-shaped keys, if any."""
+    own = model.state_dict()
+    # BatchNorm fills a missing num_batches_tracked itself (older checkpoints lack it).
+    missing = sorted(k for k in own.keys() - state.keys() if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own.keys() & state.keys()
+        if state[k].shape != own[k].shape
+    )
+    if not (missing or unexpected or shapes):
+        return
+    parts = [
+        f"{label} ({len(items)}): {items[:10]}{' ...' if len(items) > 10 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if items
+    ]
+    raise ModelUnavailableError(
+        f"{file} does not match the EMOCA encoder architecture {model.config}; " + "; ".join(parts)
+    )
+
+
+def load_emoca(path_or_dir: str | Path, device: str | torch.device = "cpu") -> EmocaEncoder:
+    """Load EMOCA's encoders from a Lightning ``.ckpt``, a plain state dict or safetensors.
+
+    ``path_or_dir`` is a weight file or a directory holding exactly one (searched
+    recursively). ``.ckpt``/``.pt``/``.pth`` are read with ``torch.load(weights_only=True)``
+    only; a checkpoint with pickled objects raises :class:`ModelUnavailableError` with a
+    one-line conversion command. Keys containing ``E_flame``/``E_expression`` are kept, a
+    leading ``deca.`` is stripped and they load strictly; anything else raises
+    :class:`ModelUnavailableError` listing the offending keys. The architecture is read from
+    :data:`CONFIG_FILE` beside the weights if present (tiny models), else the official one.
+    Returns the model on ``device`` in eval mode (BatchNorm uses its running statistics).
+    """
+    file = _weights_file(Path(path_or_dir))
+    state = encoder_state_dict(_read_state(file))
+    if not state:
+        raise ModelUnavailableError(f"{file} has no E_flame/E_expression weights")
+    model = EmocaEncoder(_read_config(file))
+    _check_keys(model, state, file)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+def save_checkpoint(model: EmocaEncoder, directory: Path) -> Path:
+    """Write ``model`` as a Lightning-style ``{"state_dict": {"deca.…": tensor}}`` checkpoint.
+
+    Tensors only, so :func:`load_emoca` reads it with ``weights_only=True``; the
+    architecture goes to :data:`CONFIG_FILE` beside it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {f"deca.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state}, directory / CHECKPOINT_FILE)
+    (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config)))
+    return directory / CHECKPOINT_FILE
+
+
+@register_tiny_builder("emoca")
+def build_tiny_emoca(directory: Path, seed: int) -> None:
+    """A tiny random-init EMOCA (:data:`TINY_CONFIG`) in the official checkpoint layout.
+
+    BatchNorm running statistics are randomised too, so a loader that skipped buffers
+    would change the outputs.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = EmocaEncoder(TINY_CONFIG)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    save_checkpoint(model, directory)
+
+
+@torch.inference_mode()
+def extract_flame(model: EmocaEncoder, frames: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """FLAME vectors ``(T, 159)`` float32 for uint8 RGB face crops ``(T, 224, 224, 3)``.
+
+    Frames are scaled to [0, 1] on the model's device and run ``batch_size`` at a time;
+    on CUDA under float16 autocast, elsewhere in float32. The model should be in eval mode
+    (as :func:`load_emoca` returns it) so results do not depend on the batch composition.
+    """
+    if frames.ndim != 4 or frames.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
+        raise ValueError(
+            f"expected (T, {INPUT_SIZE}, {INPUT_SIZE}, 3) RGB face crops, got {frames.shape}"
+        )
+    if frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames, got {frames.dtype}")
+    device = next(model.parameters()).device
+    out = [np.zeros((0, FLAME_DIM), np.float32)]
+    for start in range(0, len(frames), max(1, batch_size)):
+        chunk = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch_size]))
+        x = chunk.to(device).permute(0, 3, 1, 2).float() / 255.0
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            y = model(x)
+        out.append(y.float().cpu().numpy())
+    return np.concatenate(out)

@@ -1,0 +1,201 @@
+"""EMOCA encoder: official key layout, tiny round-trip through the real loader, extraction."""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision.models import resnet50
+
+from models.emoca import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    E_FLAME_SLICES,
+    FLAME_DIM,
+    FLAME_LAYOUT,
+    FLAME_SLICES,
+    TINY_CONFIG,
+    EmocaEncoder,
+    build_tiny_emoca,
+    extract_flame,
+    load_emoca,
+)
+from models.registry import PROVENANCE_FILE, ModelSpec, ModelUnavailableError, ensure_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("emoca-tiny")
+    build_tiny_emoca(directory, seed=3)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir: Path) -> EmocaEncoder:
+    return load_emoca(tiny_dir)
+
+
+def _ckpt_state(directory: Path) -> dict[str, torch.Tensor]:
+    return torch.load(directory / CHECKPOINT_FILE, weights_only=True)["state_dict"]
+
+
+def _frames(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
+
+
+def test_flame_layout() -> None:
+    assert FLAME_LAYOUT == (("shape", 100), ("expression", 50), ("pose", 6), ("cam", 3))
+    assert FLAME_DIM == 159
+    assert FLAME_SLICES["cam"] == slice(156, 159)
+    assert E_FLAME_SLICES["exp"] == slice(150, 200)
+    assert E_FLAME_SLICES["light"] == slice(209, 236)
+
+
+def test_full_model_key_layout_and_size() -> None:
+    with torch.device("meta"):
+        model = EmocaEncoder()
+        reference = resnet50(weights=None)
+    shapes = {f"deca.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["deca.E_flame.encoder.conv1.weight"] == (64, 3, 7, 7)
+    assert shapes["deca.E_flame.layers.0.weight"] == (1024, 2048)
+    assert shapes["deca.E_flame.layers.2.weight"] == (236, 1024)
+    assert shapes["deca.E_expression.layers.0.weight"] == (1024, 2048)
+    assert shapes["deca.E_expression.layers.2.weight"] == (50, 1024)
+    assert shapes["deca.E_expression.encoder.layer4.2.conv3.weight"] == (2048, 512, 1, 1)
+    assert not any(".layers.1." in k or ".fc." in k for k in shapes)
+    # each backbone is exactly torchvision's resnet50 without its classifier
+    backbone = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    backbone = {k: s for k, s in backbone.items() if not k.startswith("fc.")}
+    for name in ("E_flame", "E_expression"):
+        prefix = f"deca.{name}.encoder."
+        assert {k.removeprefix(prefix): s for k, s in shapes.items() if k.startswith(prefix)} == (
+            backbone
+        )
+    resnet50_backbone = 25_557_032 - (2048 * 1000 + 1000)  # torchvision resnet50 minus fc
+    assert resnet50_backbone == 23_508_032
+    mlp_flame = 2048 * 1024 + 1024 + 1024 * 236 + 236
+    mlp_expression = 2048 * 1024 + 1024 + 1024 * 50 + 50
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == 2 * resnet50_backbone + mlp_flame + mlp_expression == 51_505_566
+
+
+def test_tiny_round_trip_through_registry(tmp_path: Path) -> None:
+    spec = ModelSpec(family="emoca", source="models/emoca-tiny", tiny_random=True, seed=3)
+    path = ensure_model(spec, tmp_path)
+    assert path is not None
+    assert json.loads((path / PROVENANCE_FILE).read_text())["origin"] == "random-init"
+    assert json.loads((path / CONFIG_FILE).read_text())["blocks"] == [1, 1, 1, 1]
+    state = _ckpt_state(path)
+    assert state and all(k.startswith(("deca.E_flame.", "deca.E_expression.")) for k in state)
+    model = load_emoca(path)
+    assert model.config == TINY_CONFIG
+    assert not model.training
+    loaded = model.state_dict()
+    assert loaded.keys() == {k.removeprefix("deca.") for k in state}
+    for key, value in state.items():
+        assert torch.equal(loaded[key.removeprefix("deca.")], value), key
+
+
+def test_loader_ignores_other_modules_and_reads_safetensors(
+    tiny_dir: Path, tiny_model: EmocaEncoder, tmp_path: Path
+) -> None:
+    state = _ckpt_state(tiny_dir)
+    extra = {
+        "deca.D_detail.layers.0.weight": torch.zeros(4, 4),
+        "deca.E_detail.encoder.conv1.weight": torch.zeros(4, 3, 7, 7),
+        "perceptual_loss.vgg.weight": torch.zeros(2),
+    }
+    (tmp_path / "lightning").mkdir()
+    torch.save(
+        {"state_dict": {**state, **extra}, "epoch": 7, "global_step": 123},
+        tmp_path / "lightning" / "deca-epoch=07.ckpt",
+    )
+    (tmp_path / "lightning" / CONFIG_FILE).write_text((tiny_dir / CONFIG_FILE).read_text())
+    # a plain (prefix-free) state dict in safetensors
+    (tmp_path / "st").mkdir()
+    save_file(
+        {k.removeprefix("deca."): v for k, v in state.items()}, tmp_path / "st" / "e.safetensors"
+    )
+    (tmp_path / "st" / CONFIG_FILE).write_text((tiny_dir / CONFIG_FILE).read_text())
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = tiny_model(x)
+        for sub in ("lightning", "st"):
+            assert torch.equal(load_emoca(tmp_path / sub)(x), expected), sub
+
+
+def test_checkpoint_without_num_batches_tracked_loads(tiny_dir: Path, tmp_path: Path) -> None:
+    state = {k: v for k, v in _ckpt_state(tiny_dir).items() if "num_batches_tracked" not in k}
+    torch.save({"state_dict": state}, tmp_path / CHECKPOINT_FILE)
+    (tmp_path / CONFIG_FILE).write_text((tiny_dir / CONFIG_FILE).read_text())
+    load_emoca(tmp_path / CHECKPOINT_FILE)
+
+
+def test_missing_unexpected_and_misshaped_keys_are_reported(tiny_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / CONFIG_FILE).write_text((tiny_dir / CONFIG_FILE).read_text())
+    state = _ckpt_state(tiny_dir)
+    state.pop("deca.E_expression.layers.2.bias")
+    state["deca.E_flame.encoder.fc.weight"] = torch.zeros(3, 3)
+    state["deca.E_flame.layers.2.weight"] = torch.zeros(53, 32)
+    torch.save({"state_dict": state}, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(ModelUnavailableError) as info:
+        load_emoca(tmp_path)
+    message = str(info.value)
+    assert "missing (1): ['E_expression.layers.2.bias']" in message
+    assert "unexpected (1): ['E_flame.encoder.fc.weight']" in message
+    assert "E_flame.layers.2.weight: checkpoint (53, 32) vs model (236, 32)" in message
+
+
+def test_full_architecture_is_default_without_config(tiny_dir: Path, tmp_path: Path) -> None:
+    torch.save({"state_dict": _ckpt_state(tiny_dir)}, tmp_path / "tiny.ckpt")
+    with pytest.raises(ModelUnavailableError, match=r"missing \(\d+\).*layer1\.1"):
+        load_emoca(tmp_path / "tiny.ckpt")
+
+
+def test_pickled_objects_are_refused_with_a_conversion_hint(tmp_path: Path) -> None:
+    hparams = Namespace(lr=1e-4)  # stands in for a Lightning checkpoint's pickled objects
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, tmp_path / "real.ckpt")
+    with pytest.raises(ModelUnavailableError, match=r"(?s)weights_only=False.*emoca\.safetensors"):
+        load_emoca(tmp_path / "real.ckpt")
+
+
+def test_missing_or_ambiguous_weights(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailableError, match="not found"):
+        load_emoca(tmp_path / "absent")
+    with pytest.raises(ModelUnavailableError, match="no EMOCA weight files"):
+        load_emoca(tmp_path)
+    for name in ("a.ckpt", "b.pt"):
+        torch.save({}, tmp_path / name)
+    with pytest.raises(ModelUnavailableError, match="2 candidate"):
+        load_emoca(tmp_path)
+
+
+def test_extract_flame_shape_batching_and_slices(tiny_model: EmocaEncoder) -> None:
+    frames = _frames(4)
+    one = extract_flame(tiny_model, frames, batch_size=1)
+    three = extract_flame(tiny_model, frames, batch_size=3)
+    assert one.shape == (4, 159) and one.dtype == np.float32
+    assert np.isfinite(one).all()
+    np.testing.assert_allclose(three, one, rtol=1e-5, atol=1e-5)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+    with torch.inference_mode():
+        code = tiny_model.E_flame(x).numpy()
+        expression = tiny_model.E_expression(x).numpy()
+    s, e = FLAME_SLICES, E_FLAME_SLICES
+    np.testing.assert_allclose(three[:, s["expression"]], expression, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(three[:, s["expression"]], code[:, e["exp"]], atol=1e-3)
+    for name in ("shape", "pose", "cam"):
+        np.testing.assert_allclose(three[:, s[name]], code[:, e[name]], rtol=1e-5, atol=1e-5)
+
+
+def test_extract_flame_rejects_bad_input(tiny_model: EmocaEncoder) -> None:
+    assert extract_flame(tiny_model, _frames(0)).shape == (0, FLAME_DIM)
+    with pytest.raises(ValueError, match="face crops"):
+        extract_flame(tiny_model, np.zeros((2, 256, 256, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        extract_flame(tiny_model, np.zeros((2, 224, 224, 3), np.float32))
