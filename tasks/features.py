@@ -182,7 +182,9 @@ class FeaturesStage(Stage[FeaturesConfig]):
                 FailureKind.MISALIGNED,
                 f"crops decode to {t} frames, faces stage reported {face.num_frames}",
             )
-        aligned = self._audio_features(ctx.local_path(clip.audio), t, fps)
+        verdict = inputs.records.get("quality")
+        audio_ref = getattr(verdict, "aligned_audio", None) or clip.audio  # re-aligned wins
+        aligned = self._audio_features(ctx.local_path(audio_ref), t, fps)
         scale, shift = latent_factors(self.vae)
         cfg = self.config
         common = {"clip_id": clip.clip_id, "fps": repr(fps), "num_frames": str(t)}

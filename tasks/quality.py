@@ -24,6 +24,15 @@ Hard rules by default:
   gaps) ≤ ``max_lost_fraction``.
 - ``shot_change``: hard cuts found by the faces stage ≤ ``max_shot_changes`` (a clip must
   be one continuous shot, as LatentSync's scene split ensures).
+- ``av_offset``: |audio-video offset| ≤ ``max_av_offset_ms``; value is the signed offset
+  (> 0: audio lags video). Measured by ``av_offset_method``: ``xcorr``, an offline
+  estimate from mouth motion and the speech envelope, or ``syncnet`` with the official
+  SyncNet weights at ``syncnet_weights`` (see :mod:`tasks.quality_sync`). An estimate with
+  confidence < ``min_av_offset_confidence`` (xcorr: peak z-score; SyncNet: Sync-C, 3 as
+  in LatentSync) passes with the reason "offset unmeasurable (...)". With
+  ``realign_confident_offsets`` a confident offset beyond the limit passes instead of
+  failing: the re-aligned audio is committed as ``audio_aligned.wav`` and the verdict
+  carries it with the applied ``audio_shift_ms``.
 
 Soft rules by default (see :mod:`tasks.quality_measures` for the measures):
 
@@ -35,19 +44,23 @@ Soft rules by default (see :mod:`tasks.quality_measures` for the measures):
 - ``speech``: share of the clip Silero VAD marks as speech ≥ ``min_speech_fraction``.
 - ``snr``: speech-to-noise power ratio ≥ ``min_snr_db`` (see :mod:`tasks.quality_audio`).
 
-Models: Silero VAD (weights in the ``silero-vad`` wheel), loaded once per worker in
-:meth:`QualityStage.setup` and fingerprinted through :meth:`QualityStage.model_specs`.
+Models: Silero VAD (weights in the ``silero-vad`` wheel) and, with ``av_offset_method:
+syncnet``, SyncNet (``resources.batch_size`` windows per call, on the GPU when
+``resources.num_gpus > 0``); loaded once per worker in :meth:`QualityStage.setup` and
+fingerprinted through :meth:`QualityStage.model_specs`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from models.syncnet import syncnet_model_spec
 from tasks.base import ItemContext, ItemInputs, Stage, StageConfig
-from tasks.media import read_wav
+from tasks.media import read_wav, write_wav
 from tasks.quality_audio import SileroVad, silero_model_spec
 from tasks.quality_measures import (
     landmarks,
@@ -56,6 +69,13 @@ from tasks.quality_measures import (
     read_boxes,
     scan_crops,
     yaw_ratios,
+)
+from tasks.quality_sync import (
+    AvOffsetDecision,
+    SyncNetScorer,
+    judge_av_offset,
+    shift_audio,
+    xcorr_offset,
 )
 from tasks.records import FaceTrack, NormalizedClip, QualityVerdict, RuleResult
 
@@ -72,6 +92,7 @@ RuleName = Literal[
     "lip_motion",
     "speech",
     "snr",
+    "av_offset",
 ]
 RULES: tuple[str, ...] = get_args(RuleName)
 
@@ -93,6 +114,15 @@ class QualityConfig(StageConfig):
     blur_center_fraction: float = Field(
         0.6, gt=0.0, le=1.0, description="side of the central crop region measured for blur"
     )
+    max_av_offset_ms: float = Field(100.0, ge=0.0)
+    av_offset_method: Literal["xcorr", "syncnet"] = "xcorr"
+    syncnet_weights: str | None = Field(
+        None, description="syncnet_v2.model (state dict) or its directory; relative to data_root"
+    )
+    min_av_offset_confidence: float = Field(
+        3.0, ge=0.0, description="xcorr: peak z-score; syncnet: Sync-C"
+    )
+    realign_confident_offsets: bool = False
     soft_rules: tuple[RuleName, ...] = ("yaw", "lip_motion", "speech", "snr")
     soft_fail_weight: float = Field(0.5, ge=0.0, le=1.0)
 
@@ -101,22 +131,42 @@ class QualityConfig(StageConfig):
     def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(sorted(set(v)))
 
+    @model_validator(mode="after")
+    def _syncnet_needs_weights(self) -> QualityConfig:
+        if self.av_offset_method == "syncnet" and not self.syncnet_weights:
+            raise ValueError("av_offset_method 'syncnet' needs syncnet_weights (a local path)")
+        return self
+
 
 class QualityStage(Stage[QualityConfig]):
     """Applies the rules to a clip and its face track; returns a :class:`QualityVerdict`."""
 
     name = "quality"
-    code_version = "1"
+    code_version = "2"  # 2: the av_offset rule
     requires = ("download", "faces")
     config_type = QualityConfig
 
     vad: SileroVad | None = None
+    syncnet: SyncNetScorer | None = None
+
+    def _syncnet_path(self) -> Path | None:
+        w = self.config.syncnet_weights
+        if self.config.av_offset_method != "syncnet" or w is None:
+            return None
+        p = Path(w).expanduser()
+        return p if p.is_absolute() else Path(self.env.data_root) / p
 
     def model_specs(self) -> list[Any]:
-        return [silero_model_spec()]
+        path = self._syncnet_path()
+        return [silero_model_spec()] + ([syncnet_model_spec(str(path))] if path else [])
 
     def setup(self) -> None:
         self.vad = SileroVad()
+        path = self._syncnet_path()
+        if path is not None:
+            res = self.config.resources
+            device = "cuda" if res.num_gpus > 0 else "cpu"
+            self.syncnet = SyncNetScorer(path, device, res.batch_size)
 
     def process(self, inputs: ItemInputs, ctx: ItemContext) -> QualityVerdict:
         if self.vad is None:
@@ -144,6 +194,7 @@ class QualityStage(Stage[QualityConfig]):
         yaw = float(np.percentile(np.abs(yaw_ratios(lm)), 90)) if len(lm) else 0.0
         second, max_second = face.max_second_face_ratio, cfg.max_second_face_ratio
         speech, min_speech = audio.speech_fraction, cfg.min_speech_fraction
+        av = self._av_offset(clip, face, boxes, samples, rate_hz, ctx)
         rules = [
             self._rule(
                 "duration",
@@ -217,14 +268,49 @@ class QualityStage(Stage[QualityConfig]):
                 f"noisy audio: SNR {audio.snr_db:.1f} dB < {cfg.min_snr_db:.1f} dB"
                 + ("" if audio.speech_s else " (no speech found)"),
             ),
+            av.rule,
         ]
         accepted = all(r.passed for r in rules if r.hard)
         weight = 1.0
         for r in rules:
             if not r.hard and not r.passed:
                 weight *= cfg.soft_fail_weight
+        aligned = None
+        if av.audio_shift_ms:
+            wav = ctx.scratch / "audio_aligned.wav"
+            write_wav(wav, shift_audio(samples, rate_hz, av.audio_shift_ms), rate_hz)
+            aligned = ctx.commit(wav, "audio_aligned.wav", "audio")
         return QualityVerdict(
-            clip_id=clip.clip_id, accepted=accepted, sampling_weight=weight, rules=rules
+            clip_id=clip.clip_id,
+            accepted=accepted,
+            sampling_weight=weight,
+            rules=rules,
+            audio_shift_ms=av.audio_shift_ms,
+            aligned_audio=aligned,
+        )
+
+    def _av_offset(
+        self,
+        clip: NormalizedClip,
+        face: FaceTrack,
+        boxes: dict[str, np.ndarray],
+        samples: np.ndarray,
+        rate_hz: int,
+        ctx: ItemContext,
+    ) -> AvOffsetDecision:
+        cfg = self.config
+        crops, px = ctx.local_path(face.crops), face.crop_size_px
+        if cfg.av_offset_method == "syncnet":
+            assert self.syncnet is not None  # loaded by setup()
+            est = self.syncnet.measure(crops, px, boxes, samples, rate_hz, clip.fps)
+        else:
+            est = xcorr_offset(crops, px, mouth_roi(boxes, px), samples, rate_hz, clip.fps)
+        return judge_av_offset(
+            est,
+            cfg.max_av_offset_ms,
+            cfg.min_av_offset_confidence,
+            cfg.realign_confident_offsets,
+            hard="av_offset" not in cfg.soft_rules,
         )
 
     def _rule(

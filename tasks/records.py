@@ -182,7 +182,9 @@ class RuleResult(Record):
     threshold: float
     passed: bool
     hard: bool = True  # hard rules reject; soft rules only lower the sampling weight
-    reason: str = ""  # why it failed, human readable, empty when passed
+    # why it failed, human readable; empty when passed, except for a note on how a passing
+    # rule was decided when it could not simply measure (``av_offset``: unmeasurable, re-aligned)
+    reason: str = ""
 
 
 class QualityVerdict(Record):
@@ -192,6 +194,11 @@ class QualityVerdict(Record):
     accepted: bool
     sampling_weight: float = 1.0
     rules: list[RuleResult]
+    # ``av_offset`` re-alignment: the clip's audio delayed by ``audio_shift_ms`` (negative:
+    # advanced), zero-filled to the same length; stages that read the clip's audio must
+    # take ``aligned_audio`` instead of ``NormalizedClip.audio`` when it is set
+    audio_shift_ms: float = 0.0
+    aligned_audio: ArtifactRef | None = None
 
     def rejection_reason(self) -> str | None:
         if self.accepted:

@@ -184,3 +184,33 @@ def test_real_talking_face_clip_is_aligned(stage, tmp_path):
     assert rec.num_frames == n
     assert rec.file("vae_latents").shape == [n, 16, 8, 8]
     assert rec.file("hubert").shape == [n, 2, 32]
+
+
+def test_realigned_audio_from_quality_is_what_hubert_reads(stage, tmp_path):
+    from models.hubert import extract_hubert
+    from tasks.base import ItemContext, ItemInputs
+    from tasks.media import read_wav, write_wav
+    from tasks.records import QualityVerdict
+
+    inputs = commit_clip(tmp_path, "clip-r", num_frames=12, size_px=64, seed=7)
+    store = ArtifactStore(str(tmp_path / "store"))
+    wave, rate = read_wav(Path(store._path(inputs.records["download"].audio.uri)))
+    shifted = np.concatenate([np.zeros(3200, np.float32), wave[:-3200]])  # 200 ms later
+    qctx = ItemContext(store, "quality", "clip-r", "q" * 40)
+    wav = qctx.scratch / "audio_aligned.wav"
+    write_wav(wav, shifted, rate)
+    verdict = QualityVerdict(
+        clip_id="clip-r",
+        accepted=True,
+        rules=[],
+        audio_shift_ms=200.0,
+        aligned_audio=qctx.commit(wav, "audio_aligned.wav", "audio"),
+    )
+    qctx.close()
+    with_quality = ItemInputs(item_id="clip-r", records={**inputs.records, "quality": verdict})
+    rec, _ = run_item(stage, tmp_path, with_quality)
+    feats, _ = read(store._path(rec.file("hubert").artifact.uri), "features")
+    (direct,) = extract_hubert(stage.hubert, stage.feature_extractor, [shifted], layer=-1)
+    np.testing.assert_allclose(feats[5, 0].float().numpy(), direct[10], atol=2e-2)
+    (original,) = extract_hubert(stage.hubert, stage.feature_extractor, [wave], layer=-1)
+    assert not np.allclose(feats[5, 0].float().numpy(), original[10], atol=2e-2)
