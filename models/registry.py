@@ -108,10 +108,12 @@ def _load_builder(family: str) -> TinyBuilder:
         module = {
             "vae-flux1": "models.vae",
             "vae-sd": "models.vae",
+            "vae-flux2": "models.vae",
             "hubert": "models.hubert",
             "syncnet": "models.syncnet",
             "liveportrait-motion": "models.liveportrait",
             "emoca": "models.emoca",
+            "dinov2": "models.dinov2",
         }.get(family)
         if module:
             importlib.import_module(module)

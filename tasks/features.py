@@ -10,6 +10,8 @@ artifact carrying shape, dtype and the fingerprint of the weights that made it:
   disables it) and ``emoca_flame.safetensors``: tensor ``flame`` ``(T, 159)`` (``flame:
   null`` disables it); both computed from the same decoded crop frames as the latents
   (see :mod:`tasks.features_video`);
+- ``reference.safetensors``: DINOv2 ``cls`` ``(D,)``, ``patch_tokens`` ``(N, D)`` and the
+  ``image`` of the clip's middle frame (``reference: null`` disables it);
 - ``hubert.safetensors``: tensor ``features`` ``(T, 2, D)``, two HuBERT steps per video frame.
 
 **Alignment rule.** HuBERT emits ``T_a = floor((N - 400) / 320) + 1`` steps for ``N`` samples
@@ -50,7 +52,7 @@ from models.hubert import (
 )
 from models.liveportrait import MOTION_LAYOUT
 from models.registry import ModelSpec, ensure_model, fingerprint
-from models.vae import latent_factors, load_vae
+from models.vae import is_flux2, latent_factors, load_vae
 from tasks.base import (
     FailureKind,
     ItemContext,
@@ -64,7 +66,7 @@ from tasks.features_video import VideoExtractors
 from tasks.media import read_wav
 from tasks.records import ClipFeatures, FaceTrack, FeatureFile, NormalizedClip
 
-VAE_FAMILIES = ("vae-flux1", "vae-sd")
+VAE_FAMILIES = ("vae-flux1", "vae-sd", "vae-flux2")
 STEPS_PER_FRAME = 2
 
 
@@ -82,6 +84,9 @@ class FeaturesConfig(StageConfig):
     )
     flame: ModelSpec | None = ModelSpec(
         family="emoca", source="models/emoca-tiny", tiny_random=True
+    )
+    reference: ModelSpec | None = ModelSpec(
+        family="dinov2", source="models/dinov2-tiny", tiny_random=True
     )
     emoca_crop_fraction: float = Field(
         0.83, gt=0.2, le=1.0, description="central share of the face crop EMOCA sees"
@@ -131,7 +136,8 @@ class FeaturesStage(Stage[FeaturesConfig]):
 
     def model_specs(self) -> list[Any]:
         cfg = self.config
-        return [s for s in (cfg.vae, cfg.hubert, cfg.motion, cfg.flame) if s is not None]
+        specs = (cfg.vae, cfg.hubert, cfg.motion, cfg.flame, cfg.reference)
+        return [s for s in specs if s is not None]
 
     def setup(self) -> None:
         root = Path(self.env.data_root)
@@ -146,6 +152,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
             self.device,
             torch.float32,
             revision=vae_spec.revision,
+            family=vae_spec.family,
         )
         hub_path = ensure_model(hub_spec, root)
         self.hubert = load_hubert(
@@ -160,6 +167,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
             self.vae,
             self.config.motion,
             self.config.flame,
+            self.config.reference,
             root,
             self.device,
             self.config.emoca_crop_fraction,
@@ -175,7 +183,10 @@ class FeaturesStage(Stage[FeaturesConfig]):
         fps = float(face.fps or clip.fps)
         if fps <= 0:
             raise ItemFailure(FailureKind.BAD_METADATA, f"non-positive frame rate {fps}")
-        video = self.video.run(ctx.local_path(face.crops), self.config.resources.batch_size)
+        reference_index = face.num_frames // 2
+        video = self.video.run(
+            ctx.local_path(face.crops), self.config.resources.batch_size, reference_index
+        )
         t = video["vae_latents"].shape[0]
         if abs(t - face.num_frames) > self.config.max_misalignment_frames:
             raise ItemFailure(
@@ -192,8 +203,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
             self._save(
                 ctx, "vae_latents", "latents", video["vae_latents"], cfg.latent_dtype,
                 cfg.vae.family, fps, common,
-                {"layout": "T,C,H/8,W/8", "scaling_factor": repr(scale),
-                 "shift_factor": repr(shift), "normalisation": "(mode - shift) * scale"},
+                _latent_meta(self.vae, scale, shift),
             ),
             self._save(
                 ctx, "hubert", "features", torch.from_numpy(aligned), cfg.hubert_dtype,
@@ -223,7 +233,43 @@ class FeaturesStage(Stage[FeaturesConfig]):
                               "224x224 RGB in [0, 1]"},
                 )
             )  # fmt: skip
+        if cfg.reference is not None:
+            fp = self.fingerprints[cfg.reference.family]
+            frame = min(reference_index, t - 1)
+            files.append(self._save_reference(ctx, video, frame, common, fp))
         return ClipFeatures(clip_id=clip.clip_id, fps=fps, num_frames=t, files=files)
+
+    def _save_reference(
+        self,
+        ctx: ItemContext,
+        video: dict[str, torch.Tensor],
+        frame: int,
+        common: dict[str, str],
+        fp: ModelFingerprint,
+    ) -> FeatureFile:
+        """DINOv2 CLS + patch tokens of the reference frame, with the frame (one per clip)."""
+        tensors = {
+            "cls": video["reference_cls"].contiguous(),
+            "patch_tokens": video["reference_patch_tokens"].contiguous(),
+            "image": video["reference_image"].contiguous(),
+        }
+        path = ctx.scratch / "reference.safetensors"
+        meta = {
+            **common,
+            **_fp_meta(fp),
+            "frame_index": str(frame),
+            "layout": "cls (D), patch_tokens (N, D) row-major 14 px patches, image (H, W, 3)",
+        }
+        save_file(tensors, str(path), metadata=meta)
+        ref = ctx.commit(path, "reference.safetensors", kind="features")
+        return FeatureFile(
+            family="reference",
+            artifact=ref,
+            shape=list(tensors["patch_tokens"].shape),
+            dtype="float32",
+            frame_rate_hz=0.0,
+            model=fp,
+        )
 
     def _save(
         self,
@@ -275,6 +321,21 @@ class FeaturesStage(Stage[FeaturesConfig]):
             context_steps=int(self.config.hubert_context_s * FRAME_RATE_HZ),
         )
         return align_audio_steps(feats, num_frames, fps)
+
+
+def _latent_meta(vae: Any, scale: float, shift: float) -> dict[str, str]:
+    """How the stored latents were normalised, so a reader can undo it."""
+    if is_flux2(vae):
+        return {
+            "layout": "T,4C,H/16,W/16 (2x2 patchified, channel order c,dy,dx)",
+            "normalisation": "(patchify(mode) - bn.running_mean) / sqrt(bn.running_var + eps)",
+        }
+    return {
+        "layout": "T,C,H/8,W/8",
+        "scaling_factor": repr(scale),
+        "shift_factor": repr(shift),
+        "normalisation": "(mode - shift) * scale",
+    }
 
 
 def _fp_meta(fp: ModelFingerprint) -> dict[str, str]:

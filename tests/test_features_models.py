@@ -147,3 +147,32 @@ def test_hubert_windowed_tiles_the_step_grid(hubert):
     # and stays close to the single pass (context hides most of the window edge)
     corr = np.corrcoef(windowed.ravel(), full.ravel())[0, 1]
     assert corr > 0.9
+
+
+def test_flux2_vae_patchifies_and_normalises_with_its_batch_norm(tmp_path):
+    from diffusers import AutoencoderKLFlux2
+
+    from models.vae import latent_stride
+
+    spec = ModelSpec(family="vae-flux2", source="models/vae2", tiny_random=True)
+    vae = load_vae(ensure_model(spec, tmp_path))
+    assert isinstance(vae, AutoencoderKLFlux2) and latent_stride(vae) == 16
+    frames = face_frames(3, 64)
+    z = encode_frames(vae, frames, batch_size=2)
+    assert z.shape == (3, 128, 4, 4)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        mode = vae.encode(x).latent_dist.mode()  # (3, 32, 8, 8)
+    # channel 4c + 2dy + dx of cell (i, j) is mode[c, 2i + dy, 2j + dx], then batch-normed
+    mean, var = vae.bn.running_mean, vae.bn.running_var
+    eps = vae.config.batch_norm_eps
+    c, dy, dx, i, j = 5, 1, 0, 2, 3
+    k = 4 * c + 2 * dy + dx
+    expected = (mode[:, c, 2 * i + dy, 2 * j + dx] - mean[k]) / torch.sqrt(var[k] + eps)
+    torch.testing.assert_close(z[:, k, i, j], expected, atol=1e-5, rtol=1e-5)
+    out = decode_latents(vae, z)
+    with torch.no_grad():
+        ref = ((vae.decode(mode).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
+    assert np.abs(out.astype(int) - ref.permute(0, 2, 3, 1).numpy().astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="multiple of 16"):
+        encode_frames(vae, np.zeros((1, 56, 64, 3), np.uint8))

@@ -42,6 +42,7 @@ def test_features_stage_writes_aligned_latents_and_hubert(stage, tmp_path):
         "hubert.safetensors",
         "liveportrait_motion.safetensors",
         "emoca_flame.safetensors",
+        "reference.safetensors",
     }
 
     lat_file = rec.file("vae_latents")
@@ -73,6 +74,7 @@ def test_features_stage_writes_aligned_latents_and_hubert(stage, tmp_path):
         "hubert",
         "liveportrait_motion",
         "emoca_flame",
+        "reference",
     }
 
 
@@ -214,3 +216,41 @@ def test_realigned_audio_from_quality_is_what_hubert_reads(stage, tmp_path):
     np.testing.assert_allclose(feats[5, 0].float().numpy(), direct[10], atol=2e-2)
     (original,) = extract_hubert(stage.hubert, stage.feature_extractor, [wave], layer=-1)
     assert not np.allclose(feats[5, 0].float().numpy(), original[10], atol=2e-2)
+
+
+def test_reference_features_come_from_the_middle_frame(stage, tmp_path):
+    from models.dinov2 import embed_reference
+    from tasks.media import iter_frames
+
+    inputs = commit_clip(tmp_path, "clip-ref", num_frames=9, size_px=64, seed=11)
+    rec, _ = run_item(stage, tmp_path, inputs)
+    store = ArtifactStore(str(tmp_path / "store"))
+    path = store._path(rec.file("reference").artifact.uri)
+    with safe_open(path, framework="pt") as f:
+        cls, tokens, image = (f.get_tensor(k) for k in ("cls", "patch_tokens", "image"))
+        meta = f.metadata()
+    assert meta["frame_index"] == "4"
+    assert tokens.shape == (256, 32) and cls.shape == (32,)  # 224 / 14 = 16 patches a side
+    assert rec.file("reference").model.origin == "random-init"
+    crops = Path(store._path(inputs.records["faces"].crops.uri))
+    frames = np.concatenate(list(iter_frames(crops, 64, 64)))
+    assert torch.equal(image, torch.from_numpy(frames[4]))
+    direct = embed_reference(stage.video.reference, frames[4])
+    assert torch.allclose(direct["cls"], cls, atol=1e-5)
+    assert torch.allclose(direct["patch_tokens"], tokens, atol=1e-5)
+
+
+def test_flux2_vae_selectable_by_config(tmp_path):
+    from models.registry import ModelSpec
+
+    vae = ModelSpec(family="vae-flux2", source="models/vae-flux2-tiny", tiny_random=True)
+    stage = make_features_stage(tmp_path, vae=vae, motion=None, flame=None, reference=None)
+    inputs = commit_clip(tmp_path, "clip-f2", num_frames=6, size_px=64)
+    rec, ctx = run_item(stage, tmp_path, inputs)
+    assert {a.name for a in ctx.artifacts} == {"vae_latents.safetensors", "hubert.safetensors"}
+    lat, meta = read(
+        ArtifactStore(str(tmp_path / "store"))._path(rec.file("vae_latents").artifact.uri),
+        "latents",
+    )
+    assert lat.shape == (6, 128, 4, 4) and "bn.running_mean" in meta["normalisation"]
+    assert rec.file("vae_latents").model.name == "vae-flux2"
