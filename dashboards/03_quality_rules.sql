@@ -1,1 +1,1 @@
-SELECT * FROM quality_summary
+SELECT * FROM quality_rules

@@ -61,6 +61,10 @@ class StageWorker:
     """Body of a Ray actor: one stage instance, set up once, processing many items."""
 
     def __init__(self, stage_cls: type[Stage[Any]], config: StageConfig, env: StageEnv):
+        import torch
+
+        # a worker uses the CPUs it reserved, not every core (2 workers would oversubscribe)
+        torch.set_num_threads(max(1, int(config.resources.num_cpus)))
         self.stage = stage_cls(config, env)
         self.stage.setup()
         self.setup_calls = 1
