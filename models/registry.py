@@ -26,7 +26,9 @@ from pydantic import BaseModel, ConfigDict
 from tasks.base import ModelFingerprint
 
 PROVENANCE_FILE = "talkforge_provenance.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".model", ".zip")
+WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".model", ".zip", ".yaml", ".mvn"
+)  # fmt: skip
 
 TinyBuilder = Callable[[Path, int], None]
 _TINY_BUILDERS: dict[str, TinyBuilder] = {}
@@ -114,6 +116,7 @@ def _load_builder(family: str) -> TinyBuilder:
             "liveportrait-motion": "models.liveportrait",
             "emoca": "models.emoca",
             "dinov2": "models.dinov2",
+            "sensevoice": "models.sensevoice",
         }.get(family)
         if module:
             importlib.import_module(module)

@@ -193,6 +193,13 @@ STATS_TABLES: dict[str, pa.Schema] = {
         pa.field("model_sha256", pa.string()),
         pa.field("model_origin", pa.string()),
     ),
+    "speech": _stats(
+        pa.field("language", pa.string()),
+        pa.field("emotion", pa.string()),
+        pa.field("event", pa.string()),
+        pa.field("transcript", pa.string()),
+        pa.field("model_origin", pa.string()),
+    ),
     "engram_stats": _stats(
         pa.field("ngram_order", pa.int32()),
         pa.field("occupied_slots", pa.int64()),

@@ -12,7 +12,11 @@ artifact carrying shape, dtype and the fingerprint of the weights that made it:
   (see :mod:`tasks.features_video`);
 - ``reference.safetensors``: DINOv2 ``cls`` ``(D,)``, ``patch_tokens`` ``(N, D)`` and the
   ``image`` of the clip's middle frame (``reference: null`` disables it);
-- ``hubert.safetensors``: tensor ``features`` ``(T, 2, D)``, two HuBERT steps per video frame.
+- ``hubert.safetensors``: tensor ``features`` ``(T, 2, D)``, two HuBERT steps per video frame;
+- ``sensevoice.safetensors``: ``features`` ``(T_s, 512)`` at ≈16.67 Hz (prompt rows dropped)
+  and ``frame_index`` ``(T,)``: two SenseVoice steps per three video frames (rule in
+  :mod:`tasks.features_audio`); language / emotion / event tags and the transcript go to
+  the ``speech`` catalog table (``sensevoice: null`` disables it).
 
 **Alignment rule.** HuBERT emits ``T_a = floor((N - 400) / 320) + 1`` steps for ``N`` samples
 at 16 kHz; step ``k`` sees samples ``[320k, 320k + 400)`` (50 Hz). Video frame ``i`` of a
@@ -52,6 +56,8 @@ from models.hubert import (
 )
 from models.liveportrait import MOTION_LAYOUT
 from models.registry import ModelSpec, ensure_model, fingerprint
+from models.sensevoice import FRAME_RATE_HZ as FRAME_RATE_SV
+from models.sensevoice import load_sensevoice
 from models.vae import is_flux2, latent_factors, load_vae
 from tasks.base import (
     FailureKind,
@@ -62,9 +68,10 @@ from tasks.base import (
     Stage,
     StageConfig,
 )
+from tasks.features_audio import run_sensevoice
 from tasks.features_video import VideoExtractors
 from tasks.media import read_wav
-from tasks.records import ClipFeatures, FaceTrack, FeatureFile, NormalizedClip
+from tasks.records import ClipFeatures, FaceTrack, FeatureFile, NormalizedClip, SpeechTags
 
 VAE_FAMILIES = ("vae-flux1", "vae-sd", "vae-flux2")
 STEPS_PER_FRAME = 2
@@ -84,6 +91,9 @@ class FeaturesConfig(StageConfig):
     )
     flame: ModelSpec | None = ModelSpec(
         family="emoca", source="models/emoca-tiny", tiny_random=True
+    )
+    sensevoice: ModelSpec | None = ModelSpec(
+        family="sensevoice", source="models/sensevoice-tiny", tiny_random=True
     )
     reference: ModelSpec | None = ModelSpec(
         family="dinov2", source="models/dinov2-tiny", tiny_random=True
@@ -136,7 +146,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
 
     def model_specs(self) -> list[Any]:
         cfg = self.config
-        specs = (cfg.vae, cfg.hubert, cfg.motion, cfg.flame, cfg.reference)
+        specs = (cfg.vae, cfg.hubert, cfg.motion, cfg.flame, cfg.reference, cfg.sensevoice)
         return [s for s in specs if s is not None]
 
     def setup(self) -> None:
@@ -172,6 +182,10 @@ class FeaturesStage(Stage[FeaturesConfig]):
             self.device,
             self.config.emoca_crop_fraction,
         )
+        self.sensevoice = None
+        if self.config.sensevoice is not None:
+            sv_path = ensure_model(self.config.sensevoice, root)
+            self.sensevoice = load_sensevoice(sv_path or self.config.sensevoice.source, self.device)
         self.fingerprints: dict[str, ModelFingerprint] = {
             s.family: self.env.model_fingerprints.get(s.family) or fingerprint(s, root)
             for s in self.model_specs()
@@ -195,7 +209,8 @@ class FeaturesStage(Stage[FeaturesConfig]):
             )
         verdict = inputs.records.get("quality")
         audio_ref = getattr(verdict, "aligned_audio", None) or clip.audio  # re-aligned wins
-        aligned = self._audio_features(ctx.local_path(audio_ref), t, fps)
+        wav_path = ctx.local_path(audio_ref)
+        aligned = self._audio_features(wav_path, t, fps)
         scale, shift = latent_factors(self.vae)
         cfg = self.config
         common = {"clip_id": clip.clip_id, "fps": repr(fps), "num_frames": str(t)}
@@ -233,41 +248,65 @@ class FeaturesStage(Stage[FeaturesConfig]):
                               "224x224 RGB in [0, 1]"},
                 )
             )  # fmt: skip
+        speech = None
+        if cfg.sensevoice is not None and self.sensevoice is not None:
+            wave, _ = read_wav(wav_path)
+            sv = run_sensevoice(self.sensevoice, wave, t, fps, cfg.max_misalignment_frames)
+            sv_fp = self.fingerprints[cfg.sensevoice.family]
+            files.append(self._save_tensors(
+                ctx, "sensevoice",
+                {"features": torch.from_numpy(sv.features),
+                 "frame_index": torch.from_numpy(sv.frame_index)},
+                sv_fp, common, frame_rate_hz=FRAME_RATE_SV,
+                meta={"layout": "features (T_s, 512) at 1000/60 Hz, prompt rows dropped; "
+                                "frame_index (T,)",
+                      "alignment": "video frame i <- step floor((2i + 1) / 3) at 25 fps",
+                      "language": sv.language or "", "emotion": sv.emotion or "",
+                      "event": sv.event or "", "transcript": sv.transcript},
+            ))  # fmt: skip
+            speech = SpeechTags(
+                language=sv.language or "",
+                emotion=sv.emotion or "",
+                event=sv.event or "",
+                transcript=sv.transcript,
+                model_origin=sv_fp.origin,
+            )
         if cfg.reference is not None:
             fp = self.fingerprints[cfg.reference.family]
             frame = min(reference_index, t - 1)
-            files.append(self._save_reference(ctx, video, frame, common, fp))
-        return ClipFeatures(clip_id=clip.clip_id, fps=fps, num_frames=t, files=files)
+            files.append(self._save_tensors(
+                ctx, "reference",
+                {"patch_tokens": video["reference_patch_tokens"], "cls": video["reference_cls"],
+                 "image": video["reference_image"]},
+                fp, common, frame_rate_hz=0.0,
+                meta={"frame_index": str(frame),
+                      "layout": "cls (D), patch_tokens (N, D) row-major 14 px patches, "
+                                "image (H, W, 3) uint8"},
+            ))  # fmt: skip
+        return ClipFeatures(clip_id=clip.clip_id, fps=fps, num_frames=t, files=files, speech=speech)
 
-    def _save_reference(
+    def _save_tensors(
         self,
         ctx: ItemContext,
-        video: dict[str, torch.Tensor],
-        frame: int,
-        common: dict[str, str],
+        family: str,
+        tensors: dict[str, torch.Tensor],
         fp: ModelFingerprint,
+        common: dict[str, str],
+        frame_rate_hz: float,
+        meta: dict[str, str],
     ) -> FeatureFile:
-        """DINOv2 CLS + patch tokens of the reference frame, with the frame (one per clip)."""
-        tensors = {
-            "cls": video["reference_cls"].contiguous(),
-            "patch_tokens": video["reference_patch_tokens"].contiguous(),
-            "image": video["reference_image"].contiguous(),
-        }
-        path = ctx.scratch / "reference.safetensors"
-        meta = {
-            **common,
-            **_fp_meta(fp),
-            "frame_index": str(frame),
-            "layout": "cls (D), patch_tokens (N, D) row-major 14 px patches, image (H, W, 3)",
-        }
-        save_file(tensors, str(path), metadata=meta)
-        ref = ctx.commit(path, "reference.safetensors", kind="features")
+        """Several named tensors in one family file; the first one's shape and dtype describe it."""
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        path = ctx.scratch / f"{family}.safetensors"
+        save_file(tensors, str(path), metadata={**common, **_fp_meta(fp), **meta})
+        ref = ctx.commit(path, f"{family}.safetensors", kind="features")
+        first = next(iter(tensors.values()))
         return FeatureFile(
-            family="reference",
+            family=family,
             artifact=ref,
-            shape=list(tensors["patch_tokens"].shape),
-            dtype="float32",
-            frame_rate_hz=0.0,
+            shape=list(first.shape),
+            dtype=str(first.dtype).removeprefix("torch."),
+            frame_rate_hz=frame_rate_hz,
             model=fp,
         )
 

@@ -234,6 +234,16 @@ class FeatureFile(Record):
     model: ModelFingerprint
 
 
+class SpeechTags(Record):
+    """What SenseVoice says about a clip's audio (stored as catalog columns)."""
+
+    language: str = ""
+    emotion: str = ""
+    event: str = ""
+    transcript: str = ""
+    model_origin: str = ""  # "random-init" tags are noise, never data
+
+
 class ClipFeatures(Record):
     """Per-frame features of an accepted clip, aligned to its video frames."""
 
@@ -241,6 +251,7 @@ class ClipFeatures(Record):
     fps: float
     num_frames: int
     files: list[FeatureFile]
+    speech: SpeechTags | None = None
 
     def file(self, family: str) -> FeatureFile:
         for f in self.files:
@@ -263,7 +274,8 @@ class ClipFeatures(Record):
                     "model_origin": f.model.origin,
                 }
                 for f in self.files
-            ]
+            ],
+            "speech": [self.speech.model_dump()] if self.speech is not None else [],
         }
 
 

@@ -43,6 +43,7 @@ def test_features_stage_writes_aligned_latents_and_hubert(stage, tmp_path):
         "liveportrait_motion.safetensors",
         "emoca_flame.safetensors",
         "reference.safetensors",
+        "sensevoice.safetensors",
     }
 
     lat_file = rec.file("vae_latents")
@@ -75,6 +76,7 @@ def test_features_stage_writes_aligned_latents_and_hubert(stage, tmp_path):
         "liveportrait_motion",
         "emoca_flame",
         "reference",
+        "sensevoice",
     }
 
 
@@ -244,7 +246,9 @@ def test_flux2_vae_selectable_by_config(tmp_path):
     from models.registry import ModelSpec
 
     vae = ModelSpec(family="vae-flux2", source="models/vae-flux2-tiny", tiny_random=True)
-    stage = make_features_stage(tmp_path, vae=vae, motion=None, flame=None, reference=None)
+    stage = make_features_stage(
+        tmp_path, vae=vae, motion=None, flame=None, reference=None, sensevoice=None
+    )
     inputs = commit_clip(tmp_path, "clip-f2", num_frames=6, size_px=64)
     rec, ctx = run_item(stage, tmp_path, inputs)
     assert {a.name for a in ctx.artifacts} == {"vae_latents.safetensors", "hubert.safetensors"}
@@ -254,3 +258,22 @@ def test_flux2_vae_selectable_by_config(tmp_path):
     )
     assert lat.shape == (6, 128, 4, 4) and "bn.running_mean" in meta["normalisation"]
     assert rec.file("vae_latents").model.name == "vae-flux2"
+
+
+def test_sensevoice_rows_follow_the_formula_and_map_two_per_three_frames(stage, tmp_path):
+    from models.sensevoice_frontend import sensevoice_num_frames
+
+    inputs = commit_clip(tmp_path, "clip-sv", num_frames=30, size_px=64, seed=2)
+    rec, _ = run_item(stage, tmp_path, inputs)
+    store = ArtifactStore(str(tmp_path / "store"))
+    path = store._path(rec.file("sensevoice").artifact.uri)
+    with safe_open(path, framework="pt") as f:
+        feats, index = f.get_tensor("features"), f.get_tensor("frame_index")
+        meta = f.metadata()
+    n = 30 * 640  # 1.2 s of audio at 16 kHz
+    assert feats.shape == (sensevoice_num_frames(n), 32)  # the tiny model's hidden size
+    assert feats.shape[0] == 20 and index.tolist() == [(2 * i + 1) // 3 for i in range(30)]
+    assert meta["model_sha256"] == stage.env.model_fingerprints["sensevoice"].sha256
+    speech = rec.stats_rows()["speech"]
+    assert len(speech) == 1 and speech[0]["model_origin"] == "random-init"
+    assert rec.speech is not None and rec.speech.language == meta["language"]
