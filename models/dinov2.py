@@ -10,7 +10,6 @@ variants, which :func:`embed_reference` keeps out of ``patch_tokens``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, BitImageProcessor, Dinov2Config, Dinov2Model
 
-from models.registry import ModelUnavailableError, register_tiny_builder
+from models.registry import ModelUnavailableError, hf_load_kwargs, register_tiny_builder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,12 +59,7 @@ def load_dinov2(
     revision: str | None = None,
 ) -> Dinov2Encoder:
     """Model and image processor from a local directory or hub id (offline-safe)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    kwargs: dict[str, object] = {"local_files_only": Path(path_or_hub_id).exists() or offline}
-    if subfolder:
-        kwargs["subfolder"] = subfolder
-    if revision:
-        kwargs["revision"] = revision
+    kwargs = hf_load_kwargs(path_or_hub_id, subfolder, revision)
     try:
         model = Dinov2Model.from_pretrained(str(path_or_hub_id), **kwargs)
         processor = AutoImageProcessor.from_pretrained(str(path_or_hub_id), **kwargs)

@@ -13,14 +13,13 @@ run long audio in overlapping windows whose steps line up exactly with a single 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
 
-from models.registry import ModelUnavailableError, register_tiny_builder
+from models.registry import ModelUnavailableError, hf_load_kwargs, register_tiny_builder
 
 SAMPLE_RATE_HZ = 16_000
 FRAME_RATE_HZ = 50.0
@@ -61,12 +60,7 @@ def load_hubert(
     Local paths and ``HF_HUB_OFFLINE=1`` never touch the network; a missing model raises
     :class:`ModelUnavailableError`.
     """
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    kwargs: dict[str, object] = {"local_files_only": Path(path_or_hub_id).exists() or offline}
-    if subfolder:
-        kwargs["subfolder"] = subfolder
-    if revision:
-        kwargs["revision"] = revision
+    kwargs = hf_load_kwargs(path_or_hub_id, subfolder, revision)
     try:
         model = HubertModel.from_pretrained(str(path_or_hub_id), dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:

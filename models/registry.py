@@ -51,6 +51,20 @@ class ModelUnavailableError(RuntimeError):
     """Weights a run needs are not where the config says; the message says how to fix it."""
 
 
+def hf_load_kwargs(
+    path_or_hub_id: str | Path, subfolder: str | None = None, revision: str | None = None
+) -> dict[str, object]:
+    """``from_pretrained`` keywords: local paths and ``HF_HUB_OFFLINE=1`` never fetch."""
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    offline = flag in {"1", "true", "yes", "on"}
+    kwargs: dict[str, object] = {"local_files_only": Path(path_or_hub_id).exists() or offline}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    if revision:
+        kwargs["revision"] = revision
+    return kwargs
+
+
 def register_tiny_builder(family: str) -> Callable[[TinyBuilder], TinyBuilder]:
     """Decorator: ``builder(directory, seed)`` writes a tiny model loadable by the real loader."""
 
