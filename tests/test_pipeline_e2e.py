@@ -100,15 +100,28 @@ def test_features_are_aligned_and_labelled_random_init(pipeline_root: Path) -> N
         "SELECT f.*, c.num_frames AS clip_frames FROM current_features f "
         "JOIN current_clips c USING (item_id)",
     )
-    assert {f["family"] for f in feats} == {"vae_latents", "hubert"}
+    assert {f["family"] for f in feats} == {
+        "vae_latents", "hubert", "liveportrait_motion", "emoca_flame", "reference", "sensevoice"
+    }  # fmt: skip
     for f in feats:
         shape = [int(d) for d in f["shape"].split("x")]
+        assert f["model_origin"] == "random-init"
+        if f["family"] == "reference":  # one set per clip: 16 x 16 patch tokens
+            assert shape[0] == 256
+            continue
+        if f["family"] == "sensevoice":  # two 60 ms steps per three 40 ms frames
+            assert abs(shape[0] - f["clip_frames"] * 2 / 3) <= 2
+            continue
         assert shape[0] == f["clip_frames"]
         if f["family"] == "hubert":
             assert shape[1] == 2  # two 50 Hz steps per 25 fps frame
-        else:
+        elif f["family"] == "vae_latents":
             assert shape[1] == 16 and f["dtype"] == "float16"  # Flux.1 latent layout
-        assert f["model_origin"] == "random-init"
+        else:
+            assert shape[1] == {"liveportrait_motion": 133, "emoca_flame": 159}[f["family"]]
+    speech = q(pipeline_root, "SELECT * FROM current_speech")
+    assert len(speech) == len({f["item_id"] for f in feats})
+    assert {s["model_origin"] for s in speech} == {"random-init"}
 
 
 def test_every_current_artifact_exists_with_a_valid_checksum(pipeline_root: Path) -> None:
