@@ -65,10 +65,7 @@ def _child(mode: str, clip_dir: Path, work: Path) -> dict:
 
 def _make_clip(src: Path, out_dir: Path, seconds: float, loops: int) -> Path:
     """A normalized clip (25 fps, h264 + 16 kHz wav) committed like the download stage."""
-    from storage.store import ArtifactStore
-    from tasks.base import ItemContext
-    from tasks.media import count_frames, probe
-    from tasks.records import NormalizedClip
+    from tests.faces_helpers import commit_normalized_clip
 
     out_dir.mkdir(parents=True)
     video, wav = out_dir / "clip.mp4", out_dir / "audio.wav"
@@ -83,27 +80,7 @@ def _make_clip(src: Path, out_dir: Path, seconds: float, loops: int) -> Path:
         ["ffmpeg", "-v", "error", "-i", str(video), "-ac", "1", "-ar", "16000", str(wav)],
         check=True,
     )
-    info = probe(video)
-    store = ArtifactStore(str(out_dir / "store"))
-    ctx = ItemContext(store, "download", "bench", "a" * 40)
-    frames = count_frames(video)
-    record = NormalizedClip(
-        clip_id="bench",
-        dataset="bench",
-        source_id="bench",
-        start_s=0.0,
-        end_s=frames / 25,
-        duration_s=frames / 25,
-        fps=25.0,
-        num_frames=frames,
-        width=info.width,
-        height=info.height,
-        audio_sample_rate_hz=16000,
-        audio_channels=1,
-        video=ctx.commit(video, "clip.mp4", "video"),
-        audio=ctx.commit(wav, "audio.wav", "audio"),
-    )
-    ctx.close()
+    record = commit_normalized_clip(out_dir, "bench", video, wav, 25.0)
     (out_dir / "clip.json").write_text(record.model_dump_json())
     return out_dir
 

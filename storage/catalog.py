@@ -173,13 +173,6 @@ _SUMMARY_VIEWS = [
               round(avg(duration_s), 2) AS mean_duration_s, min(fps) AS min_fps,
               max(fps) AS max_fps
        FROM current_clips GROUP BY dataset ORDER BY dataset""",
-    """CREATE VIEW quality_summary AS
-       SELECT c.dataset, q.rule, count(*) AS clips,
-              sum(CASE WHEN q.passed THEN 0 ELSE 1 END) AS failed,
-              round(avg(q.value), 3) AS mean_value, min(q.value) AS min_value,
-              max(q.value) AS max_value, any_value(q.threshold) AS threshold
-       FROM current_quality q LEFT JOIN current_clips c USING (item_id)
-       GROUP BY c.dataset, q.rule ORDER BY c.dataset, q.rule""",
     """CREATE VIEW current_datasets AS
        SELECT * FROM datasets
        QUALIFY row_number() OVER (PARTITION BY dataset ORDER BY ingested_at DESC) = 1""",
@@ -214,13 +207,17 @@ _SUMMARY_VIEWS = [
               round(100.0 * count(*) FILTER (WHERE NOT passed) / count(*), 1) AS failed_pct,
               count(*) FILTER (WHERE NOT passed AND hard) AS removed,
               count(*) FILTER (WHERE NOT passed AND hard AND hard_fails = 1) AS removed_only_here,
-              any_value(threshold) AS threshold,
+              any_value(threshold) AS threshold, round(avg(value), 3) AS mean_value,
               min(value) AS min, quantile_cont(value, 0.1) AS p10, median(value) AS p50,
               quantile_cont(value, 0.9) AS p90, max(value) AS max,
               CASE WHEN count(*) FILTER (WHERE NOT passed) = count(*) THEN 'fails EVERY clip'
                    WHEN count(*) FILTER (WHERE NOT passed) = 0 THEN 'fails no clip'
                    ELSE '' END AS attention
        FROM q GROUP BY dataset, rule ORDER BY dataset, rule""",
+    """CREATE VIEW quality_summary AS
+       SELECT dataset, rule, clips, failed, mean_value, min AS min_value, max AS max_value,
+              threshold
+       FROM quality_rules""",
     """CREATE VIEW eval_summary AS
        SELECT metric, count(*) AS clips, avg(value) AS mean, min(value) AS min,
               max(value) AS max

@@ -21,7 +21,6 @@ A run whose weights are missing stops in preflight, before anything runs, with t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.registry import PROVENANCE_FILE, ModelSpec, resolve_source
+from storage.store import sha256_file
 from talkforge.config import PipelineConfig
 from talkforge.stages import STAGE_ORDER, STAGES
 from tasks.base import StageEnv
@@ -86,12 +86,8 @@ def hash_files(path: Path) -> dict[str, dict[str, int | str]]:
     """``{relative name: {size_bytes, sha256}}`` of every non-hidden file (no cache)."""
     out: dict[str, dict[str, int | str]] = {}
     for f in weight_files(path):
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
         rel = f.name if path.is_file() else str(f.relative_to(path))
-        out[rel] = {"size_bytes": f.stat().st_size, "sha256": digest.hexdigest()}
+        out[rel] = {"size_bytes": f.stat().st_size, "sha256": sha256_file(f)}
     return out
 
 

@@ -209,20 +209,20 @@ class FeaturesStage(Stage[FeaturesConfig]):
             )
         verdict = inputs.records.get("quality")
         audio_ref = getattr(verdict, "aligned_audio", None) or clip.audio  # re-aligned wins
-        wav_path = ctx.local_path(audio_ref)
-        aligned = self._audio_features(wav_path, t, fps)
+        wave, rate = read_wav(ctx.local_path(audio_ref))
+        aligned = self._audio_features(wave, rate, t, fps)
         scale, shift = latent_factors(self.vae)
-        cfg = self.config
+        cfg, prints = self.config, self.fingerprints
         common = {"clip_id": clip.clip_id, "fps": repr(fps), "num_frames": str(t)}
+        latents = video["vae_latents"].to(getattr(torch, cfg.latent_dtype))
+        hubert = torch.from_numpy(aligned).to(getattr(torch, cfg.hubert_dtype))
         files = [
-            self._save(
-                ctx, "vae_latents", "latents", video["vae_latents"], cfg.latent_dtype,
-                cfg.vae.family, fps, common,
+            self._save_tensors(
+                ctx, "vae_latents", {"latents": latents}, prints[cfg.vae.family], common, fps,
                 _latent_meta(self.vae, scale, shift),
             ),
-            self._save(
-                ctx, "hubert", "features", torch.from_numpy(aligned), cfg.hubert_dtype,
-                cfg.hubert.family, fps, common,
+            self._save_tensors(
+                ctx, "hubert", {"features": hubert}, prints[cfg.hubert.family], common, fps,
                 {"layout": "T,2,D", "layer": str(cfg.hubert_layer),
                  "alignment": "frame i <- 50 Hz steps (2i, 2i+1) at 25 fps; tail repeats last"},
             ),
@@ -230,9 +230,9 @@ class FeaturesStage(Stage[FeaturesConfig]):
         if cfg.motion is not None:
             layout = ",".join(f"{name}:{size}" for name, size in MOTION_LAYOUT)
             files.append(
-                self._save(
-                    ctx, "liveportrait_motion", "motion", video["liveportrait_motion"], "float32",
-                    cfg.motion.family, fps, common,
+                self._save_tensors(
+                    ctx, "liveportrait_motion", {"motion": video["liveportrait_motion"]},
+                    prints[cfg.motion.family], common, fps,
                     {"layout": f"T,133 ({layout}); angles in degrees",
                      "input": "face crop resized to 256x256 RGB in [0, 1]"},
                 )
@@ -240,9 +240,9 @@ class FeaturesStage(Stage[FeaturesConfig]):
         if cfg.flame is not None:
             layout = ",".join(f"{name}:{size}" for name, size in FLAME_LAYOUT)
             files.append(
-                self._save(
-                    ctx, "emoca_flame", "flame", video["emoca_flame"], "float32",
-                    cfg.flame.family, fps, common,
+                self._save_tensors(
+                    ctx, "emoca_flame", {"flame": video["emoca_flame"]},
+                    prints[cfg.flame.family], common, fps,
                     {"layout": f"T,159 ({layout}); pose axis-angle",
                      "input": f"central {cfg.emoca_crop_fraction:g} of the face crop, "
                               "224x224 RGB in [0, 1]"},
@@ -250,7 +250,6 @@ class FeaturesStage(Stage[FeaturesConfig]):
             )  # fmt: skip
         speech = None
         if cfg.sensevoice is not None and self.sensevoice is not None:
-            wave, _ = read_wav(wav_path)
             sv = run_sensevoice(self.sensevoice, wave, t, fps, cfg.max_misalignment_frames)
             sv_fp = self.fingerprints[cfg.sensevoice.family]
             files.append(self._save_tensors(
@@ -310,35 +309,9 @@ class FeaturesStage(Stage[FeaturesConfig]):
             model=fp,
         )
 
-    def _save(
-        self,
-        ctx: ItemContext,
-        family: str,
-        tensor_name: str,
-        values: torch.Tensor,
-        dtype: str,
-        model_family: str,
-        fps: float,
-        common: dict[str, str],
-        meta: dict[str, str],
-    ) -> FeatureFile:
-        """Write one family's safetensors file, commit it, and describe it."""
-        fp = self.fingerprints[model_family]
-        tensor = values.to(getattr(torch, dtype)).contiguous()
-        path = ctx.scratch / f"{family}.safetensors"
-        save_file({tensor_name: tensor}, str(path), metadata={**common, **_fp_meta(fp), **meta})
-        ref = ctx.commit(path, f"{family}.safetensors", kind="features")
-        return FeatureFile(
-            family=family,
-            artifact=ref,
-            shape=list(tensor.shape),
-            dtype=dtype,
-            frame_rate_hz=fps,
-            model=fp,
-        )
-
-    def _audio_features(self, wav: Path, num_frames: int, fps: float) -> np.ndarray:
-        wave, rate = read_wav(wav)
+    def _audio_features(
+        self, wave: np.ndarray, rate: int, num_frames: int, fps: float
+    ) -> np.ndarray:
         if rate != SAMPLE_RATE_HZ:
             raise ItemFailure(FailureKind.FORMAT, f"audio is {rate} Hz, HuBERT needs 16000 Hz")
         steps = hubert_num_frames(len(wave))

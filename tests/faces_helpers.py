@@ -39,7 +39,7 @@ def make_ctx(tmp_path: Path, stage: str, item_id: str) -> ItemContext:
     return ItemContext(ArtifactStore(str(tmp_path / "store")), stage, item_id, "k" * 40)
 
 
-def _commit_clip(
+def commit_normalized_clip(
     tmp_path: Path, clip_id: str, video: Path, wav: Path, fps: float
 ) -> NormalizedClip:
     """Commit a video + wav as the download stage would and describe them."""
@@ -81,7 +81,7 @@ def normalized_from_file(
         ["-i", str(video), "-vn", "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", str(wav)],
         "extract test audio",
     )
-    return _commit_clip(tmp_path, clip_id, video, wav, float(fps))
+    return commit_normalized_clip(tmp_path, clip_id, video, wav, float(fps))
 
 
 def normalized_from_frames(
@@ -103,7 +103,7 @@ def normalized_from_frames(
     num_samples = int(16000 * len(frames) / fps)
     samples = espeak_speech(work, num_samples) if speech else np.zeros(num_samples, np.float32)
     write_wav(wav, samples, 16000)
-    return _commit_clip(tmp_path, clip_id, video, wav, fps)
+    return commit_normalized_clip(tmp_path, clip_id, video, wav, fps)
 
 
 SENTENCE = "Speech for the test clip, one two three four five, and it goes on talking. "

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from storage.store import UnsafeIdError, safe_id
+from storage.store import UnsafeIdError, safe_id, sha256_file
 from tasks.base import SourceManifest
 from tasks.download.celebvhq import CELEBVHQ_LICENCE, INFO_FILE, read_celebvhq
 from tasks.download.hdtf import HDTF_LICENCE, HDTF_SUBSETS, read_hdtf
@@ -95,7 +95,7 @@ def fingerprint_files(paths: list[Path]) -> str:
     for path in paths:
         digest.update(path.name.encode() + b"\0")
         if path.is_file():
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+            digest.update(bytes.fromhex(sha256_file(path)))  # streamed: files can be 300 MB
     return digest.hexdigest()
 
 

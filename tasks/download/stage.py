@@ -37,7 +37,7 @@ from tasks.base import (
     StageEnv,
     stable_hash,
 )
-from tasks.download.datasets import DatasetSource, fingerprint_files, read_dataset
+from tasks.download.datasets import DatasetSource, read_dataset
 from tasks.download.errors import RetryPolicy
 from tasks.download.fetch import (
     RESERVED_YTDLP_OPTIONS,
@@ -46,7 +46,6 @@ from tasks.download.fetch import (
     commit_raw,
     ensure_raw,
 )
-from tasks.download.hdtf import read_hdtf
 from tasks.download.normalize import NormalizeSettings, normalize_clip
 from tasks.download.sample import (
     SAMPLE_LICENCE,
@@ -159,26 +158,15 @@ class DownloadStage(SourceStage[DownloadConfig]):
         manifests = [read_dataset(source) for source in config.datasets]
         if config.sample.enabled:
             root = build_sample_dataset(Path(env.data_root) / config.sample.dir, config.sample.seed)
-            files = sorted(sample_metadata_dir(root).glob("*.txt"))
-            result = read_hdtf(
-                sample_metadata_dir(root),
-                subsets=(SAMPLE_SUBSET,),
+            sample = DatasetSource(
+                kind="hdtf",
+                name="sample",
+                metadata=str(sample_metadata_dir(root)),
+                subsets=[SAMPLE_SUBSET],
                 url_template=sample_url_template(sample_videos_dir(root)),
-                dataset="sample",
                 licence=SAMPLE_LICENCE,
             )
-            manifests.append(
-                SourceManifest(
-                    dataset="sample",
-                    kind="hdtf",
-                    licence=SAMPLE_LICENCE,
-                    metadata_files=[str(p) for p in files],
-                    metadata_sha256=fingerprint_files(files),
-                    records=list(result.clips),
-                    problems=list(result.problems),
-                    warnings=list(result.warnings),
-                )
-            )
+            manifests.append(read_dataset(sample))
         return manifests
 
     def process(self, inputs: ItemInputs, ctx: ItemContext) -> NormalizedClip:
