@@ -8,7 +8,8 @@ like the download stage does, and a clip ``--long-factor`` times longer (the sam
 looped). Each measurement runs in a fresh child process so its peak RSS is its own:
 
 - **ceiling**: the clip decoded to nothing by the same decoder the stage uses
-  (``tasks.media.iter_frames``, the ffmpeg pipe, same size and chunking);
+  (``tasks.media.iter_frames``, the ffmpeg pipe, same frame size; the stage reads smaller
+  chunks from a background thread, which changes decode speed by less than the noise);
 - **faces**: ``FacesStage.process`` with the shipped-weights detector (MTCNN from
   facenet-pytorch) and detect-every-k tracking, as configured by default;
 - **faces on the long clip**: the same, for the peak-memory ratio (streaming: frames are

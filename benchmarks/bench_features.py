@@ -14,9 +14,14 @@ VAE, LivePortrait motion extractor, EMOCA, DINOv2, HuBERT, built once before tim
   clip for all video extractors. The pool is warmed with one clip before the clock starts
   (actor start-up and model loading happen once per worker, not per clip, and are
   reported separately).
+- **stage, own pools**: the same stage with ``pools.placement: own_pools``: one stage
+  worker (decode, dispatch, write; 0.5 CPU) and one Ray actor pool per extractor (6 × 0.25
+  CPU), frames shared through the object store. This is the GPU-cluster layout; on a
+  CPU-only machine it shows what the process hops cost against ``in_worker``.
 
-Figures: clips/s of each, stage(2 workers)/naive (target ≥ 4 on 2 cores) and
-2 workers / 1 worker (target ≥ 1.7). Written to ``<out>/bench_features.json``.
+Figures: clips/s of each, stage(2 workers)/naive (target ≥ 4 on 2 cores),
+2 workers / 1 worker (target ≥ 1.7) and own pools / 2 in-worker workers. Written to
+``<out>/bench_features.json``.
 """
 
 from __future__ import annotations
@@ -87,15 +92,30 @@ def make_clips(root: Path, clips: int, frames: int, size: int) -> list:
     return [commit_clip(root, f"clip{i}", frames, size, seed=i) for i in range(clips)]
 
 
-def run_stage(root: Path, inputs: list, workers: int) -> tuple[float, float, int]:
-    """(seconds for inputs[1:], warm-up seconds, items done) with a fresh pool."""
+def run_stage(
+    root: Path, inputs: list, workers: int, own_pools: bool = False
+) -> tuple[float, float, int]:
+    """(seconds for inputs[workers:], warm-up seconds, items done) with a fresh pool."""
     from talkforge.config import ExecutionConfig, RayConfig
     from talkforge.executors import RayExecutor
     from tasks.base import Resources, StageEnv
-    from tasks.features import FeaturesConfig, FeaturesStage
+    from tasks.features import ExtractorPools, FeaturesConfig, FeaturesStage
     from tasks.runner import WorkItem
 
     config = FeaturesConfig(resources=Resources(num_workers=workers, batch_size=16))
+    if own_pools:
+        quarter = {"num_cpus": 0.25, "num_workers": 1}
+        pools = ExtractorPools(placement="own_pools")
+        pools = pools.model_copy(
+            update={
+                name: getattr(pools, name).model_copy(update=quarter)
+                for name in ("vae_latents", "liveportrait_motion", "emoca_flame", "reference",
+                             "hubert", "sensevoice")
+            }
+        )  # fmt: skip
+        config = FeaturesConfig(
+            resources=Resources(num_cpus=0.5, num_workers=workers, batch_size=16), pools=pools
+        )
     env = StageEnv(data_root=str(root), store_uri=str(root / "store"), run_id="bench")
     executor = RayExecutor(RayConfig(num_cpus=os.cpu_count()), ExecutionConfig())
     items = [WorkItem(item_id=x.item_id, item_key=f"k{w}" * 20, attempt=1, inputs=x)
@@ -160,6 +180,7 @@ def main() -> int:
             ensure_model(spec, root)  # tiny models built once, outside every timing
         one_s, warm1_s, done1 = run_stage(root, inputs[1:], 1)
         two_s, warm2_s, done2 = run_stage(root, inputs, 2)
+        pools_s, warm3_s, done3 = run_stage(root, inputs[1:], 1, own_pools=True)
         naive_s = run_naive(root, inputs[2:], root / "naive")
     n = args.clips
     result = {
@@ -169,20 +190,22 @@ def main() -> int:
         "naive_s": round(naive_s, 2),
         "stage_1_worker_s": round(one_s, 2),
         "stage_2_workers_s": round(two_s, 2),
-        "pool_warmup_s": [round(warm1_s, 2), round(warm2_s, 2)],
+        "stage_own_pools_s": round(pools_s, 2),
+        "pool_warmup_s": [round(warm1_s, 2), round(warm2_s, 2), round(warm3_s, 2)],
         "naive_clips_per_s": round(n / naive_s, 3),
         "stage_1_worker_clips_per_s": round(n / one_s, 3),
         "stage_2_workers_clips_per_s": round(n / two_s, 3),
         "stage_2_workers_over_naive": round(naive_s / two_s, 2),
         "two_over_one_worker": round(one_s / two_s, 2),
-        "items_done": [done1, done2],
+        "own_pools_over_in_worker": round(two_s / pools_s, 2),
+        "items_done": [done1, done2, done3],
         "cpus": os.cpu_count(),
     }
     (out / "bench_features.json").write_text(json.dumps(result, indent=2))
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")
-    return 0 if done1 == n + 1 and done2 == n + 2 else 1
+    return 0 if done1 == done3 == n + 1 and done2 == n + 2 else 1
 
 
 if __name__ == "__main__":

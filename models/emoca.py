@@ -33,17 +33,16 @@ scale, tx, ty).
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from models.checkpoints import load_into, read_state_dict
 from models.registry import ModelUnavailableError, register_tiny_builder
 
 INPUT_SIZE = 224
@@ -70,7 +69,7 @@ CONFIG_FILE = "emoca_config.json"
 _WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
 _ENCODERS = ("E_flame", "E_expression")
 _CONVERT_HINT = (
-    "convert it once, in an environment you trust with that file, to a plain safetensors "
+    "Convert it once, in an environment you trust with that file, to a plain safetensors "
     "file of the encoder weights and point the config at it:\n"
     "  python -c \"import torch, safetensors.torch as st; sd = torch.load('IN.ckpt', "
     "map_location='cpu', weights_only=False)['state_dict']; st.save_file({k: v.contiguous() "
@@ -183,61 +182,16 @@ def _read_config(weights: Path) -> EmocaConfig:
     )
 
 
-def _read_state(file: Path) -> Mapping[str, object]:
-    if file.suffix == ".safetensors":
-        return load_file(file, device="cpu")
-    try:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelUnavailableError(
-            f"{file} holds pickled objects besides tensors (a Lightning checkpoint's "
-            f"hyper-parameters?); weights_only loading refused it and code is never "
-            f"unpickled here. {_CONVERT_HINT}\n({exc})"
-        ) from exc
-    if not isinstance(raw, Mapping):
-        raise ModelUnavailableError(f"{file} is not a state dict or a Lightning checkpoint")
-    state = raw.get("state_dict", raw)
-    if not isinstance(state, Mapping):
-        raise ModelUnavailableError(f"{file}: 'state_dict' is not a mapping")
-    return state
-
-
-def encoder_state_dict(state: Mapping[str, object]) -> dict[str, torch.Tensor]:
+def encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The ``E_flame``/``E_expression`` entries of a checkpoint state dict, ``deca.`` stripped.
 
     Keys that mention neither encoder (detail decoder, FLAME layer, losses...) are dropped.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if not any(name in key for name in _ENCODERS):
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise ModelUnavailableError(f"checkpoint entry {key!r} is not a tensor")
-        out[key.removeprefix("deca.")] = value
-    return out
-
-
-def _check_keys(model: EmocaEncoder, state: Mapping[str, torch.Tensor], file: Path) -> None:
-    """Raise one message listing missing, unexpected and mis-shaped keys, if any."""
-    own = model.state_dict()
-    # BatchNorm fills a missing num_batches_tracked itself (older checkpoints lack it).
-    missing = sorted(k for k in own.keys() - state.keys() if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(state.keys() - own.keys())
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own.keys() & state.keys()
-        if state[k].shape != own[k].shape
-    )
-    if not (missing or unexpected or shapes):
-        return
-    parts = [
-        f"{label} ({len(items)}): {items[:10]}{' ...' if len(items) > 10 else ''}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-        if items
-    ]
-    raise ModelUnavailableError(
-        f"{file} does not match the EMOCA encoder architecture {model.config}; " + "; ".join(parts)
-    )
+    return {
+        key.removeprefix("deca."): value
+        for key, value in state.items()
+        if any(name in key for name in _ENCODERS)
+    }
 
 
 def load_emoca(path_or_dir: str | Path, device: str | torch.device = "cpu") -> EmocaEncoder:
@@ -245,20 +199,22 @@ def load_emoca(path_or_dir: str | Path, device: str | torch.device = "cpu") -> E
 
     ``path_or_dir`` is a weight file or a directory holding exactly one (searched
     recursively). ``.ckpt``/``.pt``/``.pth`` are read with ``torch.load(weights_only=True)``
-    only; a checkpoint with pickled objects raises :class:`ModelUnavailableError` with a
-    one-line conversion command. Keys containing ``E_flame``/``E_expression`` are kept, a
-    leading ``deca.`` is stripped and they load strictly; anything else raises
-    :class:`ModelUnavailableError` listing the offending keys. The architecture is read from
+    only; a checkpoint with pickled objects raises :class:`~models.checkpoints.CheckpointError`
+    with a one-line conversion command. Keys containing ``E_flame``/``E_expression`` are
+    kept, a leading ``deca.`` is stripped and they load strictly (a missing BatchNorm
+    ``num_batches_tracked`` is filled in); anything else raises
+    :class:`~models.checkpoints.CheckpointMismatchError` listing the offending keys. Both
+    are :class:`ModelUnavailableError`. The architecture is read from
     :data:`CONFIG_FILE` beside the weights if present (tiny models), else the official one.
     Returns the model on ``device`` in eval mode (BatchNorm uses its running statistics).
     """
     file = _weights_file(Path(path_or_dir))
-    state = encoder_state_dict(_read_state(file))
+    raw = read_state_dict(file, containers=("state_dict",), hint=_CONVERT_HINT)
+    state = encoder_state_dict(raw)
     if not state:
         raise ModelUnavailableError(f"{file} has no E_flame/E_expression weights")
     model = EmocaEncoder(_read_config(file))
-    _check_keys(model, state, file)
-    model.load_state_dict(state, strict=True)
+    load_into(model, state, file, what=f"the EMOCA encoder architecture {model.config}")
     return model.to(device).eval()
 
 

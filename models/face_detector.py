@@ -7,18 +7,18 @@ score, highest first.
 
 Backends:
 
-- ``mtcnn``: facenet-pytorch's MTCNN with the P/R/O-net weights that ship in the wheel
-  (real, offline). Frames are downscaled to ``max_side_px`` before detection (the image
-  pyramid cost grows with resolution; talking-head faces are large) and boxes scaled back.
-  facenet-pytorch is installed ``--no-deps`` and under numpy 2 returns object arrays with
-  ``None`` for empty frames; :class:`MtcnnDetector` normalises that.
+- ``mtcnn``: facenet-pytorch's MTCNN P/R/O-nets with the weights that ship in the wheel
+  (real, offline), run by :func:`models.mtcnn_cascade.detect_faces` (the library's cascade
+  with OpenCV-resampled candidate crops). Frames are downscaled to
+  ``max_side_px`` before detection (the image pyramid cost grows with resolution;
+  talking-head faces are large) and boxes scaled back. ``detect(..., min_face_px=...,
+  group_iou=...)`` changes the smallest face searched and how many O-net candidates each
+  face gets, for one call (``tunable``).
 - ``retinaface``: ``retinaface-pytorch`` 0.0.8's ResNet-50 ``Model``. Its only API,
   ``predict_jsons``, handles one image; here the network runs on the whole batch and each
   image is decoded exactly as ``predict_jsons`` does (same preprocessing, priors, decode,
-  threshold, NMS and drop rule), so results match it box for box. Weights come from a local
-  state-dict file or the torch hub cache file ``retinaface_resnet50_2020-07-20-f168fae3c.zip``
-  (legacy one-member zip), always through ``torch.load(weights_only=True)``; nothing is
-  downloaded.
+  threshold, NMS and drop rule), so results match it box for box. Weights load through
+  :mod:`models.retinaface_weights`; nothing is downloaded.
 
 Weights are fingerprinted (sha256 over the weight files) through :mod:`models.registry`
 model specs, so artifacts record which detector made them.
@@ -27,9 +27,7 @@ model specs, so artifacts record which detector made them.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,10 +39,16 @@ import cv2
 import numpy as np
 import torch
 
+from models.mtcnn_cascade import LIBRARY_GROUP_IOU, detect_faces
 from models.registry import ModelSpec, ModelUnavailableError
+from models.retinaface_weights import (
+    load_retinaface_model,
+    resolve_retinaface_weights,
+    retinaface_hub_path,
+)
+from storage.store import sha256_file
 from tasks.base import ModelFingerprint
 
-RETINAFACE_HUB_FILE = "retinaface_resnet50_2020-07-20-f168fae3c.zip"
 DETECTOR_NAMES = ("mtcnn", "retinaface")
 
 
@@ -79,6 +83,12 @@ class Detection:
     def box(self) -> np.ndarray:
         return np.array([self.x1, self.y1, self.x2, self.y2], dtype=np.float64)
 
+    def scaled(self, factor: float) -> Detection:
+        """The same detection in pixels of a frame ``factor`` times larger."""
+        x1, y1, x2, y2 = (v * factor for v in (self.x1, self.y1, self.x2, self.y2))
+        points = tuple((x * factor, y * factor) for x, y in self.landmarks)
+        return Detection(x1, y1, x2, y2, self.score, points)
+
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two ``x1, y1, x2, y2`` boxes."""
@@ -100,9 +110,25 @@ class FaceDetector(ABC):
     # tiny per-box ops whose thread overhead dominates: 1 thread is ~6x faster on a busy
     # 2-core machine. The stage passes its reserved ``num_cpus``.
     num_threads: int | None = None
+    # whether detect() takes ``min_face_px`` and ``group_iou`` (MTCNN's cascade)
+    tunable: bool = False
 
-    def detect(self, frames: np.ndarray | Sequence[np.ndarray]) -> list[list[Detection]]:
-        """Detect faces in ``(N, H, W, 3)`` uint8 RGB frames (all the same size)."""
+    def detect(
+        self,
+        frames: np.ndarray | Sequence[np.ndarray],
+        *,
+        min_face_px: float | None = None,
+        group_iou: float | None = None,
+    ) -> list[list[Detection]]:
+        """Detect faces in ``(N, H, W, 3)`` uint8 RGB frames (all the same size).
+
+        For this call only, on ``tunable`` detectors: ``min_face_px``, the smallest face
+        searched, in detection pixels (after any downscale), instead of the configured one;
+        ``group_iou``, the IoU above which a face's R-net survivors are merged before O-net
+        (:mod:`models.mtcnn_cascade`; default 0.7, the library's).
+        """
+        if (min_face_px is not None or group_iou is not None) and not self.tunable:
+            raise ValueError(f"{self.name} has no search settings to change")
         batch = np.asarray(frames)
         if batch.ndim == 3:
             batch = batch[None]
@@ -111,11 +137,13 @@ class FaceDetector(ABC):
         if batch.shape[0] == 0:
             return []
         with _torch_threads(self.num_threads):
-            out = self._detect(np.ascontiguousarray(batch))
+            out = self._detect(np.ascontiguousarray(batch), min_face_px, group_iou)
         return [sorted(dets, key=lambda d: -d.score) for dets in out]
 
     @abstractmethod
-    def _detect(self, frames: np.ndarray) -> list[list[Detection]]: ...
+    def _detect(
+        self, frames: np.ndarray, min_face_px: float | None, group_iou: float | None
+    ) -> list[list[Detection]]: ...
 
     @abstractmethod
     def model_spec(self) -> ModelSpec:
@@ -129,7 +157,7 @@ class FaceDetector(ABC):
         h = hashlib.sha256()
         for f in files:
             h.update(f.name.encode())
-            h.update(_file_sha256(f).encode())
+            h.update(sha256_file(f).encode())
         return ModelFingerprint(
             name=spec.family,
             source=spec.source,
@@ -153,14 +181,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _downscale(frames: np.ndarray, max_side_px: int) -> tuple[np.ndarray, float]:
     """Resize so the long side is at most ``max_side_px``; returns (frames, scale to source)."""
     h, w = frames.shape[1:3]
@@ -174,13 +194,14 @@ def _downscale(frames: np.ndarray, max_side_px: int) -> tuple[np.ndarray, float]
 
 
 class MtcnnDetector(FaceDetector):
-    """facenet-pytorch MTCNN with its shipped weights, batched over frames.
+    """facenet-pytorch's MTCNN nets with their shipped weights, batched over frames.
 
     ``min_face_size_px`` is in detection-resolution pixels (after the downscale to
     ``max_side_px``); smaller values add pyramid levels and cost.
     """
 
     name = "mtcnn"
+    tunable = True
 
     def __init__(
         self,
@@ -189,36 +210,37 @@ class MtcnnDetector(FaceDetector):
         min_face_size_px: int = 20,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
     ):
-        from facenet_pytorch import MTCNN
+        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
 
         self.device = device
         self.max_side_px = max_side_px
-        self.model = MTCNN(
-            keep_all=True,
-            min_face_size=min_face_size_px,
-            thresholds=list(thresholds),
-            device=torch.device(device),
+        self.min_face_size_px = min_face_size_px
+        self.thresholds = thresholds
+        # channels-last convolutions and pooling run R-net/O-net about twice as fast on CPU
+        self.nets = (
+            PNet().to(device).eval(),
+            RNet().to(device, memory_format=torch.channels_last).eval(),
+            ONet().to(device, memory_format=torch.channels_last).eval(),
         )
-        self.model.eval()
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(family="mtcnn", source=str(mtcnn_weights_dir()))
 
-    def _detect(self, frames: np.ndarray) -> list[list[Detection]]:
+    def _detect(
+        self, frames: np.ndarray, min_face_px: float | None, group_iou: float | None
+    ) -> list[list[Detection]]:
         small, scale = _downscale(frames, self.max_side_px)
+        min_face = self.min_face_size_px if min_face_px is None else min_face_px
+        group = LIBRARY_GROUP_IOU if group_iou is None else group_iou
         with torch.inference_mode():
-            boxes, probs, points = self.model.detect(small, landmarks=True)
+            found = detect_faces(small, self.nets, min_face, self.thresholds, group)
         out: list[list[Detection]] = []
-        for b, p, lm in zip(boxes, probs, points, strict=True):
-            if b is None:
-                out.append([])
-                continue
-            b = np.asarray(b, dtype=np.float64).reshape(-1, 4) * scale
-            p = np.asarray(p, dtype=np.float64).reshape(-1)
-            lm = np.asarray(lm, dtype=np.float64).reshape(-1, 5, 2) * scale
+        for boxes, points in found:
+            b = boxes.astype(np.float64)
+            lm = points.astype(np.float64) * scale
             out.append(
                 [
-                    Detection(*map(float, b[i]), float(p[i]), _points(lm[i]))
+                    Detection(*map(float, b[i, :4] * scale), float(b[i, 4]), _points(lm[i]))
                     for i in range(b.shape[0])
                 ]
             )
@@ -279,7 +301,9 @@ class RetinaFaceDetector(FaceDetector):
             ).to(self.model.device)
         return self._priors[hw]
 
-    def _detect(self, frames: np.ndarray) -> list[list[Detection]]:
+    def _detect(
+        self, frames: np.ndarray, min_face_px: float | None, group_iou: float | None
+    ) -> list[list[Detection]]:
         from retinaface.box_utils import decode, decode_landm
         from torchvision.ops import nms
 
@@ -330,53 +354,6 @@ def _valid_span(lo: float, hi: float, size: int) -> bool:
     lo_c = float(np.clip(lo, 0, size - 1))
     hi_c = float(np.clip(hi, lo_c + 1, size - 1))
     return lo_c < hi_c
-
-
-def retinaface_hub_path() -> Path:
-    """Where torch hub caches the official weights (``$TORCH_HOME/hub/checkpoints``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / RETINAFACE_HUB_FILE
-
-
-def resolve_retinaface_weights(weights_path: str | os.PathLike[str] | None) -> Path:
-    """The local weights file for RetinaFace; a missing file raises ModelUnavailableError."""
-    path = Path(weights_path).expanduser() if weights_path else retinaface_hub_path()
-    if not path.is_file():
-        raise ModelUnavailableError(
-            f"RetinaFace weights not found at {path}; put the official "
-            f"{RETINAFACE_HUB_FILE} (or its state dict) there or set retinaface_weights"
-        )
-    return path
-
-
-def load_retinaface_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict file or the torch hub legacy zip (one member), weights only."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            members = [m for m in zf.infolist() if not m.is_dir()]
-            # torch.save's own zip always has several members (data.pkl, version, ...).
-            if len(members) == 1:
-                blob = io.BytesIO(zf.read(members[0]))
-                return torch.load(blob, map_location="cpu", weights_only=True)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_retinaface_model(
-    weights_path: Path | None, device: str = "cpu", max_size: int = 640
-) -> tuple[Any, bool]:
-    """Build ``retinaface.predict_single.Model`` and load weights; returns (model, pretrained).
-
-    ``weights_path=None`` leaves the network randomly initialised (tests only).
-    """
-    from retinaface.predict_single import Model
-
-    model = Model(max_size=max_size, device=device)
-    if weights_path is not None:
-        state = load_retinaface_state_dict(weights_path)
-        # Checkpoints saved from a DataParallel model carry a "module." prefix.
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        model.load_state_dict(state)
-    model.eval()
-    return model, weights_path is not None
 
 
 def load_detector(

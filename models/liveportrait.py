@@ -29,7 +29,6 @@ official architecture is assumed, so the official file can be dropped in as it i
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.checkpoints import load_into, read_state_dict
 from models.registry import ModelUnavailableError, register_tiny_builder
 
 FAMILY = "liveportrait-motion"
@@ -238,44 +238,6 @@ def _read_arch(config: Path) -> MotionArch:
         raise ModelUnavailableError(f"bad motion extractor config {config}: {exc}") from exc
 
 
-def _shape(value: object) -> tuple[int, ...] | str:
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _check_keys(model: MotionExtractor, state: Mapping[str, object], source: Path) -> None:
-    """Raise with the missing, unexpected and mis-shaped keys if ``state`` does not fit."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = [
-        f"{k}: file {_shape(v)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and _shape(v) != tuple(expected[k].shape)
-    ]
-    if not (missing or unexpected or misshaped):
-        return
-
-    def show(items: list[str]) -> str:
-        return ", ".join(items[:8]) + (f", … ({len(items)} in all)" if len(items) > 8 else "")
-
-    problems = [
-        f"{label}: {show(items)}"
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", misshaped),
-        )
-        if items
-    ]
-    raise ModelUnavailableError(
-        f"{source} is not a LivePortrait motion_extractor state dict for depths "
-        f"{list(model.arch.depths)}, dims {list(model.arch.dims)} ("
-        + "; ".join(problems)
-        + f"). Expected a plain state dict with 'detector.*' keys; a non-official size "
-        f"needs its {CONFIG_FILE} beside the weights."
-    )
-
-
 def load_motion_extractor(
     path_or_dir: str | Path, device: str | torch.device = "cpu"
 ) -> MotionExtractor:
@@ -283,8 +245,9 @@ def load_motion_extractor(
 
     The architecture comes from the JSON of the same stem beside the weights
     (``motion_extractor.json``), else the official one. The file is read with
-    ``weights_only=True``; any missing, unexpected or mis-shaped key raises
-    :class:`ModelUnavailableError` naming them.
+    ``weights_only=True`` (:func:`models.checkpoints.read_state_dict`); any missing,
+    unexpected or mis-shaped key raises :class:`~models.checkpoints.CheckpointMismatchError`
+    (a :class:`ModelUnavailableError`) naming them.
     """
     path = Path(path_or_dir).expanduser()
     weights = path / WEIGHTS_FILE if path.is_dir() else path
@@ -296,15 +259,16 @@ def load_motion_extractor(
         )
     config = weights.with_suffix(".json")
     arch = _read_arch(config) if config.is_file() else OFFICIAL_ARCH
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise ModelUnavailableError(f"cannot read {weights}: {exc}") from exc
-    if not isinstance(state, Mapping):
-        raise ModelUnavailableError(f"{weights} holds a {type(state).__name__}, not a state dict")
     model = MotionExtractor(arch)
-    _check_keys(model, state, weights)
-    model.load_state_dict(state, strict=True)
+    load_into(
+        model,
+        read_state_dict(weights),
+        weights,
+        what=f"the LivePortrait motion extractor with depths {list(arch.depths)}, "
+        f"dims {list(arch.dims)}",
+        hint=f"Expected a plain state dict with 'detector.*' keys; a non-official size needs "
+        f"its {CONFIG_FILE} beside the weights.",
+    )
     return model.to(device).eval()
 
 

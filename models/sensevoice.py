@@ -28,7 +28,6 @@ row ``i`` is centred near fbank frame ``6i`` (samples ``960i … 960i + 400``).
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from itertools import groupby
@@ -41,6 +40,7 @@ import yaml
 from torch import nn
 from torch.nn import functional as F
 
+from models.checkpoints import load_into, read_state_dict
 from models.registry import ModelUnavailableError, register_tiny_builder
 from models.sensevoice_frontend import (
     FrontendConfig,
@@ -62,6 +62,12 @@ EVENT_EMOTION_QUERY_IDS = (1, 2)
 NUM_QUERY_EMBEDDINGS = 7 + len(LANGUAGE_QUERY_IDS) + len(TEXTNORM_QUERY_IDS)  # 16
 CONFIG_FILE, WEIGHTS_FILE, CMVN_FILE = "config.yaml", "model.pt", "am.mvn"
 TINY_TOKENIZER_FILE = "tiny_spectok.bpe.model"
+_CONVERT_HINT = (
+    "If it is a trusted funasr checkpoint, convert it once to a plain state dict: "
+    "python -c \"import torch; s = torch.load('model.pt', map_location='cpu', "
+    "weights_only=False); s = s.get('state_dict', s); torch.save({k: v for k, v in "
+    "s.items() if torch.is_tensor(v)}, 'model.pt')\""
+)
 TINY_ENCODER_CONF = {
     "output_size": 32,
     "attention_heads": 2,
@@ -228,44 +234,6 @@ class SenseVoiceOutput:
     transcript: str  # greedy CTC over the speech frames; "" without a tokenizer file
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of ``model.pt`` (plain, or under ``state_dict``/``model_state_dict``/``model``)."""
-    try:
-        state: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ModelUnavailableError(
-            f"cannot read {path} with weights_only=True ({type(exc).__name__}, see the chained "
-            "error); if it is a trusted funasr checkpoint holding pickled objects, convert it "
-            "once to a plain state dict: "
-            "python -c \"import torch; s = torch.load('model.pt', map_location='cpu', "
-            "weights_only=False); s = s.get('state_dict', s); torch.save({k: v for k, v in "
-            "s.items() if torch.is_tensor(v)}, 'model.pt')\""
-        ) from exc
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ModelUnavailableError(f"{path} is not a state dict ({type(state).__name__})")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _check_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != expected[k]
-    )
-    if missing or unexpected or wrong:
-        raise ModelUnavailableError(
-            f"{path} does not match SenseVoiceSmall from its config.yaml: "
-            f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} "
-            f"({len(unexpected)}), shape mismatches {wrong[:5]} ({len(wrong)})"
-        )
-
-
 def _tokenizer_file(directory: Path, config: dict[str, Any]) -> Path | None:
     named = (config.get("tokenizer_conf") or {}).get("bpemodel")
     if named:
@@ -280,8 +248,10 @@ def load_sensevoice(model_dir: str | Path, device: str | torch.device = "cpu") -
     """Load an official-layout SenseVoiceSmall directory, in eval mode on ``device``.
 
     Reads ``config.yaml`` (``encoder_conf``, ``frontend_conf``), ``model.pt`` with
-    ``weights_only=True`` (strict: missing, unexpected or mis-shaped keys raise
-    :class:`ModelUnavailableError`), ``am.mvn`` if present (else no CMVN) and the
+    ``weights_only=True`` (a plain state dict, or one under ``state_dict`` /
+    ``model_state_dict`` / ``model``, ``module.`` prefixes stripped; strict: missing,
+    unexpected or mis-shaped keys raise :class:`~models.checkpoints.CheckpointMismatchError`,
+    a :class:`ModelUnavailableError`), ``am.mvn`` if present (else no CMVN) and the
     ``*.bpe.model`` piece table if present (else no tags or transcript). The encoder input
     size is ``n_mels * lfr_m``; the vocabulary size is ``vocab_size`` from the config if
     given, else the piece count of the tokenizer file, as funasr does.
@@ -308,9 +278,17 @@ def load_sensevoice(model_dir: str | Path, device: str | torch.device = "cpu") -
     cmvn_file = directory / (frontend_conf.get("cmvn_file") or CMVN_FILE)
     with torch.device("meta"):
         model = SenseVoiceSmall(config.get("encoder_conf") or {}, frontend.output_size, vocab_size)
-    state = _read_state(directory / WEIGHTS_FILE)
-    _check_state(model, state, directory / WEIGHTS_FILE)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    weights = directory / WEIGHTS_FILE
+    state = read_state_dict(
+        weights,
+        containers=("state_dict", "model_state_dict", "model"),
+        strip_prefix="module.",
+        hint=_CONVERT_HINT,
+    )
+    state = {k: v.float() for k, v in state.items()}
+    load_into(
+        model, state, weights, what=f"SenseVoiceSmall as {CONFIG_FILE} describes it", assign=True
+    )
     model.frontend, model.tokens = frontend, tokens
     model.cmvn = parse_am_mvn(cmvn_file.read_text()) if cmvn_file.is_file() else None
     return model.to(device).eval()

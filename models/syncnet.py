@@ -24,8 +24,6 @@ turns per-window embeddings into the offset, Sync-D and Sync-C of the reference.
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.checkpoints import load_into, read_state_dict
 from models.registry import ModelSpec, ModelUnavailableError, register_tiny_builder
 
 WEIGHTS_FILE = "syncnet_v2.model"
@@ -126,35 +125,26 @@ def weights_file(path: Path) -> Path:
 def load_syncnet(path: Path, device: str | torch.device = "cpu") -> SyncNet:
     """Load a SyncNet state dict (``torch.load(weights_only=True)``) in eval mode.
 
-    A missing file, a file that is not a plain state dict (e.g. a whole pickled module,
-    which would need unpickling arbitrary code: refused) or one whose keys or shapes do
-    not match the architecture raise :class:`ModelUnavailableError` saying which.
+    A missing file raises :class:`ModelUnavailableError`; a file that is not a plain state
+    dict (e.g. a whole pickled module, which would need unpickling arbitrary code: refused)
+    raises :class:`~models.checkpoints.CheckpointError`, and one whose keys or shapes do not
+    match the architecture :class:`~models.checkpoints.CheckpointMismatchError` listing
+    them (both are :class:`ModelUnavailableError`). A missing BatchNorm
+    ``num_batches_tracked`` (files saved before PyTorch 0.4.1 lack it) is filled in.
     """
     file = weights_file(Path(path))
     if not file.is_file():
         raise ModelUnavailableError(
             f"SyncNet weights not found at {file}; import the official {WEIGHTS_FILE} there"
         )
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelUnavailableError(
-            f"{file} is not a plain state dict (a pickled module or other objects?); "
-            f"weights_only loading refused it and code is never unpickled: re-save it as "
-            f"model.state_dict() with a trusted copy of the original code ({exc})"
-        ) from exc
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise ModelUnavailableError(f"{file} does not hold a state dict of tensors")
+    state = read_state_dict(
+        file,
+        hint="Re-save it as model.state_dict() with a trusted copy of the original code.",
+    )
     model = SyncNet()
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelUnavailableError(
-            f"{file} does not match the SyncNet architecture (netcnnaud/netfcaud/netcnnlip/"
-            f"netfclip): {exc}"
-        ) from exc
+    load_into(
+        model, state, file, what="the SyncNet architecture (netcnnaud/netfcaud/netcnnlip/netfclip)"
+    )
     return model.to(device).eval()
 
 

@@ -27,9 +27,9 @@ from typing import Any
 from models.registry import fingerprint
 from storage.catalog import Catalog
 from storage.store import ArtifactStore
+from talkforge.candidates import plan_candidates
 from talkforge.config import PipelineConfig
 from talkforge.executors import LocalExecutor, RayExecutor, make_executor
-from talkforge.manifests import record_manifests
 from talkforge.plan import (
     LogReporter,
     PlannedItem,
@@ -43,11 +43,6 @@ from talkforge.plan import (
 )
 from talkforge.stages import STAGE_ORDER, STAGES
 from tasks.base import (
-    AggregateInputs,
-    ItemInputs,
-    Record,
-    SourceStage,
-    Stage,
     StageEnv,
     stable_hash,
 )
@@ -164,7 +159,7 @@ class Engine:
             "config_hash": cfg.params_hash(),
             "models": {k: v.sha256 for k, v in sorted(env.model_fingerprints.items())},
         }
-        candidates = self._candidates(stage_cls, cfg, env, plan, options)
+        candidates = plan_candidates(self.catalog, stage_cls, cfg, env, plan, options)
         keyed = [
             (item_id, stable_hash({**common, "inputs": keys}), inputs, keys)
             for item_id, keys, inputs in candidates
@@ -243,83 +238,6 @@ class Engine:
             [stage],
         ).to_pylist()
         return sorted(r["item_id"] for r in rows if r["item_id"] not in planned)
-
-    def _candidates(
-        self,
-        stage_cls: type[Stage[Any]],
-        cfg: Any,
-        env: StageEnv,
-        plan: StagePlan,
-        options: RunOptions,
-    ) -> list[tuple[str, Any, Any]]:
-        """(item_id, key material, inputs) for every item this stage should hold."""
-        if issubclass(stage_cls, SourceStage):
-            manifests = stage_cls.read_manifests(cfg, env)
-            record_manifests(self.catalog, manifests, env.run_id)
-            records, problems = stage_cls.discover(manifests)
-            plan.discovery_failures = problems
-            found = sorted(((r.clip_id, r) for r in records), key=lambda t: t[0])
-            found = found[: options.limit] if options.limit else found
-            return [
-                (
-                    cid,
-                    {"source": stable_hash(r.model_dump(mode="json", exclude_defaults=True))},
-                    ItemInputs(item_id=cid, source=r),
-                )
-                for cid, r in found
-            ]
-        per_item = [s for s in stage_cls.requires if not STAGES[s].aggregate]
-        aggregates = [s for s in stage_cls.requires if STAGES[s].aggregate]
-        upstream = self._current_done(stage_cls.requires)
-        shared: dict[str, Record] = {}
-        shared_keys: dict[str, str] = {}
-        for name in aggregates:
-            found_agg = upstream.get(name, {}).get(name)
-            if found_agg is None:
-                plan.blocked_reason = f"upstream stage {name!r} has no current output"
-                return []
-            shared_keys[name], shared[name] = found_agg
-        ids = sorted(
-            set.intersection(*(set(upstream.get(s, {})) for s in per_item)) if per_item else set()
-        )
-        stage = stage_cls(cfg, env)
-        ids = [i for i in ids if stage.accepts(i, shared)]
-        ids = ids[: options.limit] if options.limit else ids
-        items = [
-            ItemInputs(item_id=i, records={s: upstream[s][i][1] for s in per_item}, shared=shared)
-            for i in ids
-        ]
-        keys = [{**{s: upstream[s][i][0] for s in per_item}, **shared_keys} for i in ids]
-        if not stage_cls.aggregate:
-            return [(i, k, inp) for i, k, inp in zip(ids, keys, items, strict=True)]
-        if not items:
-            plan.blocked_reason = "no accepted upstream items"
-            return []
-        agg_keys = {"items": {i: k for i, k in zip(ids, keys, strict=True)}}
-        return [
-            (
-                stage_cls.name,
-                agg_keys,
-                AggregateInputs(item_id=stage_cls.name, items=items, shared=shared),
-            )
-        ]
-
-    def _current_done(self, stages: tuple[str, ...]) -> dict[str, dict[str, tuple[str, Record]]]:
-        if not stages:
-            return {}
-        placeholders = ", ".join("?" for _ in stages)
-        sql = (
-            "SELECT stage, item_id, item_key, record_type, record_json FROM current_items "  # noqa: S608 - placeholders only
-            "WHERE status = 'done' AND stage IN (" + placeholders + ")"
-        )
-        rows = self.catalog.query(sql, list(stages)).to_pylist()
-        out: dict[str, dict[str, tuple[str, Record]]] = defaultdict(dict)
-        for r in rows:
-            out[r["stage"]][r["item_id"]] = (
-                r["item_key"],
-                record_from_json(r["record_type"], r["record_json"]),
-            )
-        return out
 
     def _item_state(self, stage: str, keys: list[str]) -> dict[str, tuple[str, bool, int]]:
         """key -> (latest status, retryable, number of attempts so far)."""

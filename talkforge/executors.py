@@ -4,7 +4,9 @@ Both executors keep one stage instance per worker for the whole stage, so ``setu
 (model loading) runs once per worker, never once per item. The Ray pool gives every actor
 two items in flight so a worker never idles while the driver commits, replaces an actor
 that dies and re-queues its item, and takes CPUs, GPU fraction and pool size from the
-stage's ``resources``.
+stage's ``resources``. A stage's remote model pools (``Stage.pool_specs``, e.g. one per
+feature extractor) are started beside its workers and handed to them
+(:mod:`talkforge.ray_pools`); the local executor builds every model in-process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from talkforge.config import ExecutionConfig, RayConfig
+from talkforge.ray_pools import RayPool, check_fits, start_pool
 from tasks.base import FailureKind, Stage, StageConfig, StageEnv
 from tasks.runner import Outcome, WorkItem, run_item, worker_name
 
@@ -38,7 +41,7 @@ class LocalExecutor:
         items: list[WorkItem],
         on_outcome: OnOutcome,
     ) -> None:
-        key = f"{stage_cls.name}:{config.params_hash()}:{env.model_dump_json()}"
+        key = _pool_key(stage_cls, config, env)
         stage = self._stages.get(key)
         if stage is None:
             stage = stage_cls(config, env)
@@ -60,12 +63,19 @@ class LocalExecutor:
 class StageWorker:
     """Body of a Ray actor: one stage instance, set up once, processing many items."""
 
-    def __init__(self, stage_cls: type[Stage[Any]], config: StageConfig, env: StageEnv):
+    def __init__(
+        self,
+        stage_cls: type[Stage[Any]],
+        config: StageConfig,
+        env: StageEnv,
+        model_pools: dict[str, list[Any]],
+    ):
         import torch
 
         # a worker uses the CPUs it reserved, not every core (2 workers would oversubscribe)
         torch.set_num_threads(max(1, int(config.resources.num_cpus)))
         self.stage = stage_cls(config, env)
+        self.stage.pools = {name: RayPool(name, actors) for name, actors in model_pools.items()}
         self.stage.setup()
         self.setup_calls = 1
 
@@ -85,6 +95,7 @@ class RayExecutor:
         self.ray_config = ray_config
         self.execution = execution
         self._pools: dict[str, list[Any]] = {}
+        self._model_pools: dict[str, dict[str, list[Any]]] = {}
         self._started_ray = False
 
     def _ensure_ray(self) -> Any:
@@ -122,14 +133,20 @@ class RayExecutor:
         actor_cls = ray.remote(StageWorker).options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0
         )
-        return actor_cls.remote(stage_cls, config, env)
+        model_pools = self._model_pools[_pool_key(stage_cls, config, env)]
+        return actor_cls.remote(stage_cls, config, env, model_pools)
 
     def pool(self, stage_cls: type[Stage[Any]], config: StageConfig, env: StageEnv) -> list[Any]:
         ray = self._ensure_ray()
-        key = f"{stage_cls.name}:{config.params_hash()}:{env.model_dump_json()}"
+        key = _pool_key(stage_cls, config, env)
         if key not in self._pools:
             self.release(stage_cls.name)
             size = self._pool_size(ray, config)
+            specs = [s for s in stage_cls(config, env).pool_specs() if s.remote]
+            if specs and not (self.ray_config.address or os.environ.get("RAY_ADDRESS")):
+                check_fits(stage_cls.name, size, config.resources, specs, ray.cluster_resources())
+            restarts = self.execution.actor_restarts
+            self._model_pools[key] = {s.name: start_pool(ray, s, restarts) for s in specs}
             self._pools[key] = [self._new_actor(ray, stage_cls, config, env) for _ in range(size)]
         return self._pools[key]
 
@@ -194,12 +211,27 @@ class RayExecutor:
         ]
         return ray.get([a.describe.remote() for a in actors])
 
+    def describe_model_pools(self, stage_name: str) -> list[dict[str, Any]]:
+        """One row per model-pool actor of a stage: pool, process, calls, device."""
+        ray = self._ensure_ray()
+        actors = [
+            a
+            for k, pools in self._model_pools.items()
+            if k.startswith(f"{stage_name}:")
+            for pool in pools.values()
+            for a in pool
+        ]
+        return ray.get([a.describe.remote() for a in actors])
+
     def release(self, stage_name: str) -> None:
         import ray
 
         for key in [k for k in self._pools if k.startswith(f"{stage_name}:")]:
             for actor in self._pools.pop(key):
                 ray.kill(actor, no_restart=True)
+            for pool in self._model_pools.pop(key, {}).values():
+                for actor in pool:
+                    ray.kill(actor, no_restart=True)
 
     def close(self) -> None:
         import ray
@@ -209,6 +241,11 @@ class RayExecutor:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
+
+
+def _pool_key(stage_cls: type[Stage[Any]], config: StageConfig, env: StageEnv) -> str:
+    """Workers are reused while the stage's whole config (resources included) is unchanged."""
+    return f"{stage_cls.name}:{config.model_dump_json()}:{env.model_dump_json()}"
 
 
 def _worker_died(work: WorkItem, restarts: int) -> Outcome:

@@ -94,6 +94,13 @@ class ItemFailure(Exception):
         self.message = message
         self.retryable = kind in RETRYABLE_KINDS if retryable is None else retryable
 
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries (Ray pools)
+        return (_rebuild_failure, (self.kind, self.message, self.retryable))
+
+
+def _rebuild_failure(kind: FailureKind, message: str, retryable: bool) -> ItemFailure:
+    return ItemFailure(kind, message, retryable=retryable)
+
 
 class Record(BaseModel):
     """A typed stage-boundary record, serialised as JSON in the catalog.
@@ -251,9 +258,16 @@ class Stage(ABC, Generic[C]):
     def __init__(self, config: C, env: StageEnv):
         self.config = config
         self.env = env
+        # name -> tasks.pools.ModelPool; remote pools are attached by the executor before
+        # setup(), which builds local ones for the rest (see tasks.pools)
+        self.pools: dict[str, Any] = {}
 
     def model_specs(self) -> list[Any]:
         """Models this stage loads (``models.registry.ModelSpec``); fingerprinted into keys."""
+        return []
+
+    def pool_specs(self) -> list[Any]:
+        """Models that run behind :mod:`tasks.pools` (``PoolSpec`` each); most stages: none."""
         return []
 
     def accepts(self, item_id: str, shared: dict[str, Record]) -> bool:

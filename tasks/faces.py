@@ -5,17 +5,18 @@ Input: the download stage's :class:`NormalizedClip`. Output: :class:`FaceTrack` 
 - ``crops.mp4``: square ``crop_size_px`` face crops, one per source frame, same fps, no audio;
 - ``boxes.parquet``: one row per frame (columns in :data:`BOXES_SCHEMA`).
 
-The clip is decoded twice as a stream (never whole in memory): pass 1 runs the detector on
-every ``detect_every_k``-th frame and on the last frame, batched
-(``resources.batch_size`` frames per call), and scores every frame for shot changes
-(:mod:`tasks.faces_shots`); the main face is then tracked over the detection frames,
-restarting after each cut, and boxes for the other frames are interpolated and smoothed
-(:mod:`tasks.faces_track`), or, with ``align: landmarks``, crops follow a smoothed
-similarity transform of the landmarks onto a 5-point template (:mod:`tasks.faces_align`);
-pass 2 cuts and encodes the crops. Shot changes are recorded
-per frame in ``boxes.parquet`` for the quality stage to reject. Decoding twice costs a
-little CPU but keeps memory at one chunk of frames plus the keyframes of one detector
-batch, whatever the clip length.
+The clip is decoded once, as a stream (never whole in memory), by :mod:`tasks.faces_stream`:
+every frame is scored for shot changes (:mod:`tasks.faces_shots`); the detector runs on every
+``detect_every_k``-th frame and on the last frame, batched (up to ``resources.batch_size``
+keyframes per call), at the configured size on the first keyframe, after a cut and after a
+miss, and otherwise at a size adapted to the tracked face (:mod:`tasks.faces_keyframes`);
+the main face is tracked over those keyframes, restarting after each cut, and boxes for the
+other frames are interpolated and smoothed (:mod:`tasks.faces_track`), or, with
+``align: landmarks``, crops follow a smoothed similarity transform of the landmarks onto a
+5-point template (:mod:`tasks.faces_align`). Frames wait in a bounded look-ahead buffer until
+their crop is final, then are cropped and encoded. Decoding (ffmpeg, read by a background
+thread), the Python work and encoding (ffmpeg, fed by another thread) overlap. Shot changes
+are recorded per frame in ``boxes.parquet`` for the quality stage to reject.
 
 Failures: no confident face on any detection frame → ``NO_FACE``; the main face missing
 for more than ``max_gap_frames`` consecutive frames → ``FACE_LOST``. Shorter gaps are
@@ -24,6 +25,7 @@ interpolated and counted in ``lost_frames`` for the quality stage.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from models.face_detector import Detection, FaceDetector, detector_model_spec, load_detector
+from models.face_detector import FaceDetector, detector_model_spec, load_detector
 from tasks.base import (
     FailureKind,
     ItemContext,
@@ -42,22 +44,18 @@ from tasks.base import (
     Stage,
     StageConfig,
 )
-from tasks.faces_align import affine_square, aligned_affines, box_affines, warp_crop
-from tasks.faces_shots import ContentScorer, detect_cuts
-from tasks.faces_track import (
-    SOURCE_DETECTED,
-    SOURCE_INTERPOLATED,
-    SOURCE_TRACKED,
-    KeyframeObs,
-    MainFaceTracker,
-    Track,
-    build_track,
-    crop_square,
-    crop_windows,
-    smooth_track,
-)
-from tasks.media import VideoWriter, iter_frames, probe
+from tasks.faces_keyframes import KeyframeDetector
+from tasks.faces_stream import FaceStream, StreamResult
+from tasks.faces_track import SOURCE_DETECTED, SOURCE_INTERPOLATED, SOURCE_TRACKED
+from tasks.media import ReadAhead, VideoWriter, iter_frames
 from tasks.records import FaceTrack, NormalizedClip
+
+# Frames waiting in the look-ahead keep their whole decoded chunk alive, so smaller chunks
+# lower peak memory (bench_faces' 2000-frame clip: 1160 MiB at 32 frames, 1056 at 16) at
+# the same throughput.
+DECODE_CHUNK_FRAMES = 16
+READ_AHEAD_CHUNKS = 2  # decoded chunks the reader thread may hold before the stream takes them
+ENCODE_QUEUE = 4  # crop batches queued for the encoder's feeding thread
 
 LANDMARK_COLUMNS = [f"lm_{axis}{i}" for i in range(5) for axis in ("x", "y")]
 AFFINE_COLUMNS = ["m00", "m01", "m02", "m10", "m11", "m12"]
@@ -97,6 +95,21 @@ class FacesConfig(StageConfig):
     detect_min_face_px: int = Field(
         40, ge=12, description="smallest face searched (MTCNN), in detection-size pixels"
     )
+    adaptive_detection: bool = Field(
+        True,
+        description="while the main face is tracked, detect keyframes at a size adapted to "
+        "it (MTCNN only; see tasks.faces_keyframes)",
+    )
+    adaptive_face_px: int = Field(
+        64, ge=24, description="main face size on adaptive keyframes, in detection pixels"
+    )
+    adaptive_min_face_ratio: float = Field(
+        0.4,
+        gt=0.0,
+        le=1.0,
+        description="adaptive keyframes find faces from this x the main face up; keep it "
+        "below quality.max_second_face_ratio",
+    )
     min_detection_score: float = Field(0.9, ge=0.0, le=1.0)
     min_track_iou: float = Field(0.3, ge=0.0, le=1.0, description="IoU to continue the track")
     max_gap_frames: int = Field(15, ge=0, description="longer gaps fail with FACE_LOST")
@@ -107,6 +120,13 @@ class FacesConfig(StageConfig):
     pad_mode: Literal["constant", "edge"] = "constant"  # black or edge pixels outside frame
     align: Literal["box", "landmarks"] = Field(
         "box", description="square box crops, or similarity-aligned to a 5-point template"
+    )
+    encode_preset: Literal["superfast", "veryfast", "faster", "fast", "medium"] = Field(
+        "superfast",
+        description="x264 preset of crops.mp4, always at crf 17: on the 256 px fixture crops "
+        "superfast takes ~0.75x veryfast's encoder CPU for ~1.7x the bytes at a higher PSNR "
+        "(45.3 vs 44.1 dB). Not ultrafast: it turns the deblocking filter off, and blocking "
+        "lifts the quality stage's blur measure over its threshold on blurred faces",
     )
     shot_min_content: float = Field(15.0, ge=0.0, description="min HSV change for a cut")
     shot_adaptive_ratio: float = Field(
@@ -133,7 +153,7 @@ class FacesStage(Stage[FacesConfig]):
     """Detect/track/crop the main face; writes crops.mp4 and boxes.parquet."""
 
     name = "faces"
-    code_version = "1"
+    code_version = "2"  # 2: one pass, adaptive keyframe detection, strided shot scores
     requires = ("download",)
     config_type = FacesConfig
 
@@ -167,33 +187,51 @@ class FacesStage(Stage[FacesConfig]):
     def process(self, inputs: ItemInputs, ctx: ItemContext) -> FaceTrack:
         if self.detector is None:
             self.setup()
+        assert self.detector is not None
+        cfg = self.config
         clip = inputs.get("download", NormalizedClip)
         video = ctx.local_path(clip.video)
-        info = probe(video)
-        num_frames, detections, scores = self._detect_pass(video, info.width, info.height)
-        if num_frames == 0:
-            raise ItemFailure(FailureKind.FORMAT, f"{clip.clip_id}: no frames decoded")
-        cuts = detect_cuts(scores, self.config.shot_min_content, self.config.shot_adaptive_ratio)
-        observations = self._track(detections, cuts)
-        track = build_track(num_frames, observations, self.config.max_gap_frames)
-        affines, (crop_x, crop_y, crop_size) = self._geometry(track)
-
+        keyframes = KeyframeDetector(
+            self.detector,
+            clip.width,
+            clip.height,
+            max_side_px=cfg.detect_max_side_px,
+            min_face_px=cfg.detect_min_face_px,
+            adaptive=cfg.adaptive_detection,
+            adaptive_face_px=cfg.adaptive_face_px,
+            adaptive_min_face_ratio=cfg.adaptive_min_face_ratio,
+        )
         crops_path = ctx.scratch / "crops.mp4"
-        written = self._crop_pass(
-            video, info.width, info.height, clip.fps, crops_path, affines, crop_x, crop_y, crop_size
-        )
-        if written != num_frames:
-            raise ItemFailure(
-                FailureKind.FORMAT,
-                f"{clip.clip_id}: decoded {written} frames on the second pass, {num_frames} first",
-            )
-        boxes_path = ctx.scratch / "boxes.parquet"
-        shot_change = np.zeros(num_frames, dtype=bool)
-        shot_change[cuts] = True
-        write_boxes(
-            boxes_path, track, affines, crop_x, crop_y, crop_size, np.asarray(scores), shot_change
-        )
+        px = cfg.crop_size_px
+        with (
+            ReadAhead(
+                iter_frames(video, clip.width, clip.height, chunk=DECODE_CHUNK_FRAMES),
+                READ_AHEAD_CHUNKS,
+            ) as chunks,
+            ExitStack() as encoder,
+        ):
 
+            def open_writer() -> VideoWriter:  # at the first crops, after the decoder started
+                writer = VideoWriter(
+                    crops_path,
+                    px,
+                    px,
+                    clip.fps,
+                    preset=cfg.encode_preset,
+                    write_behind=ENCODE_QUEUE,
+                )
+                return encoder.enter_context(writer)
+
+            stream = FaceStream(cfg, keyframes, open_writer)
+            for chunk in chunks:
+                stream.feed(chunk)
+            if stream.decoded == 0:
+                raise ItemFailure(FailureKind.FORMAT, f"{clip.clip_id}: no frames decoded")
+            result = stream.finish()
+        boxes_path = ctx.scratch / "boxes.parquet"
+        write_boxes(boxes_path, result)
+
+        track = result.track
         detected = track.source == SOURCE_DETECTED
         sizes = np.maximum(
             track.boxes[detected, 2] - track.boxes[detected, 0],
@@ -203,8 +241,8 @@ class FacesStage(Stage[FacesConfig]):
         return FaceTrack(
             clip_id=clip.clip_id,
             fps=clip.fps,
-            num_frames=num_frames,
-            crop_size_px=self.config.crop_size_px,
+            num_frames=track.num_frames,
+            crop_size_px=px,
             crops=ctx.commit(crops_path, "crops.mp4", "video"),
             boxes=ctx.commit(boxes_path, "boxes.parquet", "table"),
             detector=self.detector_label,
@@ -217,121 +255,10 @@ class FacesStage(Stage[FacesConfig]):
             max_second_face_ratio=float(np.nanmax(ratios)) if ratios.size else 0.0,
         )
 
-    def _geometry(
-        self, track: Track
-    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per-frame source→crop affines and the source squares they cover."""
-        cfg = self.config
-        px = cfg.crop_size_px
-        if cfg.align == "landmarks":
-            if np.isnan(track.landmarks).all():
-                raise ItemFailure(
-                    FailureKind.MODEL, f"{cfg.detector} gave no landmarks to align on"
-                )
-            affines = aligned_affines(
-                track.landmarks, px, cfg.margin, cfg.smoothing, cfg.smoothing_window_frames
-            )
-            return affines, affine_square(affines, px)
-        cx, cy, side = smooth_track(track.boxes, cfg.smoothing, cfg.smoothing_window_frames)
-        crop_x, crop_y, crop_size = crop_windows(cx, cy, side, cfg.margin)
-        return box_affines(crop_x, crop_y, crop_size, px), (crop_x, crop_y, crop_size)
 
-    def _detect_pass(
-        self, video: Path, width: int, height: int
-    ) -> tuple[int, list[tuple[int, list[Detection]]], list[float]]:
-        """Detect on every k-th frame and the last one, scoring content changes on all.
-
-        Returns (frames decoded, [(frame, detections)] in frame order, content scores).
-        """
-        assert self.detector is not None
-        detector = self.detector
-        k = self.config.detect_every_k
-        scorer = ContentScorer()
-        found: list[tuple[int, list[Detection]]] = []
-        batch: list[np.ndarray] = []
-        batch_idx: list[int] = []
-
-        def flush() -> None:
-            if batch:
-                found.extend(zip(batch_idx, detector.detect(np.stack(batch)), strict=True))
-                batch.clear()
-                batch_idx.clear()
-
-        n = 0
-        last: np.ndarray | None = None
-        for chunk in iter_frames(video, width, height):
-            scorer.add(chunk)
-            for j in range(chunk.shape[0]):
-                if (n + j) % k == 0:
-                    batch.append(chunk[j].copy())
-                    batch_idx.append(n + j)
-            n += chunk.shape[0]
-            last = chunk[-1].copy()
-            if len(batch) >= self.config.resources.batch_size:
-                flush()
-        if last is not None and (n - 1) % k != 0:
-            batch.append(last)
-            batch_idx.append(n - 1)
-        flush()
-        return n, found, scorer.scores
-
-    def _track(
-        self, detections: list[tuple[int, list[Detection]]], cuts: np.ndarray
-    ) -> list[KeyframeObs]:
-        """Main face per detection frame; the track restarts after each shot change."""
-        cfg = self.config
-        tracker = MainFaceTracker(cfg.min_detection_score, cfg.min_track_iou, cfg.max_gap_frames)
-        observations: list[KeyframeObs] = []
-        prev = -1
-        for frame, dets in detections:
-            if np.any((cuts > prev) & (cuts <= frame)):
-                tracker.reset()
-            observations.append(tracker.update(frame, dets))
-            prev = frame
-        return observations
-
-    def _crop_pass(
-        self,
-        video: Path,
-        width: int,
-        height: int,
-        fps: float,
-        out: Path,
-        affines: np.ndarray,
-        crop_x: np.ndarray,
-        crop_y: np.ndarray,
-        crop_size: np.ndarray,
-    ) -> int:
-        """Cut and encode one crop per frame; returns the frames decoded."""
-        px, pad = self.config.crop_size_px, self.config.pad_mode
-        aligned = self.config.align == "landmarks"
-
-        def cut(frame: np.ndarray, i: int) -> np.ndarray:
-            if aligned:
-                return warp_crop(frame, affines[i], px, pad)
-            return crop_square(frame, int(crop_x[i]), int(crop_y[i]), int(crop_size[i]), px, pad)
-
-        n = 0  # frames decoded; only the first len(crop_x) are cropped
-        with VideoWriter(out, px, px, fps) as writer:
-            for chunk in iter_frames(video, width, height):
-                take = min(chunk.shape[0], len(crop_x) - n)
-                if take > 0:
-                    writer.write(np.stack([cut(chunk[j], n + j) for j in range(take)]))
-                n += chunk.shape[0]
-        return n
-
-
-def write_boxes(
-    path: Path,
-    track: Track,
-    affines: np.ndarray,
-    crop_x: np.ndarray,
-    crop_y: np.ndarray,
-    crop_size: np.ndarray,
-    content_score: np.ndarray,
-    shot_change: np.ndarray,
-) -> None:
+def write_boxes(path: Path, result: StreamResult) -> None:
     """Write the per-frame table (:data:`BOXES_SCHEMA`)."""
+    track = result.track
     n = track.num_frames
     cols: dict[str, Any] = {
         "frame": np.arange(n, dtype=np.int32),
@@ -345,12 +272,12 @@ def write_boxes(
         "detector_ran": track.detector_ran,
         "num_faces": track.num_faces.astype(np.int16),
         "second_face_ratio": track.second_face_ratio.astype(np.float32),
-        "crop_x": crop_x.astype(np.int32),
-        "crop_y": crop_y.astype(np.int32),
-        "crop_size": crop_size.astype(np.int32),
-        **{c: affines[:, i // 3, i % 3] for i, c in enumerate(AFFINE_COLUMNS)},
-        "content_score": content_score.astype(np.float32),
-        "shot_change": shot_change.astype(bool),
+        "crop_x": result.crop_x.astype(np.int32),
+        "crop_y": result.crop_y.astype(np.int32),
+        "crop_size": result.crop_size.astype(np.int32),
+        **{c: result.affines[:, i // 3, i % 3] for i, c in enumerate(AFFINE_COLUMNS)},
+        "content_score": result.content_score.astype(np.float32),
+        "shot_change": result.shot_change,
     }
     table = pa.table(cols, schema=BOXES_SCHEMA)
     pq.write_table(table, path)

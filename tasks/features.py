@@ -36,45 +36,69 @@ never held in memory as pixels; long audio runs through HuBERT in overlapping wi
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 
 from models.emoca import FLAME_LAYOUT
-from models.hubert import (
-    FRAME_RATE_HZ,
-    SAMPLE_RATE_HZ,
-    check_layer,
-    extract_hubert_windowed,
-    hubert_num_frames,
-    load_hubert,
-    make_feature_extractor,
-)
+from models.hubert import FRAME_RATE_HZ, SAMPLE_RATE_HZ, hubert_num_frames
 from models.liveportrait import MOTION_LAYOUT
-from models.registry import ModelSpec, ensure_model, fingerprint
+from models.registry import ModelSpec, fingerprint
 from models.sensevoice import FRAME_RATE_HZ as FRAME_RATE_SV
-from models.sensevoice import load_sensevoice
-from models.vae import is_flux2, latent_factors, load_vae
 from tasks.base import (
     FailureKind,
     ItemContext,
     ItemFailure,
     ItemInputs,
     ModelFingerprint,
+    Resources,
     Stage,
     StageConfig,
+    stable_hash,
 )
-from tasks.features_audio import run_sensevoice
-from tasks.features_video import VideoExtractors
+from tasks.features_audio import SenseVoiceResult
+from tasks.features_video import extract_video
+from tasks.features_workers import (
+    FlameWorker,
+    HubertWorker,
+    MotionWorker,
+    ReferenceWorker,
+    SenseVoiceWorker,
+    VaeWorker,
+)
 from tasks.media import read_wav
+from tasks.pools import PoolSpec, complete_pools
 from tasks.records import ClipFeatures, FaceTrack, FeatureFile, NormalizedClip, SpeechTags
 
 VAE_FAMILIES = ("vae-flux1", "vae-sd", "vae-flux2")
 STEPS_PER_FRAME = 2
+
+
+class ExtractorPools(BaseModel):
+    """Where each extractor runs and with what resources (see :mod:`tasks.pools`).
+
+    ``placement: own_pools`` gives every extractor a Ray actor pool of its own with the
+    CPUs, GPU fraction, pool size (``num_workers``) and batch size below; the stage's
+    workers then only decode, dispatch and write. ``in_worker`` loads every model inside
+    each stage worker (on the stage's device) and uses only the batch sizes below: on a
+    CPU-only machine this avoids moving frames between processes (measured in
+    ``benchmarks/bench_features.py``). Neither changes what is computed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    placement: Literal["in_worker", "own_pools"] = "in_worker"
+    vae_latents: Resources = Resources(batch_size=16)
+    liveportrait_motion: Resources = Resources(batch_size=32)
+    emoca_flame: Resources = Resources(batch_size=32)
+    reference: Resources = Resources(batch_size=1)
+    hubert: Resources = Resources(batch_size=4)
+    sensevoice: Resources = Resources(batch_size=1)
 
 
 class FeaturesConfig(StageConfig):
@@ -101,6 +125,19 @@ class FeaturesConfig(StageConfig):
     emoca_crop_fraction: float = Field(
         0.83, gt=0.2, le=1.0, description="central share of the face crop EMOCA sees"
     )
+    amp_dtype: Literal["bfloat16", "float16", "none"] = Field(
+        "bfloat16", description="autocast dtype on CUDA (mixed precision); CPU runs float32"
+    )
+    pools: ExtractorPools = ExtractorPools()
+    max_inflight_chunks: int = Field(
+        4, ge=1, description="decoded chunks awaiting the extractors (bounds memory)"
+    )
+
+    OPERATIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("resources", "pools", "max_inflight_chunks")
+
+    def params_hash(self) -> str:
+        """Placement and resources change where features are computed, not what they are."""
+        return stable_hash(self.model_dump(mode="json", exclude=set(self.OPERATIONAL_FIELDS)))
 
     @field_validator("vae")
     @classmethod
@@ -149,57 +186,69 @@ class FeaturesStage(Stage[FeaturesConfig]):
         specs = (cfg.vae, cfg.hubert, cfg.motion, cfg.flame, cfg.reference, cfg.sensevoice)
         return [s for s in specs if s is not None]
 
+    def pool_specs(self) -> list[PoolSpec]:
+        """One pool per enabled extractor; remote when ``pools.placement`` is ``own_pools``."""
+        cfg = self.config
+        remote = cfg.pools.placement == "own_pools"
+
+        def spec(name: str, worker: type, model: ModelSpec, **extra: Any) -> PoolSpec:
+            res: Resources = getattr(cfg.pools, name)
+            use_gpu = (res if remote else cfg.resources).num_gpus > 0
+            factory = partial(
+                worker, model, self.env.data_root, use_gpu, cfg.amp_dtype, res.batch_size, **extra
+            )
+            return PoolSpec(name, factory, res, remote)
+
+        specs = [
+            spec("vae_latents", VaeWorker, cfg.vae),
+            spec(
+                "hubert", HubertWorker, cfg.hubert, layer=cfg.hubert_layer,
+                window_s=cfg.hubert_window_s, context_s=cfg.hubert_context_s,
+            ),
+        ]  # fmt: skip
+        if cfg.motion is not None:
+            specs.append(spec("liveportrait_motion", MotionWorker, cfg.motion))
+        if cfg.flame is not None:
+            specs.append(
+                spec("emoca_flame", FlameWorker, cfg.flame, crop_fraction=cfg.emoca_crop_fraction)
+            )
+        if cfg.reference is not None:
+            specs.append(spec("reference", ReferenceWorker, cfg.reference))
+        if cfg.sensevoice is not None:
+            specs.append(spec("sensevoice", SenseVoiceWorker, cfg.sensevoice))
+        return specs
+
     def setup(self) -> None:
         root = Path(self.env.data_root)
-        want_gpu = self.config.resources.num_gpus > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda" if want_gpu else "cpu")
-        vae_spec, hub_spec = self.config.vae, self.config.hubert
-        vae_path = ensure_model(vae_spec, root)
-        # fp32 on purpose: the FLUX.1 VAE config sets force_upcast (fp16 overflows)
-        self.vae = load_vae(
-            vae_path or vae_spec.source,
-            vae_spec.subfolder,
-            self.device,
-            torch.float32,
-            revision=vae_spec.revision,
-            family=vae_spec.family,
-        )
-        hub_path = ensure_model(hub_spec, root)
-        self.hubert = load_hubert(
-            hub_path or hub_spec.source,
-            hub_spec.subfolder,
-            self.device,
-            revision=hub_spec.revision,
-        )
-        check_layer(self.hubert, self.config.hubert_layer)
-        self.feature_extractor = make_feature_extractor()
-        self.video = VideoExtractors.load(
-            self.vae,
-            self.config.motion,
-            self.config.flame,
-            self.config.reference,
-            root,
-            self.device,
-            self.config.emoca_crop_fraction,
-        )
-        self.sensevoice = None
-        if self.config.sensevoice is not None:
-            sv_path = ensure_model(self.config.sensevoice, root)
-            self.sensevoice = load_sensevoice(sv_path or self.config.sensevoice.source, self.device)
+        self.pools = complete_pools(self.pool_specs(), self.pools)
         self.fingerprints: dict[str, ModelFingerprint] = {
             s.family: self.env.model_fingerprints.get(s.family) or fingerprint(s, root)
             for s in self.model_specs()
         }
 
     def process(self, inputs: ItemInputs, ctx: ItemContext) -> ClipFeatures:
+        if not self.pools:
+            self.setup()
         clip = inputs.get("download", NormalizedClip)
         face = inputs.get("faces", FaceTrack)
         fps = float(face.fps or clip.fps)
         if fps <= 0:
             raise ItemFailure(FailureKind.BAD_METADATA, f"non-positive frame rate {fps}")
+        verdict = inputs.records.get("quality")
+        audio_ref = getattr(verdict, "aligned_audio", None) or clip.audio  # re-aligned wins
+        wave, rate = read_wav(ctx.local_path(audio_ref))
+        if rate != SAMPLE_RATE_HZ:
+            raise ItemFailure(FailureKind.FORMAT, f"audio is {rate} Hz, HuBERT needs 16000 Hz")
+        if hubert_num_frames(len(wave)) == 0:
+            raise ItemFailure(FailureKind.FORMAT, f"audio of {len(wave)} samples is too short")
+        hubert_task = self.pools["hubert"].submit("extract", wave)  # overlaps the video
         reference_index = face.num_frames // 2
-        video = self.video.run(
-            ctx.local_path(face.crops), self.config.resources.batch_size, reference_index
+        video = extract_video(
+            ctx.local_path(face.crops),
+            self.pools,
+            self.config.resources.batch_size,
+            reference_index,
+            self.config.max_inflight_chunks,
         )
         t = video["vae_latents"].shape[0]
         if abs(t - face.num_frames) > self.config.max_misalignment_frames:
@@ -207,19 +256,21 @@ class FeaturesStage(Stage[FeaturesConfig]):
                 FailureKind.MISALIGNED,
                 f"crops decode to {t} frames, faces stage reported {face.num_frames}",
             )
-        verdict = inputs.records.get("quality")
-        audio_ref = getattr(verdict, "aligned_audio", None) or clip.audio  # re-aligned wins
-        wave, rate = read_wav(ctx.local_path(audio_ref))
-        aligned = self._audio_features(wave, rate, t, fps)
-        scale, shift = latent_factors(self.vae)
+        sv_task = None
+        if "sensevoice" in self.pools:
+            sv_task = self.pools["sensevoice"].submit(
+                "extract", wave, t, fps, self.config.max_misalignment_frames
+            )
+        aligned = self._align_hubert(hubert_task.result(), len(wave), t, fps)
+        latent_layout = self.pools["vae_latents"].submit("layout").result()
         cfg, prints = self.config, self.fingerprints
         common = {"clip_id": clip.clip_id, "fps": repr(fps), "num_frames": str(t)}
-        latents = video["vae_latents"].to(getattr(torch, cfg.latent_dtype))
+        latents = torch.from_numpy(video["vae_latents"]).to(getattr(torch, cfg.latent_dtype))
         hubert = torch.from_numpy(aligned).to(getattr(torch, cfg.hubert_dtype))
         files = [
             self._save_tensors(
                 ctx, "vae_latents", {"latents": latents}, prints[cfg.vae.family], common, fps,
-                _latent_meta(self.vae, scale, shift),
+                _latent_meta(latent_layout),
             ),
             self._save_tensors(
                 ctx, "hubert", {"features": hubert}, prints[cfg.hubert.family], common, fps,
@@ -231,7 +282,8 @@ class FeaturesStage(Stage[FeaturesConfig]):
             layout = ",".join(f"{name}:{size}" for name, size in MOTION_LAYOUT)
             files.append(
                 self._save_tensors(
-                    ctx, "liveportrait_motion", {"motion": video["liveportrait_motion"]},
+                    ctx, "liveportrait_motion",
+                    {"motion": torch.from_numpy(video["liveportrait_motion"])},
                     prints[cfg.motion.family], common, fps,
                     {"layout": f"T,133 ({layout}); angles in degrees",
                      "input": "face crop resized to 256x256 RGB in [0, 1]"},
@@ -241,7 +293,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
             layout = ",".join(f"{name}:{size}" for name, size in FLAME_LAYOUT)
             files.append(
                 self._save_tensors(
-                    ctx, "emoca_flame", {"flame": video["emoca_flame"]},
+                    ctx, "emoca_flame", {"flame": torch.from_numpy(video["emoca_flame"])},
                     prints[cfg.flame.family], common, fps,
                     {"layout": f"T,159 ({layout}); pose axis-angle",
                      "input": f"central {cfg.emoca_crop_fraction:g} of the face crop, "
@@ -249,8 +301,8 @@ class FeaturesStage(Stage[FeaturesConfig]):
                 )
             )  # fmt: skip
         speech = None
-        if cfg.sensevoice is not None and self.sensevoice is not None:
-            sv = run_sensevoice(self.sensevoice, wave, t, fps, cfg.max_misalignment_frames)
+        if cfg.sensevoice is not None and sv_task is not None:
+            sv: SenseVoiceResult = sv_task.result()
             sv_fp = self.fingerprints[cfg.sensevoice.family]
             files.append(self._save_tensors(
                 ctx, "sensevoice",
@@ -275,8 +327,8 @@ class FeaturesStage(Stage[FeaturesConfig]):
             frame = min(reference_index, t - 1)
             files.append(self._save_tensors(
                 ctx, "reference",
-                {"patch_tokens": video["reference_patch_tokens"], "cls": video["reference_cls"],
-                 "image": video["reference_image"]},
+                {name: torch.from_numpy(video[f"reference_{name}"])
+                 for name in ("patch_tokens", "cls", "image")},
                 fp, common, frame_rate_hz=0.0,
                 meta={"frame_index": str(frame),
                       "layout": "cls (D), patch_tokens (N, D) row-major 14 px patches, "
@@ -309,43 +361,32 @@ class FeaturesStage(Stage[FeaturesConfig]):
             model=fp,
         )
 
-    def _audio_features(
-        self, wave: np.ndarray, rate: int, num_frames: int, fps: float
+    def _align_hubert(
+        self, feats: np.ndarray, num_samples: int, num_frames: int, fps: float
     ) -> np.ndarray:
-        if rate != SAMPLE_RATE_HZ:
-            raise ItemFailure(FailureKind.FORMAT, f"audio is {rate} Hz, HuBERT needs 16000 Hz")
-        steps = hubert_num_frames(len(wave))
+        """HuBERT steps → two per video frame; MISALIGNED beyond the tolerance."""
+        steps = feats.shape[0]
         audio_frames = steps * fps / FRAME_RATE_HZ
         if abs(audio_frames - num_frames) > self.config.max_misalignment_frames:
             raise ItemFailure(
                 FailureKind.MISALIGNED,
                 f"audio gives {steps} HuBERT steps (~{audio_frames:.1f} frames at {fps:g} fps) "
-                f"for {num_frames} video frames",
+                f"for {num_frames} video frames ({num_samples} samples)",
             )
-        if steps == 0:
-            raise ItemFailure(FailureKind.FORMAT, f"audio of {len(wave)} samples is too short")
-        feats = extract_hubert_windowed(
-            self.hubert,
-            self.feature_extractor,
-            wave,
-            self.config.hubert_layer,
-            window_steps=int(self.config.hubert_window_s * FRAME_RATE_HZ),
-            context_steps=int(self.config.hubert_context_s * FRAME_RATE_HZ),
-        )
         return align_audio_steps(feats, num_frames, fps)
 
 
-def _latent_meta(vae: Any, scale: float, shift: float) -> dict[str, str]:
+def _latent_meta(layout: dict[str, Any]) -> dict[str, str]:
     """How the stored latents were normalised, so a reader can undo it."""
-    if is_flux2(vae):
+    if layout["flux2"]:
         return {
             "layout": "T,4C,H/16,W/16 (2x2 patchified, channel order c,dy,dx)",
             "normalisation": "(patchify(mode) - bn.running_mean) / sqrt(bn.running_var + eps)",
         }
     return {
         "layout": "T,C,H/8,W/8",
-        "scaling_factor": repr(scale),
-        "shift_factor": repr(shift),
+        "scaling_factor": repr(layout["scale"]),
+        "shift_factor": repr(layout["shift"]),
         "normalisation": "(mode - shift) * scale",
     }
 

@@ -1,7 +1,10 @@
 """Per-frame video features from the face crops, all from one streamed decode.
 
 The faces stage's ``crops.mp4`` is decoded once, in chunks of ``batch_size`` frames, and
-every chunk goes through each enabled extractor before the next is decoded:
+every chunk is submitted to each enabled extractor's pool (:mod:`tasks.pools`; the
+workers are in :mod:`tasks.features_workers`). In-process pools run each chunk before the
+next is decoded; remote pools (their own Ray actors, on GPUs) infer while the next chunk
+decodes:
 
 - ``vae_latents``: the VAE (see :mod:`models.vae`) on the crop at its own size;
 - ``liveportrait_motion``: LivePortrait's motion extractor (:mod:`models.liveportrait`) on
@@ -19,29 +22,29 @@ about 1.25 × a landmark box, so its input is the central 1.25 / 1.5 ≈ 0.83 of
 LivePortrait's own cropper frames the face more loosely (about 2.3 × the face); pixels
 outside our crop do not exist, so motion is computed on the whole crop, and ops who need
 LivePortrait's framing raise ``faces.margin``. Resizing uses OpenCV's area filter
-(downscaling) or bicubic (upscaling), on the CPU, while the models run on the worker's
-device.
+(downscaling) or bicubic (upscaling), on the CPU of the extractor's worker, while the
+models run on that worker's device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
-from models.dinov2 import Dinov2Encoder, embed_reference, load_dinov2
-from models.emoca import FLAME_DIM, extract_flame, load_emoca
-from models.liveportrait import INPUT_SIZE as MOTION_SIZE
-from models.liveportrait import MOTION_DIM, extract_motion, load_motion_extractor
-from models.registry import ModelSpec, ensure_model
-from models.vae import encode_frames, latent_stride
 from tasks.base import FailureKind, ItemFailure
 from tasks.media import iter_frames, probe
+from tasks.pools import ModelPool, PoolTask
 
 EMOCA_SIZE = 224
+# family -> worker method called on every chunk of decoded crop frames
+FRAME_FAMILIES = {
+    "vae_latents": "encode",
+    "liveportrait_motion": "extract",
+    "emoca_flame": "extract",
+}
 
 
 def resize_frames(frames: np.ndarray, size_px: int, center_fraction: float = 1.0) -> np.ndarray:
@@ -59,89 +62,62 @@ def resize_frames(frames: np.ndarray, size_px: int, center_fraction: float = 1.0
     return out
 
 
-@dataclass
-class VideoExtractors:
-    """The loaded video models of one worker (``None`` = family disabled)."""
+def extract_video(
+    crops: Path,
+    pools: dict[str, ModelPool],
+    chunk_frames: int,
+    reference_index: int = 0,
+    max_inflight_chunks: int = 4,
+) -> dict[str, np.ndarray]:
+    """Decode ``crops`` once and run every video pool present on each chunk.
 
-    vae: torch.nn.Module
-    motion: torch.nn.Module | None
-    flame: torch.nn.Module | None
-    reference: Dinov2Encoder | None
-    emoca_crop_fraction: float
+    ``pools`` holds ``vae_latents`` (required) and optionally ``liveportrait_motion``,
+    ``emoca_flame`` and ``reference``. Each chunk is shared once and submitted to every
+    frame pool; with remote pools the next chunk decodes while they infer, and at most
+    ``max_inflight_chunks`` chunks are outstanding (memory stays bounded). The reference
+    pool gets frame ``reference_index`` (clamped to the clip). Returns float32 arrays per
+    family (``reference_cls`` / ``reference_patch_tokens`` / ``reference_image`` for the
+    reference), in frame order.
+    """
+    info = probe(crops)
+    layout = pools["vae_latents"].submit("layout").result()
+    stride = layout["stride"]
+    if info.width % stride or info.height % stride:
+        raise ItemFailure(
+            FailureKind.FORMAT,
+            f"crop size {info.width}x{info.height} is not a multiple of {stride}",
+        )
+    frame_pools = {
+        family: (pools[family], method)
+        for family, method in FRAME_FAMILIES.items()
+        if family in pools
+    }
+    parts: dict[str, list[np.ndarray]] = {family: [] for family in frame_pools}
+    inflight: deque[dict[str, PoolTask]] = deque()
 
-    @classmethod
-    def load(
-        cls,
-        vae: torch.nn.Module,
-        motion_spec: ModelSpec | None,
-        flame_spec: ModelSpec | None,
-        reference_spec: ModelSpec | None,
-        data_root: Path,
-        device: torch.device,
-        emoca_crop_fraction: float,
-    ) -> VideoExtractors:
-        motion = flame = reference = None
-        if motion_spec is not None:
-            path = ensure_model(motion_spec, data_root)
-            motion = load_motion_extractor(path or motion_spec.source, device=device)
-        if flame_spec is not None:
-            path = ensure_model(flame_spec, data_root)
-            flame = load_emoca(path or flame_spec.source, device=device)
-        if reference_spec is not None:
-            path = ensure_model(reference_spec, data_root)
-            reference = load_dinov2(
-                path or reference_spec.source,
-                reference_spec.subfolder,
-                device,
-                reference_spec.revision,
-            )
-        return cls(vae, motion, flame, reference, emoca_crop_fraction)
+    def collect_oldest() -> None:
+        for family, task in inflight.popleft().items():
+            parts[family].append(task.result())
 
-    def run(
-        self, crops: Path, batch_size: int, reference_index: int = 0
-    ) -> dict[str, torch.Tensor]:
-        """Decode ``crops`` once; every enabled family's per-frame tensor, float32, CPU.
-
-        With a reference model, ``reference_cls`` / ``reference_patch_tokens`` /
-        ``reference_image`` (uint8) come from frame ``reference_index`` (clamped).
-        """
-        info = probe(crops)
-        stride = latent_stride(self.vae)
-        if info.width % stride or info.height % stride:
-            raise ItemFailure(
-                FailureKind.FORMAT,
-                f"crop size {info.width}x{info.height} is not a multiple of {stride}",
-            )
-        parts: dict[str, list[torch.Tensor]] = {"vae_latents": []}
-        if self.motion is not None:
-            parts["liveportrait_motion"] = []
-        if self.flame is not None:
-            parts["emoca_flame"] = []
-        seen, reference_frame = 0, None
-        for frames in iter_frames(crops, info.width, info.height, chunk=batch_size):
-            if seen <= reference_index < seen + len(frames) or reference_frame is None:
-                reference_frame = frames[min(reference_index - seen, len(frames) - 1)].copy()
-            seen += len(frames)
-            parts["vae_latents"].append(encode_frames(self.vae, frames, batch_size).float())
-            if self.motion is not None:
-                x = resize_frames(frames, MOTION_SIZE)
-                motion = extract_motion(self.motion, x, batch_size)
-                parts["liveportrait_motion"].append(torch.from_numpy(motion))
-            if self.flame is not None:
-                x = resize_frames(frames, EMOCA_SIZE, self.emoca_crop_fraction)
-                parts["emoca_flame"].append(
-                    torch.from_numpy(extract_flame(self.flame, x, batch_size))
-                )
-        if not parts["vae_latents"]:
-            raise ItemFailure(FailureKind.FORMAT, f"{crops.name}: no decodable frames")
-        out = {family: torch.cat(chunks) for family, chunks in parts.items()}
-        if self.reference is not None and reference_frame is not None:
-            emb = embed_reference(self.reference, reference_frame)
-            out["reference_cls"] = emb["cls"]
-            out["reference_patch_tokens"] = emb["patch_tokens"]
-            out["reference_image"] = torch.from_numpy(reference_frame)
-        dims = {"liveportrait_motion": MOTION_DIM, "emoca_flame": FLAME_DIM}
-        for family, dim in dims.items():
-            if family in out and out[family].shape[1:] != (dim,):
-                raise ItemFailure(FailureKind.MODEL, f"{family} gave {tuple(out[family].shape)}")
-        return out
+    seen, reference_frame = 0, None
+    for frames in iter_frames(crops, info.width, info.height, chunk=chunk_frames):
+        if seen <= reference_index < seen + len(frames) or reference_frame is None:
+            reference_frame = frames[min(reference_index - seen, len(frames) - 1)].copy()
+        seen += len(frames)
+        shared = pools["vae_latents"].share(frames)
+        inflight.append(
+            {family: pool.submit(method, shared) for family, (pool, method) in frame_pools.items()}
+        )
+        if len(inflight) >= max_inflight_chunks:
+            collect_oldest()
+    while inflight:
+        collect_oldest()
+    if not parts["vae_latents"]:
+        raise ItemFailure(FailureKind.FORMAT, f"{crops.name}: no decodable frames")
+    out = {family: np.concatenate(chunks) for family, chunks in parts.items()}
+    if "reference" in pools and reference_frame is not None:
+        emb = pools["reference"].submit("embed", reference_frame).result()
+        out["reference_cls"] = emb["cls"]
+        out["reference_patch_tokens"] = emb["patch_tokens"]
+        out["reference_image"] = reference_frame
+    return out

@@ -180,7 +180,8 @@ def synthetic_features(
 
 def make_features_stage(tmp_path: Path, **cfg) -> FeaturesStage:
     """A set-up features stage with tiny models under ``tmp_path`` and engine-style prints."""
-    config = FeaturesConfig(resources=Resources(batch_size=6), **cfg)
+    cfg.setdefault("resources", Resources(batch_size=6))
+    config = FeaturesConfig(**cfg)
     probe = FeaturesStage(config, env_for(tmp_path))
     prints = {s.family: fingerprint(s, tmp_path) for s in probe.model_specs()}
     stage = FeaturesStage(config, env_for(tmp_path, model_fingerprints=prints))

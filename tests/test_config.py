@@ -76,6 +76,19 @@ def test_resources_do_not_change_the_params_hash() -> None:
     assert base.faces.params_hash() != other.faces.params_hash()
 
 
+def test_readme_gpu_node_features_config_validates_and_keeps_the_hash(tmp_path: Path) -> None:
+    """The README's own_pools example is valid, and placement never invalidates features."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("```yaml\nfeatures:\n", 1)[1].split("```", 1)[0]
+    cfg = load_config(write(tmp_path, "features:\n" + block))
+    assert cfg.features.pools.placement == "own_pools"
+    assert cfg.features.pools.vae_latents.num_gpus == 0.4
+    base = load_config(None)
+    assert cfg.features.params_hash() == base.features.params_hash()
+    amp = load_config(None, ["features.amp_dtype=float16"])
+    assert amp.features.params_hash() != base.features.params_hash()
+
+
 def test_stage_selection() -> None:
     assert select_stages(None, "quality", "engram") == ["quality", "features", "engram"]
     assert select_stages(["train", "download"]) == ["download", "train"]

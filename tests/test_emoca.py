@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet50
 
+from models.checkpoints import CheckpointError, CheckpointMismatchError
 from models.emoca import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -143,24 +144,33 @@ def test_missing_unexpected_and_misshaped_keys_are_reported(tiny_dir: Path, tmp_
     state["deca.E_flame.encoder.fc.weight"] = torch.zeros(3, 3)
     state["deca.E_flame.layers.2.weight"] = torch.zeros(53, 32)
     torch.save({"state_dict": state}, tmp_path / CHECKPOINT_FILE)
-    with pytest.raises(ModelUnavailableError) as info:
+    with pytest.raises(CheckpointMismatchError) as info:
         load_emoca(tmp_path)
     message = str(info.value)
-    assert "missing (1): ['E_expression.layers.2.bias']" in message
-    assert "unexpected (1): ['E_flame.encoder.fc.weight']" in message
-    assert "E_flame.layers.2.weight: checkpoint (53, 32) vs model (236, 32)" in message
+    assert "1 missing, 1 unexpected, 1 mis-shaped keys" in message
+    assert "\n  missing: E_expression.layers.2.bias\n" in message
+    assert "\n  unexpected: E_flame.encoder.fc.weight\n" in message
+    assert "\n  mis-shaped: E_flame.layers.2.weight: checkpoint (53, 32) vs model (236, 32)" in (
+        message
+    )
 
 
 def test_full_architecture_is_default_without_config(tiny_dir: Path, tmp_path: Path) -> None:
     torch.save({"state_dict": _ckpt_state(tiny_dir)}, tmp_path / "tiny.ckpt")
-    with pytest.raises(ModelUnavailableError, match=r"missing \(\d+\).*layer1\.1"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"\n  missing: E_flame\.encoder\.layer1\.1\."
+    ):
         load_emoca(tmp_path / "tiny.ckpt")
 
 
 def test_pickled_objects_are_refused_with_a_conversion_hint(tmp_path: Path) -> None:
     hparams = Namespace(lr=1e-4)  # stands in for a Lightning checkpoint's pickled objects
     torch.save({"state_dict": {}, "hyper_parameters": hparams}, tmp_path / "real.ckpt")
-    with pytest.raises(ModelUnavailableError, match=r"(?s)weights_only=False.*emoca\.safetensors"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)refused .*real\.ckpt.*argparse\.Namespace.*weights_only=False"
+        r".*emoca\.safetensors",
+    ):
         load_emoca(tmp_path / "real.ckpt")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -16,6 +17,7 @@ from tasks.faces_track import (
     build_track,
     crop_square,
     crop_windows,
+    resize_square,
     smooth_track,
 )
 
@@ -127,3 +129,18 @@ def test_crop_square_pads_outside_the_frame():
     )
     assert inside.shape == (32, 32, 3)
     assert (crop_square(frame, 500, 500, 40, 16) == 0).all()
+
+
+def test_resize_square_matches_an_area_resize():
+    from skimage import data
+
+    img = data.astronaut()  # 512 px, a real photo
+    for size in (512, 400, 300):  # 2x exactly, then two non-integer factors
+        region = np.ascontiguousarray(img[:size, :size])
+        ours = resize_square(region, 256).astype(float)
+        area = cv2.resize(region, (256, 256), interpolation=cv2.INTER_AREA).astype(float)
+        psnr = 10 * np.log10(255**2 / max(((ours - area) ** 2).mean(), 1e-12))
+        assert psnr > 45, (size, psnr)
+        if size == 512:
+            assert np.array_equal(ours, area)
+    assert resize_square(img[:100, :100], 256).shape == (256, 256, 3)  # upscales bilinearly

@@ -66,7 +66,7 @@ def test_features_stage_writes_aligned_latents_and_hubert(stage, tmp_path):
     assert not torch.equal(feats[14, 1], feats[14, 0])
 
     # latents decode back to frames of the crop size (the generate stage's path)
-    frames = decode_latents(stage.vae, lat.float())
+    frames = decode_latents(stage.pools["vae_latents"].worker.vae, lat.float())
     assert frames.shape == (16, 64, 64, 3) and frames.dtype == np.uint8
 
     rows = rec.stats_rows()["features"]
@@ -99,10 +99,11 @@ def test_motion_and_flame_come_from_the_same_decoded_crops(stage, tmp_path):
     assert "pitch:1" in mmeta["layout"] and "expression:50" in fmeta["layout"]
     crops = Path(store._path(inputs.records["faces"].crops.uri))
     frames = np.concatenate(list(iter_frames(crops, 64, 64)))
-    np.testing.assert_allclose(
-        motion.numpy(), extract_motion(stage.video.motion, resize_frames(frames, 256)), atol=1e-5
-    )
-    direct = extract_flame(stage.video.flame, resize_frames(frames, 224, 0.83))
+    motion_model = stage.pools["liveportrait_motion"].worker.model
+    direct = extract_motion(motion_model, resize_frames(frames, 256))
+    np.testing.assert_allclose(motion.numpy(), direct, atol=1e-5)
+    flame_model = stage.pools["emoca_flame"].worker.model
+    direct = extract_flame(flame_model, resize_frames(frames, 224, 0.83))
     np.testing.assert_allclose(flame.numpy(), direct, atol=1e-4)
 
 
@@ -125,7 +126,8 @@ def test_features_stage_matches_direct_model_calls(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
     feats, _ = read(store._path(rec.file("hubert").artifact.uri), "features")
     wave, _ = read_wav(Path(store._path(inputs.records["download"].audio.uri)))
-    (direct,) = extract_hubert(stage.hubert, stage.feature_extractor, [wave], layer=-1)
+    hub = stage.pools["hubert"].worker
+    (direct,) = extract_hubert(hub.model, hub.feature_extractor, [wave], layer=-1)
     assert direct.shape[0] == 23
     for i in range(12):
         for j in range(2):
@@ -214,9 +216,10 @@ def test_realigned_audio_from_quality_is_what_hubert_reads(stage, tmp_path):
     with_quality = ItemInputs(item_id="clip-r", records={**inputs.records, "quality": verdict})
     rec, _ = run_item(stage, tmp_path, with_quality)
     feats, _ = read(store._path(rec.file("hubert").artifact.uri), "features")
-    (direct,) = extract_hubert(stage.hubert, stage.feature_extractor, [shifted], layer=-1)
+    hub = stage.pools["hubert"].worker
+    (direct,) = extract_hubert(hub.model, hub.feature_extractor, [shifted], layer=-1)
     np.testing.assert_allclose(feats[5, 0].float().numpy(), direct[10], atol=2e-2)
-    (original,) = extract_hubert(stage.hubert, stage.feature_extractor, [wave], layer=-1)
+    (original,) = extract_hubert(hub.model, hub.feature_extractor, [wave], layer=-1)
     assert not np.allclose(feats[5, 0].float().numpy(), original[10], atol=2e-2)
 
 
@@ -237,7 +240,7 @@ def test_reference_features_come_from_the_middle_frame(stage, tmp_path):
     crops = Path(store._path(inputs.records["faces"].crops.uri))
     frames = np.concatenate(list(iter_frames(crops, 64, 64)))
     assert torch.equal(image, torch.from_numpy(frames[4]))
-    direct = embed_reference(stage.video.reference, frames[4])
+    direct = embed_reference(stage.pools["reference"].worker.encoder, frames[4])
     assert torch.allclose(direct["cls"], cls, atol=1e-5)
     assert torch.allclose(direct["patch_tokens"], tokens, atol=1e-5)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.checkpoints import CheckpointError, CheckpointMismatchError
 from models.liveportrait import (
     CONFIG_FILE,
     FAMILY,
@@ -97,21 +98,30 @@ def test_renamed_key_fails_with_the_key_names(tmp_path: Path) -> None:
     sd = torch.load(tmp_path / WEIGHTS_FILE, weights_only=True)
     sd["detector.fc_kp_renamed.weight"] = sd.pop("detector.fc_kp.weight")
     torch.save(sd, tmp_path / WEIGHTS_FILE)
-    with pytest.raises(ModelUnavailableError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         load_motion_extractor(tmp_path)
+    assert err.value.missing == ("detector.fc_kp.weight",)
+    assert err.value.unexpected == ("detector.fc_kp_renamed.weight",)
     message = str(err.value)
-    assert "missing keys: detector.fc_kp.weight" in message
-    assert "unexpected keys: detector.fc_kp_renamed.weight" in message
+    assert "1 missing, 1 unexpected, 0 mis-shaped keys" in message
+    assert "\n  missing: detector.fc_kp.weight\n" in message
+    assert "\n  unexpected: detector.fc_kp_renamed.weight\n" in message
 
 
 def test_wrong_layouts_fail_clearly(tmp_path: Path) -> None:
     save_motion_extractor(random_motion_extractor(TINY_ARCH, seed=0), tmp_path)
     (tmp_path / CONFIG_FILE).unlink()  # tiny weights read as the official architecture
-    with pytest.raises(ModelUnavailableError, match=r"shape mismatches: .*\(96, 3, 4, 4\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"mis-shaped: detector\.downsample_layers\.0\.0\.weight: "
+        r"checkpoint \(8, 3, 4, 4\) vs model \(96, 3, 4, 4\)",
+    ):
         load_motion_extractor(tmp_path)
     sd = torch.load(tmp_path / WEIGHTS_FILE, weights_only=True)
     torch.save({"state_dict": sd}, tmp_path / "wrapped.pth")
-    with pytest.raises(ModelUnavailableError, match="unexpected keys: state_dict"):
+    with pytest.raises(
+        CheckpointError, match=r"non-tensor entries \(1\): 'state_dict' \(\w*[Dd]ict\)"
+    ):
         load_motion_extractor(tmp_path / "wrapped.pth")
     with pytest.raises(ModelUnavailableError, match="tiny_random"):
         load_motion_extractor(tmp_path / "nowhere")

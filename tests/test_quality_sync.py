@@ -14,6 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from models.checkpoints import CheckpointError, CheckpointMismatchError
 from models.registry import ModelSpec, ModelUnavailableError, ensure_model, fingerprint
 from models.syncnet import (
     SyncNet,
@@ -260,10 +261,13 @@ def test_loading_wrong_files_fails_clearly(tmp_path):
     sd = SyncNet().state_dict()
     renamed = {k.replace("netfclip", "netfcvid"): v for k, v in sd.items()}
     torch.save(renamed, tmp_path / "renamed.model")
-    with pytest.raises(ModelUnavailableError, match=r"(?s)does not match the SyncNet.*netfcvid"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"does not fit the SyncNet.*\n  missing: netfclip\."
+    ) as err:
         load_syncnet(tmp_path / "renamed.model")
+    assert all(name.startswith("netfcvid.") for name in err.value.unexpected)
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.model")  # a pickled module
-    with pytest.raises(ModelUnavailableError, match="not a plain state dict"):
+    with pytest.raises(CheckpointError, match=r"refused .*module\.model: .*Linear.*Re-save it"):
         load_syncnet(tmp_path / "module.model")
     with pytest.raises(ModelUnavailableError, match="not found"):
         load_syncnet(tmp_path / "absent.model")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.checkpoints import CheckpointError, CheckpointMismatchError
 from models.registry import PROVENANCE_FILE, ModelSpec, ModelUnavailableError, ensure_model
 from models.sensevoice import (
     FEATURE_DIM,
@@ -230,15 +231,24 @@ def test_wrong_key_fails_clearly(tiny_dir: Path, tmp_path: Path) -> None:
         "encoder.encoders.0.self_attn.linear_q_k_v.weight"
     )
     torch.save(state, tmp_path / "model.pt")
-    with pytest.raises(ModelUnavailableError, match=r"missing \['encoder.encoders.0.self_attn"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"\n  missing: encoder\.encoders\.0\.self_attn\.linear_q_k_v\.weight\n"
+        r"  unexpected: encoder\.encoders\.0\.self_attn\.linear_qkv\.weight",
+    ):
         load_sensevoice(tmp_path)
     state = torch.load(tiny_dir / "model.pt", weights_only=True)
     state["ctc.ctc_lo.weight"] = state["ctc.ctc_lo.weight"][:60]
     torch.save(state, tmp_path / "model.pt")
-    with pytest.raises(ModelUnavailableError, match=r"ctc.ctc_lo.weight: file \(60, 32\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"mis-shaped: ctc\.ctc_lo\.weight: checkpoint \(60, 32\) vs model \(64, 32\)",
+    ):
         load_sensevoice(tmp_path)
     torch.save({"state_dict": state, "args": argparse.Namespace(lr=1)}, tmp_path / "model.pt")
-    with pytest.raises(ModelUnavailableError, match=r"weights_only=True .* convert it once"):
+    with pytest.raises(
+        CheckpointError, match=r"refused .*model\.pt: .*Namespace.* convert it once"
+    ):
         load_sensevoice(tmp_path)
 
 
