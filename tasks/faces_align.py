@@ -20,7 +20,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from tasks.faces_track import moving_average
+from tasks.faces_track import interpolate_rows, moving_average
 
 # ArcFace/InsightFace 5-point template for a 112×112 face: eyes, nose tip, mouth corners.
 ARCFACE_TEMPLATE_112 = np.array(
@@ -53,7 +53,7 @@ def interpolate_landmarks(landmarks: np.ndarray) -> np.ndarray:
         raise ValueError("no landmarks to align on")
     frames = np.arange(len(landmarks), dtype=np.float64)
     known = np.flatnonzero(ok).astype(np.float64)
-    return np.stack([np.interp(frames, known, landmarks[ok, c]) for c in range(10)], axis=1)
+    return interpolate_rows(frames, known, landmarks[ok])
 
 
 def similarity(src: np.ndarray, dst: np.ndarray) -> complex:

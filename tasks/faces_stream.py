@@ -47,6 +47,7 @@ from tasks.faces_track import (
     build_track,
     crop_square,
     crop_windows,
+    interpolate_rows,
     smooth_track,
 )
 from tasks.media import VideoWriter
@@ -277,7 +278,7 @@ class FaceStream:
             return (affines, *affine_square(affines, px))
         frames = np.arange(start, stop, dtype=np.float64)
         known = np.stack(self.found_boxes[span])
-        boxes = np.stack([np.interp(frames, found, known[:, c]) for c in range(4)], axis=1)
+        boxes = interpolate_rows(frames, found, known)
         cx, cy, side = smooth_track(boxes, cfg.smoothing, cfg.smoothing_window_frames)
         xs, ys, sizes = crop_windows(
             cx[lo - start : hi - start],

@@ -116,7 +116,7 @@ def build_track(num_frames: int, observations: list[KeyframeObs], max_gap_frames
     found_idx = np.array([o.frame for o in found], dtype=np.float64)
     found_boxes = np.stack([o.main.box() for o in found if o.main is not None])
     frames = np.arange(n, dtype=np.float64)
-    boxes = np.stack([np.interp(frames, found_idx, found_boxes[:, c]) for c in range(4)], axis=1)
+    boxes = interpolate_rows(frames, found_idx, found_boxes)
 
     source = np.full(n, SOURCE_INTERPOLATED, dtype=object)
     score = np.full(n, np.nan)
@@ -156,6 +156,12 @@ def build_track(num_frames: int, observations: list[KeyframeObs], max_gap_frames
             f"max gap {max_gap_frames}",
         )
     return Track(boxes, source, score, landmarks, detector_ran, num_faces, ratio, gaps)
+
+
+def interpolate_rows(frames: np.ndarray, known: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``(len(frames), D)``: each column of ``values`` (rows at ``known`` frames, ascending)
+    linearly interpolated at ``frames``, holding the first / last row beyond the ends."""
+    return np.stack([np.interp(frames, known, values[:, c]) for c in range(values.shape[1])], 1)
 
 
 def smooth_track(

@@ -221,6 +221,8 @@ class FeaturesStage(Stage[FeaturesConfig]):
     def setup(self) -> None:
         root = Path(self.env.data_root)
         self.pools = complete_pools(self.pool_specs(), self.pools)
+        # stride, scale, shift: fixed per VAE, asked once per worker, not per clip
+        self.latent_layout: dict[str, Any] = self.pools["vae_latents"].submit("layout").result()
         self.fingerprints: dict[str, ModelFingerprint] = {
             s.family: self.env.model_fingerprints.get(s.family) or fingerprint(s, root)
             for s in self.model_specs()
@@ -246,6 +248,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
         video = extract_video(
             ctx.local_path(face.crops),
             self.pools,
+            self.latent_layout["stride"],
             self.config.resources.batch_size,
             reference_index,
             self.config.max_inflight_chunks,
@@ -262,7 +265,6 @@ class FeaturesStage(Stage[FeaturesConfig]):
                 "extract", wave, t, fps, self.config.max_misalignment_frames
             )
         aligned = self._align_hubert(hubert_task.result(), len(wave), t, fps)
-        latent_layout = self.pools["vae_latents"].submit("layout").result()
         cfg, prints = self.config, self.fingerprints
         common = {"clip_id": clip.clip_id, "fps": repr(fps), "num_frames": str(t)}
         latents = torch.from_numpy(video["vae_latents"]).to(getattr(torch, cfg.latent_dtype))
@@ -270,7 +272,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
         files = [
             self._save_tensors(
                 ctx, "vae_latents", {"latents": latents}, prints[cfg.vae.family], common, fps,
-                _latent_meta(latent_layout),
+                _latent_meta(self.latent_layout),
             ),
             self._save_tensors(
                 ctx, "hubert", {"features": hubert}, prints[cfg.hubert.family], common, fps,

@@ -65,6 +65,7 @@ def resize_frames(frames: np.ndarray, size_px: int, center_fraction: float = 1.0
 def extract_video(
     crops: Path,
     pools: dict[str, ModelPool],
+    latent_stride: int,
     chunk_frames: int,
     reference_index: int = 0,
     max_inflight_chunks: int = 4,
@@ -72,20 +73,18 @@ def extract_video(
     """Decode ``crops`` once and run every video pool present on each chunk.
 
     ``pools`` holds ``vae_latents`` (required) and optionally ``liveportrait_motion``,
-    ``emoca_flame`` and ``reference``. Each chunk is shared once and submitted to every
-    frame pool; with remote pools the next chunk decodes while they infer, and at most
-    ``max_inflight_chunks`` chunks are outstanding (memory stays bounded). The reference
-    pool gets frame ``reference_index`` (clamped to the clip). Returns float32 arrays per
-    family (``reference_cls`` / ``reference_patch_tokens`` / ``reference_image`` for the
-    reference), in frame order.
+    ``emoca_flame`` and ``reference``; crops must be a multiple of ``latent_stride`` (the
+    VAE's). Each chunk is shared once and submitted to every frame pool; with remote pools
+    the next chunk decodes while they infer, and at most ``max_inflight_chunks`` chunks are
+    outstanding (memory stays bounded). The reference pool gets frame ``reference_index``
+    (clamped to the clip). Returns float32 arrays per family (``reference_cls`` /
+    ``reference_patch_tokens`` / ``reference_image`` for the reference), in frame order.
     """
     info = probe(crops)
-    layout = pools["vae_latents"].submit("layout").result()
-    stride = layout["stride"]
-    if info.width % stride or info.height % stride:
+    if info.width % latent_stride or info.height % latent_stride:
         raise ItemFailure(
             FailureKind.FORMAT,
-            f"crop size {info.width}x{info.height} is not a multiple of {stride}",
+            f"crop size {info.width}x{info.height} is not a multiple of {latent_stride}",
         )
     frame_pools = {
         family: (pools[family], method)
