@@ -249,11 +249,17 @@ def build_tiny_emoca(directory: Path, seed: int) -> None:
 
 
 @torch.inference_mode()
-def extract_flame(model: EmocaEncoder, frames: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def extract_flame(
+    model: EmocaEncoder,
+    frames: np.ndarray,
+    batch_size: int = 32,
+    amp_dtype: torch.dtype | None = None,
+) -> np.ndarray:
     """FLAME vectors ``(T, 159)`` float32 for uint8 RGB face crops ``(T, 224, 224, 3)``.
 
-    Frames are scaled to [0, 1] on the model's device and run ``batch_size`` at a time;
-    on CUDA under float16 autocast, elsewhere in float32. The model should be in eval mode
+    Frames are scaled to [0, 1] on the model's device and run ``batch_size`` at a time.
+    ``amp_dtype`` (``features.amp_dtype``: bfloat16 / float16) enables autocast when the
+    model is on CUDA; ``None`` or the CPU runs float32. The model should be in eval mode
     (as :func:`load_emoca` returns it) so results do not depend on the batch composition.
     """
     if frames.ndim != 4 or frames.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
@@ -267,7 +273,8 @@ def extract_flame(model: EmocaEncoder, frames: np.ndarray, batch_size: int = 32)
     for start in range(0, len(frames), max(1, batch_size)):
         chunk = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch_size]))
         x = chunk.to(device).permute(0, 3, 1, 2).float() / 255.0
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        use_amp = amp_dtype is not None and device.type == "cuda"
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
             y = model(x)
         out.append(y.float().cpu().numpy())
     return np.concatenate(out)

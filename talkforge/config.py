@@ -40,6 +40,9 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local instance")
     num_gpus: int | None = Field(None, ge=0)
     namespace: str = "talkforge"
+    start_timeout_s: float = Field(
+        600.0, gt=0, description="a stage's actors must be placed and set up within this"
+    )
 
 
 class ExecutionConfig(_Strict):

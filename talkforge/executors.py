@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from talkforge.config import ExecutionConfig, RayConfig
-from talkforge.ray_pools import RayPool, check_fits, start_pool
+from talkforge.ray_pools import PoolStartTimeout, RayPool, check_fits, start_pool, wait_started
 from tasks.base import FailureKind, Stage, StageConfig, StageEnv
 from tasks.runner import Outcome, WorkItem, run_item, worker_name
 
@@ -148,6 +148,13 @@ class RayExecutor:
             restarts = self.execution.actor_restarts
             self._model_pools[key] = {s.name: start_pool(ray, s, restarts) for s in specs}
             self._pools[key] = [self._new_actor(ray, stage_cls, config, env) for _ in range(size)]
+            groups = [(s.name, s.resources, self._model_pools[key][s.name]) for s in specs]
+            groups.append(("stage workers", config.resources, self._pools[key]))
+            try:
+                wait_started(ray, stage_cls.name, groups, self.ray_config.start_timeout_s)
+            except PoolStartTimeout:
+                del self._pools[key], self._model_pools[key]
+                raise
         return self._pools[key]
 
     def run(

@@ -118,3 +118,45 @@ def check_fits(
                 f"{stage}: its actors need {needed:g} {key} ({detail}) but this Ray instance "
                 f"has {have:g}; lower {stage}.pools.*.{attr} / num_workers or use a cluster"
             )
+
+
+class PoolStartTimeout(RuntimeError):
+    """A stage's actors were not all placed and set up within ``ray.start_timeout_s``."""
+
+
+def wait_started(
+    ray: Any, stage: str, groups: list[tuple[str, Resources, list[Any]]], timeout_s: float
+) -> None:
+    """Block until every actor of ``groups`` (label, per-actor resources, actors) is up.
+
+    An existing cluster is not checked up front (it may autoscale), so an actor asking for
+    resources no node has would otherwise stay pending and the run would hang silently.
+    After ``timeout_s`` the actors are killed and :class:`PoolStartTimeout` names, per
+    group, what was asked and how many started, beside the cluster's total and free
+    resources. The wait also covers each actor's ``setup()`` (model loading).
+    """
+    refs = {a.__ray_ready__.remote(): label for label, _, actors in groups for a in actors}
+    if not refs:
+        return
+    _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    if not pending:
+        return
+    waiting = [refs[r] for r in pending]
+    for _, _, actors in groups:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    asked = "; ".join(
+        f"{len(actors)} {label} × (CPU {res.num_cpus:g}, GPU {res.num_gpus:g}): "
+        f"{len(actors) - waiting.count(label)} started"
+        for label, res, actors in groups
+    )
+    raise PoolStartTimeout(
+        f"{stage}: {len(pending)} of {len(refs)} actors not started within {timeout_s:g} s "
+        f"(ray.start_timeout_s). Asked: {asked}. The cluster has "
+        f"{_resources(ray.cluster_resources())}, free {_resources(ray.available_resources())}. "
+        f"Lower {stage}.resources / pools, or add nodes with those resources."
+    )
+
+
+def _resources(res: dict) -> str:
+    return ", ".join(f"{k} {float(res.get(k, 0.0)):g}" for k in ("CPU", "GPU"))

@@ -5,7 +5,7 @@ by hashed n-grams of discrete tokens. Here the tokens are **audio codes**: a see
 codebook over per-frame HuBERT features (the mean of the two 50 Hz steps of each 25 fps
 frame) turns every video frame into one code. The n-grams of codes (orders
 ``ngram_orders``, causal, left-padded per clip) are hashed into ``num_heads`` prime-sized
-tables per order (see :mod:`tasks.engram_hash`), and each slot stores the **mean
+tables per order (see :mod:`generators.blocks.engram_hash`), and each slot stores the **mean
 mouth-region VAE latent** (lower half of the latent rows) of the training frames that
 landed there, plus per-code unigram means. The train and generate stages call
 :func:`lookup` to get a retrieved mouth prior for any code sequence.
@@ -32,16 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sklearn.cluster import KMeans
 
-from tasks.base import (
-    AggregateInputs,
-    FailureKind,
-    ItemContext,
-    ItemFailure,
-    Record,
-    Stage,
-    StageConfig,
-)
-from tasks.engram_hash import (
+from generators.blocks.engram_hash import (
     BANK_KEYS,
     assign_codes,
     collision_rates,
@@ -50,6 +41,15 @@ from tasks.engram_hash import (
     make_multipliers,
     make_primes,
     ngram_context,
+)
+from tasks.base import (
+    AggregateInputs,
+    FailureKind,
+    ItemContext,
+    ItemFailure,
+    Record,
+    Stage,
+    StageConfig,
 )
 from tasks.records import ClipFeatures, MemoryBank
 from tasks.split import is_heldout

@@ -125,8 +125,7 @@ class FlameWorker(ExtractorWorker):
 
     def extract(self, frames: np.ndarray) -> np.ndarray:
         x = resize_frames(frames, EMOCA_SIZE, self.crop_fraction)
-        with self.autocast():
-            out = extract_flame(self.model, x, self.batch_size)
+        out = extract_flame(self.model, x, self.batch_size, amp_dtype=self.amp_dtype)
         return _check_dim(out, FLAME_DIM, "emoca_flame")
 
 

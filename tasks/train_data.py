@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from generators.blocks.engram_hash import BANK_KEYS, assign_codes, lookup
 from models.unet import LatentUNetSpec, audio_window_tokens, make_spec, unet_input
-from tasks.engram_hash import BANK_KEYS, assign_codes, lookup
 
 MIN_REF_GAP_FRAMES = 5
 MANIFEST_NAME = "manifest.json"

@@ -335,3 +335,30 @@ def test_malformed_file_is_a_config_error(tmp_path: Path, content: str, match: s
 def test_missing_file_in_folder(tmp_path: Path):
     with pytest.raises(FileNotFoundError):
         read_celebvhq(tmp_path)
+
+
+def test_an_invalid_utf8_byte_fails_its_clip_only(tmp_path: Path):
+    info = _info({"good": _clip(), "bad": _clip("BBBBBBBBBBB", version="vMARK")})
+    path = tmp_path / "celebvhq_info.json"
+    path.write_bytes(
+        json.dumps(info).replace("vMARK", "v\\u00e9").encode().replace(b"\\u00e9", b"\xe9")
+    )
+    m = read_celebvhq(path)
+    assert [c.clip_id for c in m.clips] == ["celebvhq-good"]
+    ((rid, failure),) = m.problems
+    assert rid == "celebvhq-bad" and failure.kind == FailureKind.BAD_METADATA
+    assert failure.message == (
+        "celebvhq_info.json: clip holds invalid UTF-8 in bad.version: byte 0xe9"
+    )
+
+
+def test_truncated_info_file_is_a_typed_row_with_its_position(tmp_path: Path):
+    from tasks.download.datasets import DatasetSource, read_dataset
+
+    path = tmp_path / "celebvhq_info.json"
+    path.write_text(json.dumps(_info({"a": _clip()}))[:-20])
+    manifest = read_dataset(DatasetSource(kind="celebvhq", metadata=str(path)))
+    assert manifest.records == []
+    ((rid, failure),) = manifest.problems
+    assert rid == "celebvhq-#metadata" and failure.kind == FailureKind.BAD_METADATA
+    assert "celebvhq_info.json" in failure.message and "line 1, column" in failure.message

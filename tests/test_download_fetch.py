@@ -235,3 +235,30 @@ def test_download_failing_midway_leaves_no_file(tmp_path: Path, sample: Path, mo
     assert err.value.retryable
     folder = tmp_path / "raw" / "sample"
     assert sorted(p.name for p in folder.iterdir()) == [f".{src.youtube_id}.lock"]
+
+
+def test_ytdlp_reports_the_pinned_deno_runtime_and_ejs_offline(monkeypatch: pytest.MonkeyPatch):
+    """yt-dlp's own verbose self-report sees Deno (by path, not PATH) and yt-dlp-ejs."""
+    from importlib.metadata import version
+
+    import deno
+    import yt_dlp
+
+    class Debug:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def debug(self, msg: str) -> None:
+            self.lines.append(msg)
+
+        info = warning = error = debug
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the venv's bin (with deno) is not on PATH
+    log = Debug()
+    params = ydl_params("https://www.youtube.com/watch?v=x", "/o/%(ext)s", FetchOptions(), log)
+    with yt_dlp.YoutubeDL({**params, "verbose": True}) as ydl:
+        ydl.print_debug_header()  # what `yt-dlp -v` prints; no network
+    report = "\n".join(log.lines)
+    assert f"JS runtimes: deno-{version('deno')}" in report
+    assert params["js_runtimes"] == {"deno": {"path": deno.find_deno_bin()}}
+    assert f"yt_dlp_ejs-{version('yt-dlp-ejs')}" in report

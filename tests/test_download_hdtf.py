@@ -254,3 +254,28 @@ def test_scale_crop():
     with pytest.raises(ItemFailure) as err:
         scale_crop(CropBox(x=600, y=0, w=300, h=300), 640, 480)
     assert err.value.kind == FailureKind.BAD_METADATA and "outside" in err.value.message
+
+
+def test_an_undecodable_line_is_a_typed_problem_and_the_other_lines_go_on(tmp_path: Path):
+    (tmp_path / "RD_video_url.txt").write_bytes(
+        b"Alpha https://www.youtube.com/watch?v=AAAAAAAAAAA\n"
+        b"Beta https://www.youtube.com/watch?v=BBBBBBBBBBB&caf\xe9=1\n"
+        b"Gamma https://www.youtube.com/watch?v=CCCCCCCCCCC\n"
+        b"D\xff https://www.youtube.com/watch?v=DDDDDDDDDDD\n"
+    )
+    (tmp_path / "RD_annotion_time.txt").write_bytes(
+        b"Alpha.mp4 00:00-00:10\nBeta.mp4 00:00-00:10\nGamma.mp4 00:00\xc3-00:10\n"
+    )
+    (tmp_path / "RD_crop_wh.txt").write_bytes(b"Alpha_0.mp4 1 64 1 64 \x80\n")
+    m = read_hdtf(tmp_path, subsets=("RD",))
+    assert [c.clip_id for c in m.clips] == ["hdtf-RD-Alpha_0"]
+    problems = {rid: f for rid, f in m.problems}
+    assert set(problems) == {"hdtf-RD-Beta", "hdtf-RD-Gamma", "hdtf-RD-RD_video_url.txt:4"}
+    assert all(f.kind == FailureKind.BAD_METADATA for f in problems.values())
+    assert problems["hdtf-RD-Beta"].message == (
+        "RD_video_url.txt:2: invalid UTF-8 at column 53 (byte 0xe9); line skipped"
+    )
+    assert problems["hdtf-RD-Gamma"].message.startswith("RD_annotion_time.txt:3: invalid UTF-8")
+    assert "column 2" in problems["hdtf-RD-RD_video_url.txt:4"].message
+    assert any(w.startswith("RD_crop_wh.txt:1: invalid UTF-8") for w in m.warnings)
+    assert m.clips[0].crop is None  # its crop line was unreadable

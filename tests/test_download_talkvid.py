@@ -170,7 +170,7 @@ def test_hand_made_traps(tmp_path: Path):
     assert "info is missing" in msg("talkvid-r-no-info")
     assert "Video Link" in msg("talkvid-r-bad-link") and "YouTube" in msg("talkvid-r-bad-link")
     assert "11-character" in msg("talkvid-r-short-id")
-    assert "id is missing" in msg("talkvid-#17") and "id is missing" in msg("talkvid-#18")
+    assert "id is missing" in msg("talkvid-#17") and "is a str, not an object" in msg("talkvid-#18")
     assert not any(".." in c.clip_id for c in m.clips)
     s = m.summary
     assert (s.records, s.clips, s.problems) == (len(records), 4, len(records) - 4)
@@ -283,3 +283,37 @@ def test_non_array_top_level_is_a_config_error(tmp_path: Path, content: str, mat
     with pytest.raises(ValueError, match=match) as err:
         read_talkvid(path)
     assert "filtered_video_clips.json" in str(err.value)
+
+
+def test_bad_bytes_and_wrong_types_fail_their_record_only(tmp_path: Path):
+    records = [_record(), _record("videovideoBBBBBBBBBBB-s-s", description="MARK"), 7]
+    path = tmp_path / "filtered_video_clips.json"
+    path.write_bytes(json.dumps(records).encode().replace(b"MARK", b"caf\xc3("))
+    m = read_talkvid(path)
+    assert [c.clip_id for c in m.clips] == ["talkvid-videovideoAAAAAAAAAAA-scene1-scene1"]
+    problems = {rid: f.message for rid, f in m.problems}
+    assert problems == {
+        "talkvid-videovideoBBBBBBBBBBB-s-s": (
+            "filtered_video_clips.json[1]: record holds invalid UTF-8 in description: byte 0xc3"
+        ),
+        "talkvid-#2": "filtered_video_clips.json[2]: record is a int, not an object",
+    }
+
+
+def test_truncated_file_is_a_typed_row_and_other_datasets_go_on(tmp_path: Path):
+    from tasks.download.datasets import DatasetSource, read_dataset
+
+    path = tmp_path / "filtered_video_clips.json"
+    path.write_text(json.dumps([_record(), _record("videovideoBBBBBBBBBBB-s-s")])[:-30])
+    broken = read_dataset(DatasetSource(kind="talkvid", metadata=str(path)))
+    ((rid, failure),) = broken.problems
+    assert broken.records == [] and rid == "talkvid-#metadata"
+    assert failure.kind == FailureKind.BAD_METADATA
+    assert "filtered_video_clips.json" in failure.message and "line 1, column" in failure.message
+    good = tmp_path / "ok" / "filtered_video_clips.json"
+    good.parent.mkdir()
+    good.write_text(json.dumps([_record()]))
+    assert (
+        len(read_dataset(DatasetSource(kind="talkvid", name="tv2", metadata=str(good))).records)
+        == 1
+    )

@@ -209,3 +209,19 @@ def test_extract_flame_rejects_bad_input(tiny_model: EmocaEncoder) -> None:
         extract_flame(tiny_model, np.zeros((2, 256, 256, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         extract_flame(tiny_model, np.zeros((2, 224, 224, 3), np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16, None])
+def test_extract_flame_runs_under_the_configured_amp_dtype(tiny_dir: Path, amp) -> None:
+    """features.amp_dtype reaches EMOCA (it used to be float16 whatever the config said)."""
+    model = load_emoca(tiny_dir, device="cuda")
+    seen: list[torch.dtype] = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    try:
+        extract_flame(model, _frames(2), amp_dtype=amp)
+    finally:
+        handle.remove()
+    assert set(seen) == {amp or torch.float32}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.engram_hash import (
+from generators.blocks.engram_hash import (
     _is_prime,
     assign_codes,
     collision_rates,

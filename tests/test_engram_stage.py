@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from generators.blocks.engram_hash import flat_indices, ngram_context
 from storage.store import ArtifactStore
 from tasks.base import AggregateInputs, FailureKind, ItemContext, ItemFailure, ItemInputs
 from tasks.engram import EngramConfig, EngramStage, assign_codes, load_bank, lookup
-from tasks.engram_hash import flat_indices, ngram_context
 from tasks.split import heldout_score
 from tests.features_helpers import env_for, synthetic_features
 

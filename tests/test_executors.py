@@ -10,6 +10,7 @@ import pytest
 
 from talkforge.config import ExecutionConfig, RayConfig
 from talkforge.executors import LocalExecutor, RayExecutor
+from talkforge.ray_pools import PoolStartTimeout
 from tasks.base import (
     FailureKind,
     ItemContext,
@@ -119,3 +120,27 @@ def test_a_dead_actor_is_replaced_and_its_item_retried(tmp_path: Path) -> None:
         executor.release("toy")
     assert (tmp_path / "died").exists()
     assert {k: o.status for k, o in out.items()} == {"a": "done", "die": "done", "b": "done"}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_on_a_cluster_a_pool_that_cannot_be_placed_fails_with_asked_and_available(
+    tmp_path: Path,
+) -> None:
+    """``address`` set: no up-front fit check (a cluster may autoscale), but a bounded wait."""
+    cfg = ToyConfig(resources={"num_cpus": 1, "num_gpus": 1, "num_workers": 2})
+    executor = RayExecutor(RayConfig(address="auto", start_timeout_s=3), ExecutionConfig())
+    try:
+        with pytest.raises(PoolStartTimeout) as err:
+            collect(executor, cfg, tmp_path, ["a"])
+    finally:
+        executor.release("toy")
+    message = str(err.value)
+    assert "toy: 2 of 2 actors not started within 3 s" in message
+    assert "2 stage workers × (CPU 1, GPU 1): 0 started" in message
+    assert "The cluster has CPU 2, GPU 0" in message
+    # the pending actors were removed: a placeable config still runs on the cluster
+    executor = RayExecutor(RayConfig(address="auto"), ExecutionConfig())
+    try:
+        assert collect(executor, ToyConfig(), tmp_path, ["b"])["b"].status == "done"
+    finally:
+        executor.release("toy")

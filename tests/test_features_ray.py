@@ -57,7 +57,10 @@ def _assert_same(store: ArtifactStore, local: list, remote: list) -> None:
         assert set(got) == set(expected) == FAMILIES
         for family, tensors in expected.items():
             for name, value in tensors.items():
-                torch.testing.assert_close(got[family][name], value, atol=1e-4, rtol=1e-4)
+                # A Ray actor computes with its own thread count, so float32 sums may differ
+                # in the last bits; a tensor stored in float16 can then round one ulp apart.
+                tol = 1e-3 if value.dtype == torch.float16 else 1e-4
+                torch.testing.assert_close(got[family][name], value, atol=tol, rtol=tol)
 
 
 def test_two_ray_actors_match_a_single_process(tmp_path: Path, ray_session: None) -> None:

@@ -32,7 +32,6 @@ CelebV-HQ publishes no identity per clip, so ``speaker`` is the source video id.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from typing import Any
 from storage.store import UnsafeIdError, safe_id
 from tasks.base import FailureKind, ItemFailure
 from tasks.download.hdtf import WATCH_URL
+from tasks.download.json_input import first_undecodable, load_json, printable
 from tasks.records import CelebvAnnotations, CropBox, EmotionSegment, NormalizedBox, SourceClip
 
 CELEBVHQ_LICENCE = (
@@ -83,6 +83,7 @@ class _Context:
     appearance: tuple[str, ...]  # the file's attribute mappings
     action: tuple[str, ...]
     repeats: bool  # some object in the file repeats a key: look inside every clip
+    undecodable: bool  # some string held an invalid UTF-8 byte: look inside every clip
 
 
 class _JsonObject(dict[str, Any]):
@@ -124,20 +125,23 @@ def read_celebvhq(
     """
     path = Path(path)
     file = path / INFO_FILE if path.is_dir() else path
-    top, repeats = _load(file)
+    top, repeats, undecodable = _load(file)
     appearance, action, warnings = _mappings(top, file)
-    ctx = _Context(dataset, licence, url_template, appearance, action, repeats)
+    ctx = _Context(dataset, licence, url_template, appearance, action, repeats, undecodable)
     entries: _JsonObject = top["clips"]
     clips: list[SourceClip] = []
     problems: list[Problem] = [
-        (f"{dataset}-{key}#dup{pos}", _bad(f"{file.name}: clip key {key!r}", "appears again"))
+        (
+            printable(f"{dataset}-{key}#dup{pos}"),
+            _bad(f"{file.name}: clip key {printable(key)!r}", "appears again"),
+        )
         for pos, key in entries.repeated
     ]
     for key, value in entries.items():
         try:
             clips.append(_clip(key, value, ctx))
         except ItemFailure as exc:
-            problems.append((f"{dataset}-{key}", _bad(f"{file.name}:", exc.message)))
+            problems.append((printable(f"{dataset}-{key}"), _bad(f"{file.name}:", exc.message)))
     summary = CelebvhqSummary(
         clips_in_file=len(entries) + len(entries.repeated),
         clips=len(clips),
@@ -149,9 +153,9 @@ def read_celebvhq(
     return CelebvhqManifest(clips=clips, problems=problems, warnings=warnings, summary=summary)
 
 
-def _load(file: Path) -> tuple[_JsonObject, bool]:
-    """The top-level object (``ValueError`` if it has no ``clips`` object) and whether any
-    object in the file repeats a key."""
+def _load(file: Path) -> tuple[_JsonObject, bool, bool]:
+    """The top-level object (``ValueError`` if it has no ``clips`` object), whether any
+    object in the file repeats a key, and whether any string held an invalid UTF-8 byte."""
     repeats: list[_JsonObject] = []
 
     def hook(pairs: list[tuple[str, Any]]) -> _JsonObject:
@@ -160,17 +164,14 @@ def _load(file: Path) -> tuple[_JsonObject, bool]:
             repeats.append(obj)
         return obj
 
-    try:
-        top = json.loads(file.read_bytes().decode("utf-8-sig"), object_pairs_hook=hook)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{file}: not a CelebV-HQ info file (invalid JSON: {exc})") from exc
+    top, undecodable = load_json(file, "CelebV-HQ info", object_pairs_hook=hook)
     if not isinstance(top, _JsonObject):
         raise ValueError(f"{file}: top level is a {type(top).__name__}, expected an object")
     if top.repeated:
         raise ValueError(f"{file}: top-level key {top.repeated[0][1]!r} appears twice")
     if not isinstance(top.get("clips"), dict):
         raise ValueError(f"{file}: no 'clips' object")
-    return top, bool(repeats)
+    return top, bool(repeats), undecodable
 
 
 def _mappings(
@@ -197,6 +198,9 @@ def _clip(key: str, raw: Any, ctx: _Context) -> SourceClip:
     """One clip entry as a SourceClip; ``ItemFailure`` naming the first bad field."""
     if not isinstance(raw, dict):
         raise _bad("clip", f"is a {type(raw).__name__}, expected an object")
+    bad_bytes = first_undecodable({key: raw}) if ctx.undecodable else None
+    if bad_bytes:
+        raise _bad("clip", f"holds invalid UTF-8 in {bad_bytes}")
     repeated = _first_repeated(raw) if ctx.repeats else None
     if repeated:
         raise _bad(repeated, "appears twice in the clip")

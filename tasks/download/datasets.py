@@ -14,15 +14,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from storage.store import UnsafeIdError, safe_id, sha256_file
-from tasks.base import SourceManifest
-from tasks.download.celebvhq import CELEBVHQ_LICENCE, INFO_FILE, read_celebvhq
-from tasks.download.hdtf import HDTF_LICENCE, HDTF_SUBSETS, read_hdtf
-from tasks.download.talkvid import TALKVID_LICENCE, read_talkvid, talkvid_metadata_file
+from tasks.base import FailureKind, ItemFailure, SourceManifest
+from tasks.download.celebvhq import CELEBVHQ_LICENCE, INFO_FILE, CelebvhqManifest, read_celebvhq
+from tasks.download.hdtf import HDTF_LICENCE, HDTF_SUBSETS, HdtfManifest, read_hdtf
+from tasks.download.talkvid import (
+    TALKVID_LICENCE,
+    TalkvidManifest,
+    read_talkvid,
+    talkvid_metadata_file,
+)
 
 DatasetKind = Literal["hdtf", "celebvhq", "talkvid"]
 LICENCES: dict[str, str] = {
@@ -100,19 +105,23 @@ def fingerprint_files(paths: list[Path]) -> str:
 
 
 def read_dataset(source: DatasetSource) -> SourceManifest:
-    """Run the reader of ``source.kind``; a missing or malformed metadata file raises."""
+    """Run the reader of ``source.kind``.
+
+    A missing metadata file (or an ambiguous folder) is a configuration error and raises.
+    A file whose content cannot be read as a whole (truncated or invalid JSON, a top level
+    of the wrong type) becomes one ``BAD_METADATA`` problem ``<dataset>-#metadata`` naming
+    the file and the position, with no records: the other datasets of the run go on.
+    """
     root = Path(source.metadata).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"{source.kind} metadata not found: {root}")
     dataset, licence = source.dataset, source.terms
-    if source.kind == "hdtf":
-        subsets = tuple(source.subsets or HDTF_SUBSETS)
-        result = read_hdtf(root, subsets, source.url_template, dataset=dataset, licence=licence)
-    elif source.kind == "celebvhq":
-        result = read_celebvhq(root, source.url_template, dataset=dataset, licence=licence)
-    else:
-        result = read_talkvid(root, source.url_template, dataset=dataset, licence=licence)
     files = metadata_files(source)
+    try:
+        result = _read(source, root)
+    except ValueError as exc:
+        failure = ItemFailure(FailureKind.BAD_METADATA, str(exc))
+        result = _Unreadable(clips=[], problems=[(f"{dataset}-#metadata", failure)])
     summary = dataclasses.asdict(result.summary) if result.summary is not None else {}
     return SourceManifest(
         dataset=dataset,
@@ -125,3 +134,21 @@ def read_dataset(source: DatasetSource) -> SourceManifest:
         warnings=list(result.warnings),
         summary={k: float(v) for k, v in summary.items()},
     )
+
+
+@dataclasses.dataclass
+class _Unreadable:
+    clips: list[Any]
+    problems: list[tuple[str, ItemFailure]]
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    summary: None = None
+
+
+def _read(source: DatasetSource, root: Path) -> HdtfManifest | CelebvhqManifest | TalkvidManifest:
+    dataset, licence = source.dataset, source.terms
+    if source.kind == "hdtf":
+        subsets = tuple(source.subsets or HDTF_SUBSETS)
+        return read_hdtf(root, subsets, source.url_template, dataset=dataset, licence=licence)
+    if source.kind == "celebvhq":
+        return read_celebvhq(root, source.url_template, dataset=dataset, licence=licence)
+    return read_talkvid(root, source.url_template, dataset=dataset, licence=licence)

@@ -21,6 +21,12 @@ exponential backoff and jitter, or after the server's ``Retry-After``
 one policy, with its waits, governs. The download slot is released while waiting. A
 finished download is probed before it enters the cache: bytes that are not a video are a
 ``format`` failure and are deleted.
+
+YouTube needs a JavaScript runtime for yt-dlp's signature and n-challenge solving (yt-dlp
+since late 2025). Both parts come from PyPI and are pinned in the lock: the ``deno``
+package's binary, passed by path as ``js_runtimes`` (so ``PATH`` does not matter), and the
+``yt-dlp-ejs`` challenge-solver scripts, which yt-dlp finds as an installed package.
+``yt-dlp -v`` style self-reports list both (``JS runtimes: deno-…``, ``yt_dlp_ejs-…``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import deno
 import yt_dlp
 
 from storage.store import ArtifactRef, UnsafeIdError, safe_id, sha256_file
@@ -255,6 +262,11 @@ class _Logger:
         self.errors.append(msg)
 
 
+def js_runtimes() -> dict[str, dict[str, str]]:
+    """yt-dlp's ``js_runtimes``: the Deno binary of the pinned ``deno`` package, by path."""
+    return {"deno": {"path": deno.find_deno_bin()}}
+
+
 def ydl_params(url: str, outtmpl: str, options: FetchOptions, logger: Any) -> dict[str, Any]:
     """yt-dlp parameters for one download; config extras cannot touch reserved keys."""
     reserved = RESERVED_YTDLP_OPTIONS & set(options.ytdlp_options)
@@ -278,6 +290,7 @@ def ydl_params(url: str, outtmpl: str, options: FetchOptions, logger: Any) -> di
         "extractor_retries": 0,
         "socket_timeout": options.socket_timeout_s,
         "logger": logger,
+        "js_runtimes": js_runtimes(),
     }
     if options.cookies_file:
         params["cookiefile"] = str(Path(options.cookies_file).expanduser())

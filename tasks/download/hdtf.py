@@ -16,6 +16,10 @@ reported), clips without a crop box (kept with ``crop=None``), two names sharing
 YouTube id (one download serves both) and non-standard heights (0, 360, 700, 714:
 ``declared_height=None``).
 
+A line that is not valid UTF-8 is decoded alone: in a url or annotation file it becomes
+a ``BAD_METADATA`` problem naming file, line and column (the video's other file is then
+not reported again), in a resolution or crop file a warning; every other line goes on.
+
 A row that cannot become a clip is returned as ``(raw_id, ItemFailure(BAD_METADATA))``;
 oddities that do not stop a clip (a malformed crop line, a crop for a clip index that does
 not exist) are returned as ``warnings``. Ids are validated with ``storage.store.safe_id``
@@ -74,6 +78,7 @@ class _Row:
     file: str
     lineno: int
     tokens: tuple[str, ...]
+    error: str | None = None  # why the line could not be decoded (tokens then hold U+FFFD)
 
     @property
     def where(self) -> str:
@@ -127,14 +132,42 @@ def speaker_of(subset: str, name: str) -> str:
 
 
 def read_table(path: Path) -> list[_Row]:
-    """Non-empty lines of a metadata file split on whitespace (BOM and CRLF tolerated)."""
-    text = path.read_bytes().decode("utf-8-sig")
+    """Non-empty lines of a metadata file split on whitespace (BOM and CRLF tolerated).
+
+    Lines are decoded one by one, so an invalid UTF-8 byte spoils only its own line: that
+    row carries ``error`` (column and byte) and tokens decoded with replacement characters.
+    """
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        error = None
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.decode("utf-8", errors="replace")
+            error = f"invalid UTF-8 at column {exc.start + 1} (byte 0x{raw[exc.start]:02x})"
         tokens = tuple(line.split())
         if tokens:
-            rows.append(_Row(path.name, lineno, tokens))
+            rows.append(_Row(path.name, lineno, tokens, error))
     return rows
+
+
+def _decodable(
+    rows: list[_Row], out: _SubsetResult, prefix: str, unreadable: set[str]
+) -> list[_Row]:
+    """Rows that decoded; each other one is a problem (its name added to ``unreadable``)."""
+    good = []
+    for row in rows:
+        if row.error is None:
+            good.append(row)
+            continue
+        name = _strip_mp4(row.tokens[0])
+        clean = "\ufffd" not in name
+        if clean:
+            unreadable.add(name)
+        raw_id = f"{prefix}-{name}" if clean else f"{prefix}-{row.where}"
+        out.problems.append(_bad(raw_id, f"{row.where}: {row.error}; line skipped"))
+    return good
 
 
 def _strip_mp4(name: str) -> str:
@@ -229,6 +262,9 @@ def _read_subset(
     ann_rows = read_table(metadata_dir / f"{subset}_annotion_time.txt")
     out.url_entries = len(url_rows)
     out.annotated_videos = len(ann_rows)
+    unreadable: set[str] = set()
+    url_rows = _decodable(url_rows, out, prefix, unreadable)
+    ann_rows = _decodable(ann_rows, out, prefix, unreadable)
     urls = _keyed(url_rows, _strip_mp4, out, prefix)
     annotations = _keyed(ann_rows, _strip_mp4, out, prefix)
     heights = _read_heights(metadata_dir / f"{subset}_resolution.txt", out)
@@ -240,15 +276,16 @@ def _read_subset(
             continue
         with contextlib.suppress(ValueError):  # a bad URL is reported with its annotation
             out.source_ids.add(youtube_id_from_url(row.tokens[1]))
-        if name not in annotations:
+        if name not in annotations and name not in unreadable:
             out.problems.append(
                 _bad(f"{prefix}-{name}", f"{row.where}: video has a URL but no annotation line")
             )
     for name, row in annotations.items():
         if name not in urls:
-            out.problems.append(
-                _bad(f"{prefix}-{name}", f"{row.where}: annotated video has no URL entry")
-            )
+            if name not in unreadable:
+                out.problems.append(
+                    _bad(f"{prefix}-{name}", f"{row.where}: annotated video has no URL entry")
+                )
             continue
         url_row = urls[name]
         if len(url_row.tokens) != 2:
@@ -309,6 +346,9 @@ def _read_heights(path: Path, out: _SubsetResult) -> dict[str, int | None]:
         return {}
     heights: dict[str, int | None] = {}
     for row in read_table(path):
+        if row.error is not None:
+            out.warnings.append(f"{row.where}: {row.error}; resolution line ignored")
+            continue
         name = _strip_mp4(row.tokens[0])
         value = row.tokens[1] if len(row.tokens) == 2 else ""
         height = int(value) if value.isdigit() else None
@@ -325,6 +365,9 @@ def _read_crops(path: Path, out: _SubsetResult) -> dict[str, tuple[int, int, int
         return {}
     crops: dict[str, tuple[int, int, int, int]] = {}
     for row in read_table(path):
+        if row.error is not None:
+            out.warnings.append(f"{row.where}: {row.error}; crop line ignored")
+            continue
         key = _strip_mp4(row.tokens[0])
         values = row.tokens[1:]
         if len(values) != 4 or not all(v.isdigit() for v in values):

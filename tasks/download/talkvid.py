@@ -31,7 +31,6 @@ missing) are ``warnings``. A file whose top level is not an array raises ``Value
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 from storage.store import UnsafeIdError, safe_id
 from tasks.base import FailureKind, ItemFailure
 from tasks.download.hdtf import WATCH_URL, youtube_id_from_url
+from tasks.download.json_input import first_undecodable, load_json, printable
 from tasks.records import SourceClip, TalkvidAnnotations
 
 TALKVID_LICENCE = (
@@ -105,13 +105,16 @@ def read_talkvid(
     formatted with the YouTube id. Clip ids are ``<dataset>-<record id>``.
     """
     file = talkvid_metadata_file(Path(path))
-    records = _load(file)
+    records, undecodable = _load(file)
     ctx = _Context(file.name, dataset, url_template, licence)
     clips: list[SourceClip] = []
     problems: list[Problem] = []
     first_seen: dict[str, int] = {}
     for index, record in enumerate(records):
         raw_id, failure = _record_key(index, record, dataset, first_seen)
+        bad_bytes = first_undecodable(record) if undecodable else None
+        if bad_bytes:
+            failure = _bad("record", f"holds invalid UTF-8 in {bad_bytes}")
         if failure is None:
             try:
                 clips.append(_clip(record, raw_id, ctx))
@@ -148,24 +151,24 @@ def talkvid_metadata_file(path: Path) -> Path:
     return found[0]
 
 
-def _load(file: Path) -> list[Any]:
-    try:
-        records = json.loads(file.read_bytes().decode("utf-8-sig"))
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{file}: not a TalkVid metadata file (invalid JSON: {exc})") from exc
+def _load(file: Path) -> tuple[list[Any], bool]:
+    """The records (``ValueError`` unless an array) and whether a string held bad bytes."""
+    records, undecodable = load_json(file, "TalkVid metadata")
     if not isinstance(records, list):
         raise ValueError(f"{file}: top level is a {type(records).__name__}, expected an array")
-    return records
+    return records, undecodable
 
 
 def _record_key(
     index: int, record: Any, dataset: str, first_seen: dict[str, int]
 ) -> tuple[str, ItemFailure | None]:
     """The raw item id of a record, and why it cannot be a clip id (if it cannot)."""
-    record_id = record.get("id") if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return f"{dataset}-#{index}", _bad("record", f"is a {type(record).__name__}, not an object")
+    record_id = record.get("id")
     if not isinstance(record_id, str) or not record_id:
         return f"{dataset}-#{index}", _bad("id", f"is missing or not a string: {record_id!r}")
-    raw_id = f"{dataset}-{record_id}"
+    raw_id = printable(f"{dataset}-{record_id}")
     if record_id in first_seen:
         first = first_seen[record_id]
         return f"{raw_id}#dup{index}", _bad("id", f"{record_id!r} repeats record {first}")

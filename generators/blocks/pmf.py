@@ -1,0 +1,180 @@
+"""Pixel MeanFlow (pMF): x-prediction average-velocity objective, time sampler, one-step sampler.
+
+Conventions (MeanFlow, Geng et al. 2505.13447; pMF 2601.22158, official ``Lyy-iiis/pMF``):
+
+- path ``z_t = (1 - t)·x + t·ε`` (t = 0 data, t = 1 noise), conditional velocity ``v = ε - x``;
+- the network predicts the *denoised* sample for two heads, ``x̂_u`` and ``x̂_v``; velocities
+  are ``u = (z_t - x̂_u) / clip(t, t_min, 1)`` and ``v = (z_t - x̂_v) / clip(t, t_min, 1)``;
+- the loss stays in velocity space (iMF form): ``V = u + (t - r)·sg(du/dt)`` with
+  ``du/dt = ∂_z u·v_c + ∂_t u`` from one ``torch.func.jvp`` whose tangent is the model's own
+  conditional velocity ``v_c`` (v-head, detached: pMF's "predicted v in the jvp");
+  ``loss_u = w(‖V - v_t‖²)``, ``loss_v = w(‖v - v_t‖²)``, per-sample sums, with the adaptive
+  weight ``w(l) = l / sg(l + eps)^p``;
+- one-step sampling: ``x̂ = z_1 - u(z_1, r=0, t=1)``, i.e. the u-head at ``(t, r) = (1, 0)``.
+
+Cost trade-off: ``v_c`` needs a no-grad forward before the JVP; the JVP itself (primal +
+tangent) runs only on the rows with ``r < t`` (for ``r = t`` the ``(t - r)·du/dt`` term is
+exactly zero), and the primal of the JVP is the differentiated forward, so no forward runs
+twice with a graph. ``torch.func.jvp`` needs forward-mode AD through every op: fused SDPA
+kernels (flash / memory-efficient) have no forward-AD formula, so the JVP pass runs under
+the math SDPA backend (see :func:`jvp_attention_backend`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# f(z_t, t, r, rows) -> (x̂_u, x̂_v): t, r are (len(rows),); ``rows`` indexes the batch rows
+# these inputs belong to, so the caller slices its conditioning to match
+XPredFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+class PMFConfig(BaseModel):
+    """Objective hyper-parameters (pMF B/16 defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    p_mean: float = 0.8  # logit-normal location of t and r
+    p_std: float = Field(0.8, gt=0)
+    data_proportion: float = Field(0.5, ge=0, le=1)  # share of each batch with r = t
+    t_min: float = Field(0.05, gt=0, lt=1)  # clip(t, t_min, 1) in the velocity denominators
+    norm_p: float = 1.0  # adaptive weight exponent
+    norm_eps: float = 0.01
+    v_loss_weight: float = 1.0  # auxiliary v-head term
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def velocity(z_t: torch.Tensor, x_hat: torch.Tensor, t: torch.Tensor, t_min: float) -> torch.Tensor:
+    """``(z_t - x̂) / clip(t, t_min, 1)``: finite for every ``t`` in ``[0, 1]``."""
+    return (z_t - x_hat) / _bcast(t.clamp(t_min, 1.0), z_t)
+
+
+def sample_times(
+    batch: int, cfg: PMFConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, r)`` of shape ``(B,)``: both ``sigmoid(N(p_mean, p_std))``, ``t = max``, ``r = min``;
+    exactly ``round(B·data_proportion)`` rows (a random subset) get ``r = t``."""
+    a = torch.sigmoid(torch.randn(batch, generator=generator) * cfg.p_std + cfg.p_mean)
+    b = torch.sigmoid(torch.randn(batch, generator=generator) * cfg.p_std + cfg.p_mean)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    equal = torch.randperm(batch, generator=generator)[: round(batch * cfg.data_proportion)]
+    r[equal] = t[equal]
+    return t, r
+
+
+def adaptive_weight(per_sample: torch.Tensor, cfg: PMFConfig) -> torch.Tensor:
+    """``l / sg(l + eps)^p`` per sample (MeanFlow's adaptive loss weighting)."""
+    return per_sample / (per_sample.detach() + cfg.norm_eps) ** cfg.norm_p
+
+
+def jvp_attention_backend() -> AbstractContextManager:
+    """SDPA backend for forward-mode AD: math only (fused kernels have no JVP formula)."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@dataclass
+class PMFTerms:
+    """Loss and diagnostics of one pMF evaluation (all but ``loss*`` detached)."""
+
+    loss: torch.Tensor  # mean over the batch of loss_u + v_loss_weight·loss_v
+    loss_u: torch.Tensor  # (B,) adaptively weighted
+    loss_v: torch.Tensor  # (B,)
+    raw_u: torch.Tensor  # (B,) unweighted ‖V - v_t‖² (what convergence is judged on)
+    x_pred: torch.Tensor  # (B, ...) x̂ = z_t - t·u, with gradient (for pixel/perceptual terms)
+    du_dt: torch.Tensor  # (B, ...) detached
+    compound_v: torch.Tensor  # (B, ...) V, with gradient
+
+
+def pmf_objective(
+    fn: XPredFn,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    cfg: PMFConfig,
+) -> PMFTerms:
+    """The full pMF objective for data ``x``, noise ``eps`` and times ``t ≥ r`` (``(B,)``).
+
+    ``fn`` is the network closed over its parameters and conditioning; it is called on row
+    subsets (``rows``), for which it must slice its conditioning the same way.
+    Gradients reach the parameters
+    through ``u`` (primal of the JVP) and ``v``; ``du/dt`` is detached, so no double-backward
+    graph is kept.
+    """
+    tb = _bcast(t, x)
+    z_t = (1.0 - tb) * x + tb * eps
+    v_t = velocity(z_t, x, t, cfg.t_min)  # = ε - x where t ≥ t_min
+    everything = torch.arange(x.shape[0], device=x.device)
+    with torch.no_grad():
+        v_c = velocity(z_t, fn(z_t, t, r, everything)[1], t, cfg.t_min)
+
+    gap = (t - r) > 0
+    jvp_rows, flat_rows = everything[gap], everything[~gap]
+
+    def u_fn(z: torch.Tensor, tt: torch.Tensor, rr: torch.Tensor, rows: torch.Tensor):
+        xu, xv = fn(z, tt, rr, rows)
+        return velocity(z, xu, tt, cfg.t_min), velocity(z, xv, tt, cfg.t_min)
+
+    parts = []  # (rows, u, v, du/dt)
+    if len(jvp_rows):
+        z_g, t_g, r_g = z_t[jvp_rows], t[jvp_rows], r[jvp_rows]
+        with jvp_attention_backend():
+            (u_g, v_g), (du_g, _) = torch.func.jvp(
+                lambda z, tt, rr: u_fn(z, tt, rr, jvp_rows),
+                (z_g, t_g, r_g),
+                (v_c[jvp_rows], torch.ones_like(t_g), torch.zeros_like(r_g)),
+            )
+        parts.append((jvp_rows, u_g, v_g, du_g.detach()))
+    if len(flat_rows):
+        u_e, v_e = u_fn(z_t[flat_rows], t[flat_rows], r[flat_rows], flat_rows)
+        parts.append((flat_rows, u_e, v_e, torch.zeros_like(u_e)))
+    inverse = torch.argsort(torch.cat([p[0] for p in parts]))
+    u, v, du_dt = (torch.cat([p[i] for p in parts])[inverse] for i in (1, 2, 3))
+    compound = u + _bcast(t - r, x) * du_dt
+    dims = tuple(range(1, x.ndim))
+    raw_u = ((compound - v_t.detach()) ** 2).sum(dims)
+    raw_v = ((v - v_t.detach()) ** 2).sum(dims)
+    loss_u, loss_v = adaptive_weight(raw_u, cfg), adaptive_weight(raw_v, cfg)
+    return PMFTerms(
+        loss=(loss_u + cfg.v_loss_weight * loss_v).mean(),
+        loss_u=loss_u,
+        loss_v=loss_v,
+        raw_u=raw_u.detach(),
+        x_pred=z_t - tb * u,
+        du_dt=du_dt,
+        compound_v=compound,
+    )
+
+
+def flow_matching_objective(
+    fn: XPredFn, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cfg: PMFConfig
+) -> torch.Tensor:
+    """Plain flow matching on the same parameterisation (``r = t``, no JVP): the baseline the
+    benchmark compares a pMF step against."""
+    tb = _bcast(t, x)
+    z_t = (1.0 - tb) * x + tb * eps
+    xu, xv = fn(z_t, t, t, torch.arange(x.shape[0], device=x.device))
+    v_t = velocity(z_t, x, t, cfg.t_min)
+    dims = tuple(range(1, x.ndim))
+    loss_u = ((velocity(z_t, xu, t, cfg.t_min) - v_t) ** 2).sum(dims)
+    loss_v = ((velocity(z_t, xv, t, cfg.t_min) - v_t) ** 2).sum(dims)
+    return (adaptive_weight(loss_u, cfg) + cfg.v_loss_weight * adaptive_weight(loss_v, cfg)).mean()
+
+
+def one_step_sample(fn: XPredFn, noise: torch.Tensor) -> torch.Tensor:
+    """``x̂ = z_1 - u(z_1, 0, 1)`` with ``z_1 = noise``: the u-head's x̂ at ``(t, r) = (1, 0)``."""
+    batch = noise.shape[0]
+    ones = torch.ones(batch, dtype=noise.dtype, device=noise.device)
+    rows = torch.arange(batch, device=noise.device)
+    return fn(noise, ones, torch.zeros_like(ones), rows)[0]
