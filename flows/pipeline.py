@@ -1,43 +1,79 @@
-"""Prefect flows: one per stage, and the pipeline flow that chains them in order.
+"""Prefect flows: the typed entry flow ``talkforge-run`` and the per-stage subflow.
 
-Flows only wire the engine's steps together. A Prefect task covers a *shard* of items
-(``execution.shard_size``), never one item, so a run over tens of thousands of clips
-creates hundreds of task runs, not tens of thousands. Which items run is decided by the
-engine from the catalog, not by Prefect's result cache: results are not persisted and
-caching is off (``NO_CACHE``), so a resumed run is a new flow run that skips committed
-items.
+``talkforge-run`` is the one way a run starts — the CLI, a deployment (``talkforge serve``)
+and Python all call it — so every run does the same things in the same order: validate the
+request (:mod:`flows.request`), preflight the models, record the ``runs`` row, run the
+selected stages as subflows, record how it ended, publish a summary. Its parameters are
+what an operator fills in the Prefect UI form; Prefect validates them.
 
-Flow parameters are plain strings (run id, resolved config YAML, options JSON) so any
-stage flow can be triggered alone, from the CLI, from Python or from a Prefect
-deployment; the engine for a run is built once per process and shared by its subflows.
+A Prefect task covers a *shard* of items (``execution.shard_size``), never one item, so a
+run over tens of thousands of clips creates hundreds of task runs, not tens of thousands.
+Which items run is decided by the engine from the catalog, not by Prefect's result cache:
+results are not persisted and caching is off (``NO_CACHE``), so a resumed run is a new
+flow run that skips committed items.
+
+Each stage holds a Prefect global concurrency limit named after the catalog and stage
+(one slot) while it plans and runs, so two runs on one Prefect server never process the
+same stage of one catalog at once — the second waits, visibly, in the UI. The catalog's
+own stage lease (:mod:`storage.lease`, taken by the engine) covers runs that do not share
+a Prefect server.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from prefect import flow, task
+from flows.request import LOGGERS, ResolvedRun, StageName
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(LOGGERS))
+
+from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from pydantic import Field
 
-from talkforge.config import parse_config
-from talkforge.engine import Engine, PlannedItem, Reporter, RunOptions, StagePlan, StageSummary
+from flows import request as req
+from flows.artifacts import StageProgress, publish_run_summary, publish_stage_tables
+from talkforge.engine import Engine, PlannedItem, RunOptions, StagePlan, StageSummary
+from talkforge.plan import LogReporter, Reporter, new_run_id
 from talkforge.stages import STAGE_ORDER
 
+log = logging.getLogger(__name__)
+
+DASHBOARD_URL = os.environ.get("TALKFORGE_DASHBOARD_URL", "http://127.0.0.1:8501")
+
+
+@dataclass
+class LocalHooks:
+    """In-process extras a caller of the entry flow may attach (the CLI's progress bars)."""
+
+    reporter: Reporter | None = None
+    command: str = ""
+    on_start: Callable[[str, ResolvedRun], None] | None = None
+
+
+_HOOKS: ContextVar[LocalHooks | None] = ContextVar("talkforge_hooks", default=None)
 _ENGINES: dict[str, Engine] = {}
 
 
-def register_engine(run_id: str, engine: Engine) -> None:
-    """Let flows of ``run_id`` use an engine built by the caller (CLI, tests)."""
-    _ENGINES[run_id] = engine
-
-
-def _engine(run_id: str, config_yaml: str, reporter: Reporter | None = None) -> Engine:
-    if run_id not in _ENGINES:
-        import yaml
-
-        config = parse_config(yaml.safe_load(config_yaml) or {}, f"run {run_id}")
-        _ENGINES[run_id] = Engine(config, reporter=reporter)
-    return _ENGINES[run_id]
+@contextmanager
+def local_hooks(hooks: LocalHooks) -> Iterator[None]:
+    """Attach ``hooks`` to entry-flow calls made in this context."""
+    token = _HOOKS.set(hooks)
+    try:
+        yield
+    finally:
+        _HOOKS.reset(token)
 
 
 @task(name="plan-stage", cache_policy=NO_CACHE, persist_result=False)
@@ -50,48 +86,152 @@ def run_shard(engine: Engine, plan: StagePlan, shard: list[PlannedItem]) -> Stag
     return engine.execute(plan, shard)
 
 
-def _stage_flow_body(
-    stage: str, run_id: str, config_yaml: str, options_json: str
-) -> dict[str, Any]:
-    engine = _engine(run_id, config_yaml)
-    options = RunOptions.model_validate_json(options_json)
-    plan = plan_stage.with_options(task_run_name=f"plan-{stage}")(engine, run_id, stage, options)
-    total = StageSummary(stage=stage)
-    try:
-        for index, shard in enumerate(plan.shards(engine.config.execution.shard_size)):
-            part = run_shard.with_options(task_run_name=f"{stage}-shard-{index:04d}")(
-                engine, plan, shard
-            )
-            for name in ("done", "filtered", "failed"):
-                setattr(total, name, getattr(total, name) + getattr(part, name))
-            total.seconds += part.seconds
-    finally:
-        engine.executor_release(stage)
-    return vars(engine.summarize(plan, total))
+def stage_limit_name(engine: Engine, stage: str) -> str:
+    """The global concurrency limit guarding ``stage`` of this engine's catalog."""
+    where = engine.catalog.config.uri or str(engine.catalog.root.resolve())
+    return f"talkforge-{hashlib.sha256(where.encode()).hexdigest()[:12]}-{stage}"
 
 
-def _make_stage_flow(stage: str) -> Any:
-    @flow(name=f"talkforge-{stage}", persist_result=False, validate_parameters=False)
-    def stage_flow(run_id: str, config_yaml: str, options_json: str) -> dict[str, Any]:
-        return _stage_flow_body(stage, run_id, config_yaml, options_json)
-
-    stage_flow.__doc__ = f"Run the {stage!r} stage for a run: plan, then shards on the executor."
-    return stage_flow
-
-
-STAGE_FLOWS: dict[str, Any] = {stage: _make_stage_flow(stage) for stage in STAGE_ORDER}
-
-
-@flow(name="talkforge-pipeline", persist_result=False, validate_parameters=False)
-def pipeline_flow(run_id: str, config_yaml: str, options_json: str) -> list[dict[str, Any]]:
-    """Chain the selected stages in pipeline order; each stage is its own subflow."""
-    options = RunOptions.model_validate_json(options_json)
-    summaries = []
-    for stage in STAGE_ORDER:
-        if stage in options.stages:
-            summaries.append(
-                STAGE_FLOWS[stage].with_options(flow_run_name=f"{run_id}-{stage}")(
-                    run_id=run_id, config_yaml=config_yaml, options_json=options_json
+@contextmanager
+def stage_slot(name: str) -> Iterator[None]:
+    """Hold the one slot of global concurrency limit ``name`` (created on first use)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
                 )
-            )
-    return summaries
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+@flow(name="talkforge-stage", persist_result=False)
+def stage_flow(run_id: str, stage: StageName, options: RunOptions) -> dict[str, Any]:
+    """Run one stage of a run: plan, then shards on the executor, then the stage's tables."""
+    engine = _ENGINES[run_id]
+    with stage_slot(stage_limit_name(engine, stage)):
+        plan = plan_stage.with_options(task_run_name=f"plan-{stage}")(
+            engine, run_id, stage, options
+        )
+        progress = StageProgress(plan)
+        total = StageSummary(stage=stage)
+        try:
+            for index, shard in enumerate(plan.shards(engine.config.execution.shard_size)):
+                part = run_shard.with_options(task_run_name=f"{stage}-shard-{index:04d}")(
+                    engine, plan, shard
+                )
+                for name in ("done", "filtered", "failed"):
+                    setattr(total, name, getattr(total, name) + getattr(part, name))
+                total.seconds += part.seconds
+                progress.advance(part)
+        finally:
+            engine.executor_release(stage)
+        summary = engine.summarize(plan, total)
+    publish_stage_tables(engine.catalog, run_id, summary)
+    return vars(summary)
+
+
+def _label_flow_run(run_id: str, run: ResolvedRun) -> None:
+    """Name the flow run after the talkforge run; tag it with config and stages."""
+    flow_run_id = runtime.flow_run.id
+    if not flow_run_id:
+        return
+    config_tag = f"config:{os.path.basename(run.config_path) or 'inline'}"
+    tags = {*runtime.flow_run.tags, config_tag, *(f"stage:{s}" for s in run.options.stages)}
+    if run.resumed:
+        tags.add(f"resume-of:{run.resumed}")
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run_id, name=run_id, tags=sorted(tags))
+
+
+def _command(hooks: LocalHooks) -> str:
+    if hooks.command:
+        return hooks.command
+    deployment = runtime.deployment.name
+    return f"prefect deployment {deployment}" if deployment else "python: talkforge_run"
+
+
+@flow(name="talkforge-run", persist_result=False)
+def talkforge_run(
+    config: str = "default",
+    overrides: list[str] | None = None,
+    stages: list[StageName] | None = None,
+    from_stage: StageName | None = None,
+    until_stage: StageName | None = None,
+    limit: Annotated[int | None, Field(ge=1)] = None,
+    retry_failed: bool = False,
+    force: bool = False,
+    resume_of: str | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline (or some stages): preflight, record the run, run stages, record the end.
+
+    Returns ``{"run_id", "state", "stages": [per-stage summary], "log_path"}``. A failure
+    in a stage is recorded as the run's end (``failed`` with the message) and re-raised,
+    so the flow run fails too; items that failed on bad data do not fail the run.
+
+    Args:
+        config: config name (configs/NAME.yaml) or path to a YAML file.
+        overrides: key.path=value items, e.g. faces.detect_every_k=3.
+        stages: only these stages (empty: all, in pipeline order).
+        from_stage: first stage to run.
+        until_stage: last stage to run.
+        limit: at most this many items per stage.
+        retry_failed: also retry permanent failures.
+        force: take over stage leases held by a run that died.
+        resume_of: continue this run id (or 'latest') with its recorded config and options.
+    """
+    hooks = _HOOKS.get() or LocalHooks()
+    run = req.resolve(
+        config,
+        overrides or [],
+        list(stages or []),
+        from_stage,
+        until_stage,
+        limit,
+        retry_failed,
+        force,
+        resume_of,
+    )
+    engine = Engine(
+        run.config, config_path=run.config_path, reporter=hooks.reporter or LogReporter()
+    )
+    try:
+        engine.preflight(run.options.stages)
+    except BaseException:
+        engine.close()
+        raise
+    run_id = new_run_id()
+    _label_flow_run(run_id, run)
+    handler = req.open_run_log(run.config.data_root, run_id)
+    log_path = req.run_log_path(run.config.data_root, run_id)
+    engine.start_run(_command(hooks), run.options, run_id=run_id)
+    _ENGINES[run_id] = engine
+    get_run_logger().info("talkforge run %s: stages %s", run_id, ", ".join(run.options.stages))
+    if hooks.on_start:
+        hooks.on_start(run_id, run)
+    state, message, summaries = "failed", "", []
+    try:
+        for stage in STAGE_ORDER:
+            if stage in run.options.stages:
+                summaries.append(
+                    stage_flow.with_options(flow_run_name=f"{run_id}-{stage}")(
+                        run_id=run_id, stage=stage, options=run.options
+                    )
+                )
+        state = "finished"
+    except BaseException as exc:
+        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        message = f"{type(exc).__name__}: {exc}"
+        log.exception("run %s %s", run_id, state)
+        raise
+    finally:
+        _ENGINES.pop(run_id, None)
+        try:
+            engine.close()
+        finally:
+            engine.finish_run(run_id, state, run.options, message)
+            publish_run_summary(engine.catalog, run_id, state, message, DASHBOARD_URL)
+            req.close_run_log(handler)
+    return {"run_id": run_id, "state": state, "stages": summaries, "log_path": str(log_path)}

@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 import torch
 
+from models.fingerprint import ModelFingerprint
 from models.mtcnn_cascade import LIBRARY_GROUP_IOU, detect_faces
 from models.registry import ModelSpec, ModelUnavailableError
 from models.retinaface_weights import (
@@ -47,7 +48,6 @@ from models.retinaface_weights import (
     retinaface_hub_path,
 )
 from storage.store import sha256_file
-from tasks.base import ModelFingerprint
 
 DETECTOR_NAMES = ("mtcnn", "retinaface")
 

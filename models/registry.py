@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.base import ModelFingerprint
+from models.fingerprint import ModelFingerprint
 
 PROVENANCE_FILE = "talkforge_provenance.json"
 WEIGHT_SUFFIXES = (
@@ -131,6 +131,11 @@ def _load_builder(family: str) -> TinyBuilder:
             "emoca": "models.emoca",
             "dinov2": "models.dinov2",
             "sensevoice": "models.sensevoice",
+            "inception-fid": "models.inception_fid",
+            "i3d": "models.i3d",
+            "arcface": "models.arcface",
+            "lpips-alex": "models.lpips_net",
+            "lpips-vgg": "models.lpips_net",
         }.get(family)
         if module:
             importlib.import_module(module)

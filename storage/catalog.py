@@ -1,225 +1,384 @@
-"""The artifact catalog: append-only parquet parts with duckdb views on top.
+"""The artifact catalog: one DuckLake (SQL metadata + parquet data) with duckdb views on top.
 
-Design (see README "Catalog"): every write is a new parquet file
-``<root>/<table>/part-<time>-<uuid>.parquet`` written under a temporary name and renamed,
-so any number of writers (Ray workers, two flow runs, two machines on a shared
-filesystem) can append at once without locks and a reader never sees a half-written
-part. Nothing is updated in place: a newer row supersedes an older one in the views.
-Within one commit, stats and artifact rows are written before the ``items`` row, which is
-the commit marker: a crash in between leaves rows that no view counts as current.
+Design (README "Catalog"): every table of :mod:`storage.schema` is a DuckLake table
+``lake.<table>``. A write is one DuckLake transaction — :meth:`Catalog.append_many` puts the
+stats, artifact and item rows of a batch into one snapshot — so a reader sees all of a
+commit or none of it, and a process killed mid-commit leaves nothing visible (at most
+unreferenced parquet files, removed by ``vacuum``). This replaces the old "items row
+written last" marker: there is no ordering to rely on any more, only snapshots. Small
+commits are inlined in the metadata database (no parquet file per commit); compaction
+flushes them into parquet and merges small files (:meth:`compact`, automatic past the
+thresholds of :class:`~storage.lake.CatalogConfig`). Concurrent writer processes are
+serialised by the metadata database and retried on conflict (:func:`storage.lake.retrying`).
 
-Views (all read-only):
+Every commit is tagged with the run that made it (DuckLake commit message), so
+``run_snapshots`` maps runs to snapshots and :meth:`as_of` reads the catalog as it was at
+a run's last commit or any snapshot id.
 
-- ``runs_latest``: the newest event per run.
-- ``item_versions``: the newest row per (stage, item, key).
-- ``current_plans``: per (stage, item) the key the most recent run asked for.
-- ``current_items``: item_versions that match current_plans (the "current view").
-- ``failures`` / ``current_failures``: failed attempts (all / current).
-- ``current_<stats>`` for every stats table, plus ``artifact_versions``,
-  ``current_artifacts``, ``eval_summary``, ``dataset_summary``, ``quality_summary``,
-  ``quality_rules`` (per dataset and rule: clips failed and removed, removed by this rule
-  alone, score quantiles, and an ``attention`` flag when a rule fails every clip or none).
-- ``current_datasets`` / ``current_manifest``: the latest ingest of every dataset's
-  published metadata (``talkforge ingest``), ``manifest_summary`` (clips, hours, speakers,
-  licence per dataset) and ``clip_progress`` (every manifest clip with its download status).
+Views (:mod:`storage.views`, all read-only): ``runs_latest``, ``item_versions``,
+``current_plans``, ``current_items``, ``failures`` / ``current_failures``,
+``current_<stats>``, ``artifact_versions``, ``current_artifacts``, ``eval_summary``,
+``dataset_summary``, ``quality_summary``, ``quality_rules``, ``current_datasets``,
+``current_manifest``, ``manifest_summary``, ``clip_progress``, ``current_leases``,
+``run_snapshots``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
-import uuid
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from storage.schema import ALL_TABLES, STATS_TABLES
+from storage.guard import ReadOnlyQueryError, check_select, lock_down
+from storage.lake import LAKE, CatalogConfig, open_lake, retrying
+from storage.schema import ALL_TABLES
+from storage.views import view_statements
+
+__all__ = ["Catalog", "CatalogConfig", "ReadOnlyQueryError", "SnapshotNotFoundError"]
+
+AUTHOR = "talkforge"
+MAINTENANCE = "talkforge-maintenance"
 
 
-class ReadOnlyQueryError(ValueError):
-    """A query that is not a plain SELECT, refused by :meth:`Catalog.query_readonly`."""
+class SnapshotNotFoundError(ValueError):
+    """An ``--as-of`` that names neither a known run nor an existing snapshot."""
+
+
+def to_arrow(table: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Rows as an arrow table of ``table``'s schema; unknown columns are refused."""
+    rows = list(rows)
+    schema = ALL_TABLES[table]
+    unknown = set().union(*(r.keys() for r in rows)) - set(schema.names) if rows else set()
+    if unknown:
+        raise ValueError(f"table {table!r} has no column(s) {sorted(unknown)}")
+    return pa.Table.from_pydict({n: [r.get(n) for r in rows] for n in schema.names}, schema=schema)
+
+
+class Transaction:
+    """The writes of one commit (see :meth:`Catalog.transaction`)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[str, pa.Table]] = []
+
+    def append(self, table: str, rows: Iterable[Mapping[str, Any]] | pa.Table) -> None:
+        data = rows if isinstance(rows, pa.Table) else to_arrow(table, rows)
+        if data.num_rows:
+            self.parts.append((table, data))
 
 
 class Catalog:
-    """Append-only parquet tables under ``root`` with duckdb views for queries."""
+    """The DuckLake catalog under ``root`` (or at ``config.uri``), read and written by duckdb.
 
-    def __init__(self, root: Path):
+    Thread-safe within a process (one connection behind a lock), safe across processes
+    (DuckLake transactions). ``snapshot`` pins a read-only view of an old version.
+    """
+
+    def __init__(
+        self, root: Path, config: CatalogConfig | None = None, *, snapshot: int | None = None
+    ):
         self.root = Path(root)
+        self.config = config or CatalogConfig()
+        self.uri = self.config.uri or f"ducklake:sqlite:{self.root / 'catalog.sqlite'}"
+        self.data_path = self.config.data_path or f"{self.root / 'data'}/"
+        self.snapshot = snapshot
+        self._lock = threading.RLock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._pid = 0
 
-    # ------------------------------------------------------------------ writing
-    def append(self, table: str, rows: Iterable[Mapping[str, Any]]) -> Path | None:
-        """Append rows to ``table`` as one new parquet part; returns the part path."""
-        rows = list(rows)
-        if not rows:
-            return None
-        schema = ALL_TABLES[table]
-        unknown = set().union(*(r.keys() for r in rows)) - set(schema.names)
-        if unknown:
-            raise ValueError(f"table {table!r} has no column(s) {sorted(unknown)}")
-        columns = {name: [r.get(name) for r in rows] for name in schema.names}
-        data = pa.Table.from_pydict(columns, schema=schema)
-        folder = self.root / table
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
-        tmp = folder / f".tmp-{name}"
-        pq.write_table(data, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        final = folder / name
-        os.replace(tmp, final)
-        return final
-
-    def append_many(self, tables: Mapping[str, Iterable[Mapping[str, Any]]]) -> None:
-        """Append several tables in the given order (put ``items`` last: commit marker)."""
-        for table, rows in tables.items():
-            self.append(table, rows)
-
-    # ------------------------------------------------------------------ reading
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory duckdb connection with every table and view defined."""
-        con = duckdb.connect(":memory:")
-        for table, schema in ALL_TABLES.items():
-            folder = self.root / table
-            if folder.is_dir() and any(folder.glob("part-*.parquet")):
-                pattern = str(folder / "part-*.parquet").replace("'", "''")
-                con.execute(  # table names come from storage.schema, never from users
-                    f"CREATE VIEW {table} AS SELECT * FROM "  # noqa: S608
-                    f"read_parquet('{pattern}', union_by_name=true)"
-                )
-            else:
-                con.register(f"_empty_{table}", schema.empty_table())
-                con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")  # noqa: S608
-        for sql in _VIEWS:
-            con.execute(sql)
-        for table in STATS_TABLES:
-            con.execute(
-                f"CREATE VIEW current_{table} AS SELECT s.* FROM {table} s "  # noqa: S608
-                "JOIN current_items c ON s.stage = c.stage AND s.item_id = c.item_id "
-                "AND s.item_key = c.item_key AND s.run_id = c.run_id"
-            )
-        for sql in _SUMMARY_VIEWS:
-            con.execute(sql)
+    # ------------------------------------------------------------------ connections
+    def _open(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+        if self.config.uri is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+        if not self.data_path.startswith(("s3://", "gs://", "az://", "http")):
+            Path(self.data_path).mkdir(parents=True, exist_ok=True)
+        if read_only or self.snapshot is not None:
+            self._ensure_tables()  # a never-written catalog: create it, so views exist
+        con = open_lake(
+            self.uri,
+            self.data_path,
+            read_only=read_only,
+            snapshot=self.snapshot,
+            inline_row_limit=self.config.inline_row_limit,
+        )
+        if not read_only and self.snapshot is None:
+            self._create_tables(con)
+        try:
+            for sql in view_statements():
+                retrying(lambda sql=sql: con.execute(sql), self.config.commit_retries)
+        except BaseException:
+            con.close()
+            raise
         return con
 
+    def _ensure_tables(self) -> None:
+        if self.snapshot is None:
+            self._shared()
+        else:
+            Catalog(self.root, self.config)._shared()
+
+    def _shared(self) -> duckdb.DuckDBPyConnection:
+        """This process's read-write connection (reopened after a fork)."""
+        if self._con is None or self._pid != os.getpid():
+            self._con = self._open(read_only=self.snapshot is not None)
+            self._pid = os.getpid()
+        return self._con
+
+    def _create_tables(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Create missing tables and add missing columns (older catalogs), in one commit."""
+
+        def create() -> None:
+            have: dict[str, set[str]] = {}
+            for t, c in con.execute(
+                "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?",
+                [LAKE],
+            ).fetchall():
+                have.setdefault(t, set()).add(c)
+            if all(set(s.names) <= have.get(t, set()) for t, s in ALL_TABLES.items()):
+                return
+            con.execute("BEGIN")
+            try:
+                for table, schema in ALL_TABLES.items():
+                    if table not in have:
+                        con.register("_empty", schema.empty_table())
+                        con.execute(f"CREATE TABLE {LAKE}.{table} AS SELECT * FROM _empty")  # noqa: S608
+                        con.unregister("_empty")
+                        continue
+                    for field in schema:
+                        if field.name not in have[table]:
+                            con.register("_empty", pa.schema([field]).empty_table())
+                            kind = con.execute("DESCRIBE SELECT * FROM _empty").fetchone()[1]
+                            con.unregister("_empty")
+                            con.execute(
+                                f"ALTER TABLE {LAKE}.{table} ADD COLUMN {field.name} {kind}"
+                            )
+                con.execute("COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+
+        for _ in range(self.config.commit_retries):
+            try:
+                return retrying(create, self.config.commit_retries)
+            except duckdb.CatalogException as exc:  # another process created it first
+                if "already exists" not in str(exc):
+                    raise
+        create()
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A new duckdb connection with every table and view defined (caller closes it)."""
+        return self._open(read_only=self.snapshot is not None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._con is not None and self._pid == os.getpid():
+                self._con.close()
+            self._con = None
+
+    # ------------------------------------------------------------------ writing
+    @contextmanager
+    def transaction(self, message: str = "") -> Iterator[Transaction]:
+        """Collect writes; on exit they are committed as one snapshot (or not at all)."""
+        tx = Transaction()
+        yield tx
+        self._commit(tx.parts, message)
+
+    def append(self, table: str, rows: Iterable[Mapping[str, Any]]) -> int | None:
+        """Append rows to ``table`` in one commit; returns its snapshot id (None: no rows)."""
+        return self.append_many({table: rows})
+
+    def append_many(
+        self, tables: Mapping[str, Iterable[Mapping[str, Any]]], message: str = ""
+    ) -> int | None:
+        """Append several tables in one transaction: all rows become visible together."""
+        tx = Transaction()
+        for table, rows in tables.items():
+            tx.append(table, rows)
+        return self._commit(tx.parts, message)
+
+    def _commit(self, parts: list[tuple[str, pa.Table]], message: str) -> int | None:
+        if not parts:
+            return None
+        if self.snapshot is not None:
+            raise ValueError(f"catalog as of snapshot {self.snapshot} is read-only")
+        message = message or _run_of(parts)
+        with self._lock:
+            con = self._shared()
+
+            def attempt() -> int:
+                con.execute("BEGIN")
+                try:
+                    con.execute(
+                        "CALL ducklake_set_commit_message(?, ?, ?)",
+                        [LAKE, MAINTENANCE if message.startswith("catalog ") else AUTHOR, message],
+                    )
+                    for i, (table, data) in enumerate(parts):
+                        name = f"_rows_{i}"
+                        con.register(name, data)
+                        con.execute(f"INSERT INTO {LAKE}.{table} BY NAME SELECT * FROM {name}")  # noqa: S608
+                        con.unregister(name)
+                    con.execute("COMMIT")
+                except BaseException:
+                    _rollback(con)
+                    raise
+                row = con.execute(
+                    "SELECT id FROM ducklake_last_committed_snapshot(?)", [LAKE]
+                ).fetchone()
+                return int(row[0]) if row and row[0] is not None else -1
+
+            return retrying(attempt, self.config.commit_retries)
+
+    # ------------------------------------------------------------------ reading
     def query(self, sql: str, params: list[Any] | None = None) -> pa.Table:
         """Run trusted internal SQL (the engine's own queries)."""
-        con = self.connect()
-        try:
-            return con.execute(sql, params or []).fetch_arrow_table()
-        finally:
-            con.close()
+        with self._lock:
+            con = self._shared()
+            return retrying(
+                lambda: con.execute(sql, params or []).fetch_arrow_table(),
+                self.config.commit_retries,
+            )
 
     def query_readonly(self, sql: str) -> pa.Table:
-        """Run an ops engineer's SQL: SELECT only, no file access outside the catalog.
-
-        Three locks: every statement must parse as SELECT; the connection may read only the
-        catalog folder (``allowed_directories`` + ``enable_external_access=false``); and
-        the configuration is locked so the query cannot lift those settings.
-        """
-        con = self.connect()
+        """Run an ops engineer's SQL under the guard of :mod:`storage.guard`."""
+        con = self._open(read_only=True)
         try:
-            try:
-                statements = con.extract_statements(sql)
-            except duckdb.Error as exc:
-                raise ReadOnlyQueryError(f"cannot parse query: {exc}") from exc
-            if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-                raise ReadOnlyQueryError("only a single SELECT statement is allowed")
-            root = str(self.root.resolve()).replace("'", "''")
-            con.execute(f"SET allowed_directories=['{root}/']")
-            con.execute("SET enable_external_access=false")
-            con.execute("SET lock_configuration=true")
+            check_select(con, sql)
+            dirs = [str(self.root.resolve()) + "/"]
+            if not self.data_path.startswith(("s3://", "gs://", "az://", "http")):
+                dirs.append(str(Path(self.data_path).resolve()) + "/")
+            lock_down(con, dirs)
             return con.execute(sql).fetch_arrow_table()
         finally:
             con.close()
 
+    # ------------------------------------------------------------------ versions
+    def current_snapshot(self) -> int:
+        if self.snapshot is not None:
+            return self.snapshot
+        rows = self.query("SELECT id FROM ducklake_current_snapshot(?)", [LAKE]).to_pylist()
+        return int(rows[0]["id"])
 
-_VIEWS = [
-    """CREATE VIEW runs_latest AS
-       SELECT * FROM runs
-       QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY event_at DESC) = 1""",
-    """CREATE VIEW item_versions AS
-       SELECT * FROM items
-       QUALIFY row_number() OVER (
-         PARTITION BY stage, item_id, item_key ORDER BY created_at DESC, attempt DESC) = 1""",
-    """CREATE VIEW current_plans AS
-       SELECT * FROM plans
-       QUALIFY row_number() OVER (PARTITION BY stage, item_id ORDER BY planned_at DESC) = 1""",
-    """CREATE VIEW current_items AS
-       SELECT v.* FROM item_versions v
-       JOIN current_plans p USING (stage, item_id, item_key)""",
-    """CREATE VIEW failures AS
-       SELECT run_id, stage, item_id, item_key, error_kind, error_message, retryable, attempt,
-              created_at
-       FROM items WHERE status = 'failed'""",
-    """CREATE VIEW current_failures AS
-       SELECT run_id, stage, item_id, item_key, error_kind, error_message, retryable, attempt,
-              created_at
-       FROM current_items WHERE status = 'failed'""",
-    """CREATE VIEW artifact_versions AS
-       SELECT * FROM artifacts
-       QUALIFY row_number() OVER (PARTITION BY artifact_id ORDER BY created_at DESC) = 1""",
-]
+    def resolve_snapshot(self, as_of: str) -> int:
+        """A snapshot id from ``as_of``: a run id (its last commit) or a snapshot number."""
+        rows = self.query(
+            "SELECT last_snapshot FROM run_snapshots WHERE run_id = ?", [as_of]
+        ).to_pylist()
+        if rows:
+            return int(rows[0]["last_snapshot"])
+        if as_of.isdigit():
+            known = self.query(
+                f"SELECT max(snapshot_id) AS n FROM {LAKE}.snapshots()"  # noqa: S608
+            ).to_pylist()[0]["n"]
+            if known is not None and int(as_of) <= int(known):
+                return int(as_of)
+        raise SnapshotNotFoundError(
+            f"{as_of!r} is neither a run id nor a snapshot of this catalog "
+            "(`talkforge versions` lists them)"
+        )
 
-_SUMMARY_VIEWS = [
-    """CREATE VIEW current_artifacts AS
-       SELECT a.* FROM artifact_versions a
-       JOIN current_items c ON list_contains(c.artifact_ids, a.artifact_id)""",
-    """CREATE VIEW dataset_summary AS
-       SELECT dataset, count(*) AS clips, round(sum(duration_s) / 3600, 4) AS hours,
-              round(avg(duration_s), 2) AS mean_duration_s, min(fps) AS min_fps,
-              max(fps) AS max_fps
-       FROM current_clips GROUP BY dataset ORDER BY dataset""",
-    """CREATE VIEW current_datasets AS
-       SELECT * FROM datasets
-       QUALIFY row_number() OVER (PARTITION BY dataset ORDER BY ingested_at DESC) = 1""",
-    """CREATE VIEW current_manifest AS
-       SELECT m.* FROM manifest m JOIN current_datasets d USING (ingest_id, dataset)""",
-    """CREATE VIEW manifest_summary AS
-       SELECT m.dataset, any_value(d.licence) AS licence,
-              count(*) FILTER (WHERE m.status = 'ok') AS clips,
-              count(*) FILTER (WHERE m.status <> 'ok') AS bad_rows,
-              round(sum(m.duration_s) / 3600, 3) AS hours,
-              count(DISTINCT m.source_id) AS source_videos,
-              count(DISTINCT nullif(m.speaker, '')) AS speakers,
-              count(DISTINCT nullif(m.language, '')) AS languages
-       FROM current_manifest m JOIN current_datasets d USING (ingest_id, dataset)
-       GROUP BY m.dataset ORDER BY m.dataset""",
-    """CREATE VIEW clip_progress AS
-       SELECT m.dataset, m.clip_id, m.source_id, m.duration_s,
-              CASE WHEN m.status <> 'ok' THEN 'bad_metadata'
-                   ELSE coalesce(i.status, 'pending') END AS download_status,
-              coalesce(i.error_kind, m.error_kind) AS error_kind,
-              coalesce(i.error_message, m.error_message) AS error_message
-       FROM current_manifest m
-       LEFT JOIN current_items i ON i.stage = 'download' AND i.item_id = m.clip_id""",
-    """CREATE VIEW quality_rules AS
-       WITH q AS (
-         SELECT q.*, coalesce(c.dataset, '') AS dataset,
-                count(*) FILTER (WHERE q.hard AND NOT q.passed)
-                  OVER (PARTITION BY q.item_id) AS hard_fails
-         FROM current_quality q LEFT JOIN current_clips c USING (item_id))
-       SELECT dataset, rule, bool_or(hard) AS hard, count(*) AS clips,
-              count(*) FILTER (WHERE NOT passed) AS failed,
-              round(100.0 * count(*) FILTER (WHERE NOT passed) / count(*), 1) AS failed_pct,
-              count(*) FILTER (WHERE NOT passed AND hard) AS removed,
-              count(*) FILTER (WHERE NOT passed AND hard AND hard_fails = 1) AS removed_only_here,
-              any_value(threshold) AS threshold, round(avg(value), 3) AS mean_value,
-              min(value) AS min, quantile_cont(value, 0.1) AS p10, median(value) AS p50,
-              quantile_cont(value, 0.9) AS p90, max(value) AS max,
-              CASE WHEN count(*) FILTER (WHERE NOT passed) = count(*) THEN 'fails EVERY clip'
-                   WHEN count(*) FILTER (WHERE NOT passed) = 0 THEN 'fails no clip'
-                   ELSE '' END AS attention
-       FROM q GROUP BY dataset, rule ORDER BY dataset, rule""",
-    """CREATE VIEW quality_summary AS
-       SELECT dataset, rule, clips, failed, mean_value, min AS min_value, max AS max_value,
-              threshold
-       FROM quality_rules""",
-    """CREATE VIEW eval_summary AS
-       SELECT metric, count(*) AS clips, avg(value) AS mean, min(value) AS min,
-              max(value) AS max
-       FROM current_eval_metrics GROUP BY metric ORDER BY metric""",
-]
+    def as_of(self, as_of: str | int) -> Catalog:
+        """A read-only catalog as it was at a run's last commit or at a snapshot id."""
+        snap = as_of if isinstance(as_of, int) else self.resolve_snapshot(as_of)
+        return Catalog(self.root, self.config, snapshot=snap)
+
+    # ------------------------------------------------------------------ maintenance
+    def compact(self) -> dict[str, int]:
+        """Flush inlined rows into parquet and merge small files; safe beside writers.
+
+        Both are DuckLake commits of their own: a concurrent writer's commit either lands
+        before (and is compacted) or after (and stays as written); no row is lost or
+        changed, only the files holding them. Old files stay until :meth:`vacuum`.
+        """
+        before = self.file_stats()
+        with self._lock:
+            con = self._shared()
+            for call in ("ducklake_flush_inlined_data", "ducklake_merge_adjacent_files"):
+                retrying(
+                    lambda call=call: con.execute(f"CALL {call}(?)", [LAKE]),
+                    self.config.commit_retries,
+                )
+        after = self.file_stats()
+        return {
+            "files_before": before["files"],
+            "inlined_rows_before": before["inlined_rows"],
+            "files_after": after["files"],
+            "inlined_rows_after": after["inlined_rows"],
+        }
+
+    def vacuum(self, older_than_s: float) -> dict[str, int]:
+        """Expire snapshots older than ``older_than_s`` and delete files nothing references.
+
+        Time travel to an expired snapshot is no longer possible. Orphaned files (a writer
+        killed mid-commit) are removed only when older than an hour, so a commit in flight
+        never loses the files it is about to reference.
+        """
+        age = f"INTERVAL '{int(older_than_s)} seconds'"
+        orphan_age = f"INTERVAL '{max(int(older_than_s), 3600)} seconds'"
+        with self._lock:
+            con = self._shared()
+            expired = con.execute(
+                f"SELECT count(*) FROM ducklake_expire_snapshots('{LAKE}', "  # noqa: S608
+                f"older_than => now() - {age})"
+            ).fetchone()
+            cleaned = con.execute(
+                f"SELECT count(*) FROM ducklake_cleanup_old_files('{LAKE}', "  # noqa: S608
+                f"older_than => now() - {age})"
+            ).fetchone()
+            orphans = con.execute(
+                f"SELECT count(*) FROM ducklake_delete_orphaned_files('{LAKE}', "  # noqa: S608
+                f"older_than => now() - {orphan_age})"
+            ).fetchone()
+        return {
+            "snapshots_expired": int(expired[0]) if expired else 0,
+            "files_deleted": int(cleaned[0]) if cleaned else 0,
+            "orphans_deleted": int(orphans[0]) if orphans else 0,
+        }
+
+    def file_stats(self) -> dict[str, int]:
+        """Data files (max over tables) and inlined rows (all tables) of the current snapshot."""
+        with self._lock:
+            con = self._shared()
+            files = con.execute(
+                "SELECT coalesce(max(file_count), 0) FROM ducklake_table_info(?)", [LAKE]
+            ).fetchone()
+            meta = f"__ducklake_metadata_{LAKE}"
+            names = con.execute(
+                f"SELECT table_name FROM {meta}.ducklake_inlined_data_tables"  # noqa: S608
+            ).fetchall()
+            inlined = 0
+            for (name,) in names:
+                row = con.execute(
+                    f"SELECT count(*) FROM {meta}.{name} WHERE end_snapshot IS NULL"  # noqa: S608
+                ).fetchone()
+                inlined += int(row[0]) if row else 0
+        return {"files": int(files[0]) if files else 0, "inlined_rows": inlined}
+
+    def maybe_compact(self) -> dict[str, int] | None:
+        """Compact when files or inlined rows have piled up past the configured thresholds."""
+        stats = self.file_stats()
+        if (
+            stats["files"] > self.config.compact_after_files
+            or stats["inlined_rows"] > self.config.compact_after_inlined_rows
+        ):
+            return self.compact()
+        return None
+
+
+def _run_of(parts: list[tuple[str, pa.Table]]) -> str:
+    """The run a commit belongs to: the single run id its rows carry ('' when mixed/none)."""
+    runs: set[str] = set()
+    for _, data in parts:
+        if "run_id" in data.column_names:
+            runs.update(v for v in data.column("run_id").unique().to_pylist() if v)
+    return next(iter(runs)) if len(runs) == 1 else ""
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    with contextlib.suppress(duckdb.Error):  # a failed statement may have ended it already
+        con.execute("ROLLBACK")

@@ -34,6 +34,22 @@ CORE_TABLES: dict[str, pa.Schema] = {
             pa.field("config_hash", pa.string()),
             pa.field("options_json", pa.string()),  # limit, retry_failed, ...
             pa.field("message", pa.string()),
+            # the catalog snapshot this event saw (the run's last commit before it);
+            # `talkforge sql --as-of RUN` reads the run's own last snapshot
+            pa.field("snapshot_id", pa.int64()),
+        ]
+    ),
+    # a run holding a stage: 'acquired', then 'released' (see storage/lease.py)
+    "leases": pa.schema(
+        [
+            pa.field("lease_id", pa.string()),
+            pa.field("stage", pa.string()),
+            pa.field("run_id", pa.string()),
+            pa.field("event", pa.string()),  # acquired / released
+            pa.field("host", pa.string()),
+            pa.field("pid", pa.int64()),
+            pa.field("event_at", _TS),
+            pa.field("message", pa.string()),
         ]
     ),
     # what a run asked every stage to hold: the "current" version of each item
@@ -47,7 +63,7 @@ CORE_TABLES: dict[str, pa.Schema] = {
             pa.field("planned_at", _TS),
         ]
     ),
-    # one row per processed item and attempt; written last, it is the commit marker
+    # one row per processed item and attempt, committed with its stats and artifact rows
     "items": pa.schema(
         [
             *ITEM_COLUMNS,
@@ -219,6 +235,12 @@ STATS_TABLES: dict[str, pa.Schema] = {
         pa.field("metric", pa.string()),
         pa.field("value", pa.float64()),
         pa.field("num_frames", pa.int64()),
+        pa.field("family", pa.string()),  # model family that generated the clips
+        pa.field("checkpoint", pa.string()),
+        pa.field("setting", pa.string()),  # self (own audio) / cross (another clip's audio)
+        pa.field("row", pa.string()),  # generated / ground_truth (the reference row)
+        pa.field("level", pa.string()),  # clip (one row per clip) / set (FID, FVD)
+        pa.field("model_origin", pa.string()),  # metric networks: random-init / pretrained
     ),
 }
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from typing import Any
 
 from storage.catalog import Catalog
-from talkforge.manifests import record_manifests
+from talkforge.manifests import record_hash, record_manifests
 from talkforge.plan import RunOptions, StagePlan
 from talkforge.stages import STAGES
 from tasks.base import (
@@ -22,7 +22,6 @@ from tasks.base import (
     SourceStage,
     Stage,
     StageEnv,
-    stable_hash,
 )
 from tasks.records import record_from_json
 
@@ -34,22 +33,29 @@ def plan_candidates(
     env: StageEnv,
     plan: StagePlan,
     options: RunOptions,
+    *,
+    record: bool = True,
 ) -> list[tuple[str, Any, Any]]:
-    """(item_id, key material, inputs) for every item this stage should hold."""
+    """(item_id, key material, inputs) for every item this stage should hold.
+
+    Queries: one for the current ``done`` outputs of the required stages (plus, for a
+    source stage, one for the current ingests and one commit per changed manifest), however
+    many items. ``record=False`` (a dry run) writes nothing.
+    """
     if issubclass(stage_cls, SourceStage):
         manifests = stage_cls.read_manifests(cfg, env)
-        record_manifests(catalog, manifests, env.run_id)
+        hashes = {m.dataset: [record_hash(r) for r in m.records] for m in manifests}
+        if record:
+            record_manifests(catalog, manifests, env.run_id, hashes)
+        hash_of = {
+            id(r): h for m in manifests for r, h in zip(m.records, hashes[m.dataset], strict=True)
+        }
         records, problems = stage_cls.discover(manifests)
         plan.discovery_failures = problems
         found = sorted(((r.clip_id, r) for r in records), key=lambda t: t[0])
         found = found[: options.limit] if options.limit else found
         return [
-            (
-                cid,
-                {"source": stable_hash(r.model_dump(mode="json", exclude_defaults=True))},
-                ItemInputs(item_id=cid, source=r),
-            )
-            for cid, r in found
+            (cid, {"source": hash_of[id(r)]}, ItemInputs(item_id=cid, source=r)) for cid, r in found
         ]
     per_item = [s for s in stage_cls.requires if not STAGES[s].aggregate]
     aggregates = [s for s in stage_cls.requires if STAGES[s].aggregate]

@@ -21,6 +21,7 @@ import typer
 
 from storage.catalog import ReadOnlyQueryError
 from talkforge import ops
+from talkforge.cli_catalog import catalog_app, catalog_at, snapshot_rows
 from talkforge.cli_common import (
     DEFAULT_CONFIG,
     ConfigOpt,
@@ -33,72 +34,68 @@ from talkforge.cli_common import (
     print_rows,
 )
 from talkforge.cli_models import models_app
-from talkforge.config import PipelineConfig, parse_config
 from talkforge.progress import RichReporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(models_app, name="models")
+app.add_typer(catalog_app, name="catalog")
 
 
-def _setup_logging(data_root: Path, run_id: str) -> logging.Handler:
-    """Send this run's log (INFO and up, full tracebacks) to <data_root>/logs/<run_id>.log."""
-    log_dir = data_root / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_dir / f"{run_id}.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    for name in ("talkforge", "tasks", "models", "storage", "flows"):
-        logging.getLogger(name).setLevel(logging.INFO)
-        logging.getLogger(name).addHandler(handler)
-    return handler
+def _quiet_prefect_console() -> None:
+    """Keep Prefect's console handler (tracebacks, state lines) off the terminal: the CLI
+    prints one line per failure itself; the run log and the Prefect UI keep the detail."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(logging.CRITICAL + 1)
 
 
-def _teardown_logging(handler: logging.Handler) -> None:
-    for name in ("talkforge", "tasks", "models", "storage", "flows"):
-        logging.getLogger(name).removeHandler(handler)
-    handler.close()
-
-
-def _execute(cfg: PipelineConfig, config_path: str, options: Any, command: str) -> str:
-    from flows.pipeline import pipeline_flow, register_engine
+def _execute(request: dict[str, Any]) -> str:
+    """Call the entry flow in this process with progress bars; one clear line on failure."""
+    from flows.pipeline import LocalHooks, local_hooks, talkforge_run
+    from flows.request import run_log_path
     from models.registry import ModelUnavailableError
-    from talkforge.engine import Engine, new_run_id
+    from storage.catalog import Catalog
+    from talkforge.config import ConfigError
 
-    run_id = new_run_id()
     reporter = RichReporter(console)
-    engine = Engine(cfg, config_path=config_path, reporter=reporter)
-    try:
-        engine.preflight(options.stages)
-    except ModelUnavailableError as exc:
-        fail(f"missing weights, nothing was run: {exc}")
-    handler = _setup_logging(cfg.data_root, run_id)
-    log_path = cfg.data_root / "logs" / f"{run_id}.log"
-    engine.start_run(command, options, run_id=run_id)
-    register_engine(run_id, engine)
-    console.print(
-        f"run [bold]{run_id}[/] · stages: {', '.join(options.stages)} · data: {cfg.data_root}"
-    )
-    try:
-        with reporter:
-            pipeline_flow(
-                run_id=run_id, config_yaml=cfg.to_yaml(), options_json=options.model_dump_json()
-            )
-    except KeyboardInterrupt:
-        engine.finish_run(run_id, "interrupted", options, "KeyboardInterrupt")
-        fail(f"run {run_id} interrupted; continue with `talkforge resume {run_id}`", 130)
-    except Exception as exc:
-        logging.getLogger("talkforge").exception("run %s failed", run_id)
-        engine.finish_run(run_id, "failed", options, f"{type(exc).__name__}: {exc}")
-        fail(
-            f"run {run_id} failed: {type(exc).__name__}: {exc}\n  see {log_path} "
-            f"and `talkforge status --run {run_id}`"
+    started: dict[str, Any] = {}
+
+    def on_start(run_id: str, run: Any) -> None:
+        catalog = Catalog(run.config.data_root / "catalog", run.config.catalog)
+        started.update(run_id=run_id, data_root=run.config.data_root, catalog=catalog)
+        console.print(
+            f"run [bold]{run_id}[/] · stages: {', '.join(run.options.stages)}"
+            f" · data: {run.config.data_root}"
         )
-    finally:
-        engine.close()
-        _teardown_logging(handler)
-    engine.finish_run(run_id, "finished", options)
-    print_rows(ops.stage_status(engine.catalog, run_id), title=f"run {run_id}")
-    failed = ops.failures(engine.catalog)
+
+    hooks = LocalHooks(reporter, " ".join(["talkforge", *sys.argv[1:]]), on_start)
+    _quiet_prefect_console()
+    run_id = ""
+    try:
+        with reporter, local_hooks(hooks):
+            state = talkforge_run(**request, return_state=True)
+        run_id = started.get("run_id", "")
+        outcome = state.result(raise_on_failure=False)
+    except KeyboardInterrupt:
+        run_id = started.get("run_id", "")
+        fail(f"run {run_id} interrupted; continue with `talkforge resume {run_id}`", 130)
+    if isinstance(outcome, ConfigError | ValueError) and not run_id:
+        fail(str(outcome), 2)
+    if isinstance(outcome, ModelUnavailableError):
+        fail(f"missing weights, nothing was run: {outcome}")
+    if isinstance(outcome, BaseException) or not state.is_completed():
+        where = (
+            f"\n  see {run_log_path(started['data_root'], run_id)} and "
+            f"`talkforge status --run {run_id}`"
+            if run_id
+            else ""
+        )
+        fail(f"run {run_id or '(not started)'} failed: {type(outcome).__name__}: {outcome}{where}")
+    catalog = started["catalog"]
+    print_rows(ops.stage_status(catalog, run_id), title=f"run {run_id}")
+    failed = ops.failures(catalog)
     if failed:
         console.print(f"[yellow]{len(failed)} item(s) failed[/]: `talkforge failures` lists them")
     return run_id
@@ -111,19 +108,28 @@ def run(
     stages: Annotated[str | None, typer.Option(help="comma-separated stage names")] = None,
     from_: Annotated[str | None, typer.Option("--from", help="first stage")] = None,
     until: Annotated[str | None, typer.Option(help="last stage")] = None,
-    limit: Annotated[int | None, typer.Option(help="at most N items per stage")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most N items per stage", min=1)] = None,
     retry_failed: Annotated[bool, typer.Option(help="also retry permanent failures")] = False,
 ) -> None:
     """Run the pipeline (or some stages) on a config; committed items are skipped."""
-    from talkforge.engine import RunOptions, select_stages
+    from talkforge.engine import select_stages
 
-    cfg = load_pipeline_config(config, set_)
+    load_pipeline_config(config, set_)
     try:
-        chosen = select_stages(stages.split(",") if stages else None, from_, until)
+        select_stages(stages.split(",") if stages else None, from_, until)
     except ValueError as exc:
         fail(str(exc), 2)
-    options = RunOptions(stages=chosen, limit=limit, retry_failed=retry_failed)
-    _execute(cfg, str(config), options, " ".join(["talkforge", *sys.argv[1:]]))
+    _execute(
+        {
+            "config": str(config),
+            "overrides": list(set_ or []),
+            "stages": stages.split(",") if stages else None,
+            "from_stage": from_,
+            "until_stage": until,
+            "limit": limit,
+            "retry_failed": retry_failed,
+        }
+    )
 
 
 @app.command()
@@ -133,31 +139,29 @@ def resume(
     set_: SetOpt = None,
     retry_failed: Annotated[bool, typer.Option(help="also retry permanent failures")] = False,
 ) -> None:
-    """Continue a run with the resolved config it was started with (a new run id)."""
-    import yaml
+    """Continue a run with the resolved config it was started with (a new run id).
 
-    from talkforge.engine import RunOptions
-
-    catalog = open_catalog(config, set_)
-    target = ops.latest_run_id(catalog) if run_id == "latest" else run_id
-    info = ops.run_info(catalog, target) if target else None
-    if info is None:
-        fail(f"no run {run_id!r} in {catalog.root}; `talkforge runs` lists runs")
-    cfg = parse_config(yaml.safe_load(info["config_yaml"]) or {}, f"run {target}")
-    options = RunOptions.model_validate_json(info["options_json"])
-    if retry_failed:
-        options = options.model_copy(update={"retry_failed": True})
-    _execute(cfg, info["config_path"], options, f"talkforge resume {target}")
+    Works for any run in the catalog, whether the CLI, a deployment or Python started it.
+    """
+    _execute(
+        {
+            "config": str(config),
+            "overrides": list(set_ or []),
+            "resume_of": run_id,
+            "retry_failed": retry_failed,
+        }
+    )
 
 
 @app.command()
 def status(
     run: Annotated[str | None, typer.Option("--run", help="run id (default: latest)")] = None,
+    as_of: Annotated[str | None, typer.Option(help="read the catalog as of a run/snapshot")] = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
 ) -> None:
     """Per stage of a run: done / filtered / failed / pending / skipped counts."""
-    catalog = open_catalog(config, set_)
+    catalog = catalog_at(open_catalog(config, set_), as_of)
     run_id = run or ops.latest_run_id(catalog)
     info = ops.run_info(catalog, run_id) if run_id else None
     if info is None:
@@ -175,10 +179,12 @@ def sql(
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+    as_of: Annotated[str | None, typer.Option(help="read the catalog as of a run/snapshot")] = None,
 ) -> None:
     """Read-only SQL over the catalog (tables: clips, faces, quality, ... and current_*)."""
+    catalog = catalog_at(open_catalog(config, set_), as_of)
     try:
-        rows = open_catalog(config, set_).query_readonly(query).to_pylist()
+        rows = catalog.query_readonly(query).to_pylist()
     except ReadOnlyQueryError as exc:
         fail(str(exc), 2)
     except Exception as exc:  # duckdb errors: show the message, not a traceback
@@ -216,12 +222,43 @@ def lineage(
 
 @app.command()
 def versions(
-    stage: Annotated[str, typer.Argument(help="stage name")],
+    stage: Annotated[str | None, typer.Argument(help="stage (none: catalog snapshots)")] = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
 ) -> None:
-    """Every version of a stage's outputs (code version, config hash, models)."""
-    print_rows(ops.versions(open_catalog(config, set_), stage), title=f"versions of {stage}")
+    """Catalog snapshots per run (for --as-of), or every version of a stage's outputs."""
+    catalog = open_catalog(config, set_)
+    if stage is None:
+        print_rows(snapshot_rows(catalog), title="catalog versions (use --as-of RUN|SNAPSHOT)")
+        return
+    print_rows(ops.versions(catalog, stage), title=f"versions of {stage}")
+
+
+@app.command()
+def plan(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    stages: Annotated[str | None, typer.Option(help="comma-separated stage names")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="first stage")] = None,
+    until: Annotated[str | None, typer.Option(help="last stage")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="also retry permanent failures")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+) -> None:
+    """Dry run: per stage, items cached / would run / retried / dropped, and why."""
+    from talkforge.engine import Engine, RunOptions, select_stages
+    from talkforge.plan_report import dry_run
+
+    cfg = load_pipeline_config(config, set_)
+    try:
+        chosen = select_stages(stages.split(",") if stages else None, from_, until)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    engine = Engine(cfg, config_path=str(config))
+    try:
+        rows = dry_run(engine, RunOptions(stages=chosen, retry_failed=retry_failed))
+    finally:
+        engine.close()
+    print_rows(rows, title="plan (nothing run)", fmt=fmt)
 
 
 @app.command()
@@ -235,16 +272,14 @@ def report(
 ) -> None:
     """Run every saved dashboard query (dashboards/*.sql) and print one table each."""
     catalog = open_catalog(config, set_)
-    files = sorted(folder.glob("*.sql"))
-    if not files:
+    results = ops.report(catalog, folder)
+    if not results:
         fail(f"no .sql files in {folder}")
-    for path in files:
-        try:
-            rows = catalog.query_readonly(path.read_text()).to_pylist()
-        except Exception as exc:
-            err.print(f"[red]{path.name}: {exc}[/]")
-            continue
-        print_rows(rows, title=path.stem)
+    for name, rows, error in results:
+        if error:
+            err.print(f"[red]{name}: {error}[/]")
+        else:
+            print_rows(rows, title=name)
 
 
 @app.command()

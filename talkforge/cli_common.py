@@ -39,7 +39,8 @@ def load_pipeline_config(config: Path, overrides: list[str] | None) -> PipelineC
 
 
 def open_catalog(config: Path, overrides: list[str] | None) -> Catalog:
-    return Catalog(load_pipeline_config(config, overrides).data_root / "catalog")
+    cfg = load_pipeline_config(config, overrides)
+    return Catalog(cfg.data_root / "catalog", cfg.catalog)
 
 
 def print_rows(rows: list[dict[str, Any]], title: str = "", fmt: str = "table") -> None:

@@ -14,15 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from storage.lake import CatalogConfig
 from tasks.base import StageConfig
 from tasks.download.stage import DownloadConfig
 from tasks.engram import EngramConfig
 from tasks.evaluate import EvaluateConfig
+from tasks.evaluate_set import EvaluateSetConfig
 from tasks.faces import FacesConfig
 from tasks.features import FeaturesConfig
 from tasks.generate import GenerateConfig
 from tasks.quality import QualityConfig
-from tasks.train import TrainConfig
+from tasks.train import TrainConfig, train_config
 
 
 class _Strict(BaseModel):
@@ -60,6 +62,7 @@ class SplitConfig(_Strict):
 
 class PipelineConfig(_Strict):
     project: ProjectConfig = ProjectConfig()
+    catalog: CatalogConfig = CatalogConfig()
     ray: RayConfig = RayConfig()
     execution: ExecutionConfig = ExecutionConfig()
     split: SplitConfig = SplitConfig()
@@ -68,9 +71,10 @@ class PipelineConfig(_Strict):
     quality: QualityConfig = QualityConfig()
     features: FeaturesConfig = FeaturesConfig()
     engram: EngramConfig = EngramConfig()
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = Field(default_factory=train_config)  # family: musetalk15 by default
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    evaluate_set: EvaluateSetConfig = EvaluateSetConfig()
 
     def stage(self, name: str) -> StageConfig:
         section = getattr(self, name, None)

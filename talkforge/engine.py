@@ -26,6 +26,9 @@ from typing import Any
 
 from models.registry import fingerprint
 from storage.catalog import Catalog
+from storage.lease import Lease
+from storage.lease import acquire as lease_acquire
+from storage.lease import release as lease_release
 from storage.store import ArtifactStore
 from talkforge.candidates import plan_candidates
 from talkforge.config import PipelineConfig
@@ -67,12 +70,13 @@ class Engine:
         self.config_path = config_path
         self.data_root = config.data_root
         self.data_root.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog(self.data_root / "catalog")
+        self.catalog = Catalog(self.data_root / "catalog", config.catalog)
         self.store = ArtifactStore(config.store_uri)
         self.reporter: Reporter = reporter or LogReporter()
         self._executor = executor
         self._owns_executor = executor is None
         self._fingerprint_cache: dict[str, dict[str, Any]] = {}
+        self._leases: dict[str, Lease] = {}
 
     @property
     def executor(self) -> LocalExecutor | RayExecutor:
@@ -81,7 +85,9 @@ class Engine:
         return self._executor
 
     def close(self) -> None:
-        """Release worker pools; shut down the executor only if this engine created it."""
+        """Release stage leases and worker pools (the executor only if this engine made it)."""
+        for stage in list(self._leases):
+            self._release_lease(stage)
         if self._executor is None:
             return
         if self._owns_executor:
@@ -117,6 +123,7 @@ class Engine:
                     "config_hash": stable_hash(yaml_text),
                     "options_json": options.model_dump_json(),
                     "message": message,
+                    "snapshot_id": self.catalog.current_snapshot(),
                 }
             ],
         )
@@ -148,7 +155,16 @@ class Engine:
             }
         return self._fingerprint_cache[stage]
 
-    def plan(self, run_id: str, stage: str, options: RunOptions) -> StagePlan:
+    def plan(
+        self, run_id: str, stage: str, options: RunOptions, *, dry_run: bool = False
+    ) -> StagePlan:
+        """Decide every item's action with a constant number of catalog queries.
+
+        Holds the stage's lease (:mod:`storage.lease`) from here until :meth:`summarize`
+        or :meth:`close`. ``dry_run`` takes no lease and writes nothing.
+        """
+        if not dry_run and stage not in self._leases:
+            self._leases[stage] = lease_acquire(self.catalog, stage, run_id, options.force)
         stage_cls = STAGES[stage]
         cfg = self.config.stage(stage)
         env = self.stage_env(run_id, stage)
@@ -159,7 +175,9 @@ class Engine:
             "config_hash": cfg.params_hash(),
             "models": {k: v.sha256 for k, v in sorted(env.model_fingerprints.items())},
         }
-        candidates = plan_candidates(self.catalog, stage_cls, cfg, env, plan, options)
+        candidates = plan_candidates(
+            self.catalog, stage_cls, cfg, env, plan, options, record=not dry_run
+        )
         keyed = [
             (item_id, stable_hash({**common, "inputs": keys}), inputs, keys)
             for item_id, keys, inputs in candidates
@@ -180,7 +198,10 @@ class Engine:
         rejected = self._plan_discovery_failures(plan, common)
         rows = [(i.item_id, i.item_key, i.action) for i in plan.items]
         if options.limit is None:
-            rows += [(item_id, "", "dropped") for item_id in self._dropped(stage, plan)]
+            plan.dropped = self._dropped(stage, plan)
+            rows += [(item_id, "", "dropped") for item_id in plan.dropped]
+        if dry_run:
+            return plan
         self.catalog.append(
             "plans",
             [
@@ -299,8 +320,15 @@ class Engine:
         ran.cached = plan.count("cached")
         ran.skipped_failed = plan.count("skip_failed")
         ran.blocked_reason = plan.blocked_reason
+        self._release_lease(plan.stage)
+        self.catalog.maybe_compact()
         self.reporter.stage_finished(ran)
         return ran
+
+    def _release_lease(self, stage: str) -> None:
+        lease = self._leases.pop(stage, None)
+        if lease is not None:
+            lease_release(self.catalog, lease)
 
     def executor_release(self, stage: str) -> None:
         if self._executor is not None:

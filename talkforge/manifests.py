@@ -8,19 +8,21 @@ quality annotations). ``talkforge sql`` then answers "hours per dataset", "clips
 speaker" or "language mix" from ``current_manifest`` / ``manifest_summary`` without a single
 download, and ``clip_progress`` joins every manifest clip to its download status.
 
-An ingest is keyed by the content of what was read (records and problems), so re-reading
+An ingest is keyed by the metadata files' own sha256 plus the per-record hashes the
+source stage computes anyway for its item keys (so no record is hashed twice): re-reading
 unchanged metadata writes nothing, while a new release, a changed URL template or a reader
 fix writes a new version that supersedes the old one in the ``current_*`` views.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from storage.catalog import Catalog
+from storage.catalog import Catalog, to_arrow
 from talkforge.plan import now_utc
 from tasks.base import SourceManifest, stable_hash
 from tasks.records import SourceClip
@@ -37,10 +39,33 @@ class IngestResult:
     licence: str
 
 
-def content_hash(manifest: SourceManifest) -> str:
-    records = [r.model_dump(mode="json", exclude_defaults=True) for r in manifest.records]
+def record_hash(record: SourceClip) -> str:
+    """The content hash of one record: the source stage's key material (computed once)."""
+    return stable_hash(record.model_dump(mode="json", exclude_defaults=True))
+
+
+def content_hash(manifest: SourceManifest, record_hashes: list[str] | None = None) -> str:
+    """The ingest's identity: metadata files' sha256, dataset terms, per-record hashes.
+
+    ``metadata_sha256`` is the files' own checksum; the per-record hashes add what the
+    files alone do not say (URL template, a reader fix). Callers that already hashed the
+    records for item keys pass ``record_hashes`` so nothing is hashed twice.
+    """
+    hashes = record_hashes if record_hashes is not None else map(record_hash, manifest.records)
+    digest = hashlib.sha256()
+    for h in hashes:
+        digest.update(h.encode())
     problems = [(raw_id, str(f.kind), f.message) for raw_id, f in manifest.problems]
-    return stable_hash([manifest.dataset, manifest.licence, records, problems])
+    return stable_hash(
+        [
+            manifest.dataset,
+            manifest.kind,
+            manifest.licence,
+            manifest.metadata_sha256,
+            digest.hexdigest(),
+            problems,
+        ]
+    )
 
 
 def clip_row(clip: SourceClip) -> dict[str, Any]:
@@ -76,9 +101,18 @@ def clip_row(clip: SourceClip) -> dict[str, Any]:
 
 
 def record_manifests(
-    catalog: Catalog, manifests: list[SourceManifest], run_id: str = ""
+    catalog: Catalog,
+    manifests: list[SourceManifest],
+    run_id: str = "",
+    record_hashes: dict[str, list[str]] | None = None,
 ) -> list[IngestResult]:
-    """Write each manifest whose content differs from its dataset's current ingest."""
+    """Write each manifest whose content differs from its dataset's current ingest.
+
+    One query reads every dataset's current ingest; a changed manifest is written as one
+    transaction (``manifest`` rows in chunks of :data:`CHUNK_ROWS`, then its ``datasets``
+    row), so memory holds one chunk of rows at a time and a crash leaves no partial ingest.
+    ``record_hashes`` (dataset -> per-record hashes) skips re-hashing records.
+    """
     current = {
         r["dataset"]: r
         for r in catalog.query(
@@ -87,37 +121,61 @@ def record_manifests(
     }
     results = []
     for manifest in manifests:
-        digest = content_hash(manifest)
+        digest = content_hash(manifest, (record_hashes or {}).get(manifest.dataset))
         hours = sum(getattr(r, "duration_s", 0.0) for r in manifest.records) / 3600
         previous = current.get(manifest.dataset)
-        if previous is not None and previous["content_sha256"] == digest:
-            results.append(
-                IngestResult(
-                    manifest.dataset,
-                    previous["ingest_id"],
-                    False,
-                    len(manifest.records),
-                    len(manifest.problems),
-                    hours,
-                    manifest.licence,
-                )
+        unchanged = previous is not None and previous["content_sha256"] == digest
+        ingest_id = previous["ingest_id"] if unchanged else uuid.uuid4().hex
+        if not unchanged:
+            _write_ingest(catalog, manifest, ingest_id, digest, run_id)
+        results.append(
+            IngestResult(
+                manifest.dataset,
+                ingest_id,
+                not unchanged,
+                len(manifest.records),
+                len(manifest.problems),
+                hours,
+                manifest.licence,
             )
-            continue
-        ingest_id = uuid.uuid4().hex
-        rows = [{**clip_row(r), "ingest_id": ingest_id} for r in manifest.records]
-        rows += [
-            {
-                "ingest_id": ingest_id,
-                "dataset": manifest.dataset,
-                "clip_id": raw_id,
-                "status": str(failure.kind),
-                "error_kind": str(failure.kind),
-                "error_message": failure.message,
-            }
-            for raw_id, failure in manifest.problems
-        ]
-        catalog.append("manifest", rows)
-        catalog.append(  # written last: the ingest becomes current only when complete
+        )
+    return results
+
+
+CHUNK_ROWS = 20_000
+
+
+def _write_ingest(
+    catalog: Catalog, manifest: SourceManifest, ingest_id: str, digest: str, run_id: str
+) -> None:
+    with catalog.transaction(run_id) as tx:
+        records = manifest.records
+        for start in range(0, len(records), CHUNK_ROWS):
+            tx.append(
+                "manifest",
+                to_arrow(
+                    "manifest",
+                    (
+                        {**clip_row(r), "ingest_id": ingest_id}
+                        for r in records[start : start + CHUNK_ROWS]
+                    ),
+                ),
+            )
+        tx.append(
+            "manifest",
+            [
+                {
+                    "ingest_id": ingest_id,
+                    "dataset": manifest.dataset,
+                    "clip_id": raw_id,
+                    "status": str(failure.kind),
+                    "error_kind": str(failure.kind),
+                    "error_message": failure.message,
+                }
+                for raw_id, failure in manifest.problems
+            ],
+        )
+        tx.append(
             "datasets",
             [
                 {
@@ -137,15 +195,3 @@ def record_manifests(
                 }
             ],
         )
-        results.append(
-            IngestResult(
-                manifest.dataset,
-                ingest_id,
-                True,
-                len(manifest.records),
-                len(manifest.problems),
-                hours,
-                manifest.licence,
-            )
-        )
-    return results

@@ -7,6 +7,7 @@ can assert on them.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from storage.catalog import Catalog
@@ -103,6 +104,20 @@ def failures(
         sql += " AND error_kind = ?"
         params.append(kind)
     sql += " ORDER BY stage, item_id, attempt"
+    return catalog.query(sql, params).to_pylist()
+
+
+def failures_by_kind(catalog: Catalog, stage: str | None = None) -> list[dict[str, Any]]:
+    """Current failures grouped by stage and kind, with one example message each."""
+    sql = (
+        "SELECT stage, error_kind, count(*) AS items, bool_or(retryable) AS retryable, "
+        "any_value(error_message) AS example FROM current_failures"
+    )
+    params: list[Any] = []
+    if stage:
+        sql += " WHERE stage = ?"
+        params.append(stage)
+    sql += " GROUP BY stage, error_kind ORDER BY stage, items DESC, error_kind"
     return catalog.query(sql, params).to_pylist()
 
 
@@ -211,6 +226,17 @@ def ingest(config: Any, run_id: str = "ingest") -> list[Any]:
         }
         for r in results
     ]
+
+
+def report(catalog: Catalog, folder: Path) -> list[tuple[str, list[dict[str, Any]], str]]:
+    """Every saved SELECT in ``folder`` (``*.sql``), read-only: ``(name, rows, error)`` each."""
+    out = []
+    for path in sorted(folder.glob("*.sql")):
+        try:
+            out.append((path.stem, catalog.query_readonly(path.read_text()).to_pylist(), ""))
+        except Exception as exc:  # one broken saved query must not hide the others
+            out.append((path.stem, [], f"{type(exc).__name__}: {exc}"))
+    return out
 
 
 def datasets(catalog: Catalog) -> list[dict[str, Any]]:

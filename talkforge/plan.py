@@ -29,6 +29,7 @@ class RunOptions(BaseModel):
     stages: list[str] = list(STAGE_ORDER)
     limit: int | None = None
     retry_failed: bool = False
+    force: bool = False  # take over stage leases held by another (crashed) run
 
 
 def select_stages(
@@ -64,6 +65,7 @@ class StagePlan:
     items: list[PlannedItem] = field(default_factory=list)
     blocked_reason: str = ""
     discovery_failures: list[tuple[str, Any]] = field(default_factory=list)  # (raw id, failure)
+    dropped: list[str] = field(default_factory=list)  # current items this plan no longer holds
 
     @property
     def to_run(self) -> list[PlannedItem]:

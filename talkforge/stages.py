@@ -1,5 +1,5 @@
 """The stage registry, in pipeline order: download → faces → quality → features → engram →
-train → generate → evaluate."""
+train → generate → evaluate → evaluate_set."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from tasks.base import Stage
 from tasks.download.stage import DownloadStage
 from tasks.engram import EngramStage
 from tasks.evaluate import EvaluateStage
+from tasks.evaluate_set import EvaluateSetStage
 from tasks.faces import FacesStage
 from tasks.features import FeaturesStage
 from tasks.generate import GenerateStage
@@ -26,6 +27,7 @@ STAGES: dict[str, type[Stage[Any]]] = {
         TrainStage,
         GenerateStage,
         EvaluateStage,
+        EvaluateSetStage,
     )
 }
 STAGE_ORDER: list[str] = list(STAGES)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.fingerprint import ModelFingerprint
 from storage.store import ArtifactRef, ArtifactStore
 
 
@@ -118,19 +119,6 @@ class Record(BaseModel):
     def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
         """Rows to append to stats tables, keyed by table name (see storage/schema.py)."""
         return {}
-
-
-class ModelFingerprint(BaseModel):
-    """What produced an artifact: recorded so a tiny random model is never taken for a real one."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    source: str  # hub id or local path as configured
-    resolved_path: str
-    sha256: str  # over the weight files
-    origin: str  # "random-init" (built from config here) or "pretrained"
-    detail: str = ""
 
 
 class StageEnv(BaseModel):

@@ -7,8 +7,10 @@ frame) turns every video frame into one code. The n-grams of codes (orders
 ``ngram_orders``, causal, left-padded per clip) are hashed into ``num_heads`` prime-sized
 tables per order (see :mod:`generators.blocks.engram_hash`), and each slot stores the **mean
 mouth-region VAE latent** (lower half of the latent rows) of the training frames that
-landed there, plus per-code unigram means. The train and generate stages call
-:func:`lookup` to get a retrieved mouth prior for any code sequence.
+landed there, plus per-code unigram means. The bank is family-independent data: a model
+family that uses it (``ModelFamily.uses_memory_bank``) reads it with
+``engram_hash.read_bank`` and calls ``lookup`` for a retrieved mouth prior of any code
+sequence (``musetalk15``: input channels).
 
 Only training clips contribute (``accepts`` rejects held-out clips), so evaluation clips
 never leak into the prior. Results do not depend on the order items arrive in: clips are
@@ -33,11 +35,9 @@ from safetensors.torch import save_file
 from sklearn.cluster import KMeans
 
 from generators.blocks.engram_hash import (
-    BANK_KEYS,
     assign_codes,
     collision_rates,
     hash_ngrams,
-    lookup,
     make_multipliers,
     make_primes,
     ngram_context,
@@ -53,16 +53,6 @@ from tasks.base import (
 )
 from tasks.records import ClipFeatures, MemoryBank
 from tasks.split import is_heldout
-
-__all__ = [
-    "EngramConfig",
-    "EngramStage",
-    "assign_codes",
-    "fit_codebook",
-    "load_bank",
-    "lookup",
-    "mouth_region",
-]
 
 
 class EngramConfig(StageConfig):
@@ -103,16 +93,6 @@ def fit_codebook(features: np.ndarray, size: int, seed: int, iters: int) -> np.n
     km = KMeans(n_clusters=size, n_init=1, max_iter=iters, random_state=seed)
     km.fit(np.asarray(features, dtype=np.float32))
     return km.cluster_centers_.astype(np.float32)
-
-
-def load_bank(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``memory_bank.safetensors`` into the tensor dict :func:`lookup` takes."""
-    with safe_open(str(path), framework="pt") as f:
-        bank = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
-    missing = [k for k in BANK_KEYS if k not in bank]
-    if missing:
-        raise ValueError(f"{path}: not a memory bank, missing {missing}")
-    return bank
 
 
 def _read_tensor(path: Path, name: str) -> torch.Tensor:

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 
 from models.emoca import FLAME_LAYOUT
+from models.fingerprint import ModelFingerprint
 from models.hubert import FRAME_RATE_HZ, SAMPLE_RATE_HZ, hubert_num_frames
 from models.liveportrait import MOTION_LAYOUT
 from models.registry import ModelSpec, fingerprint
@@ -55,7 +56,6 @@ from tasks.base import (
     ItemContext,
     ItemFailure,
     ItemInputs,
-    ModelFingerprint,
     Resources,
     Stage,
     StageConfig,
@@ -177,7 +177,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
     """Face-crop VAE latents + frame-aligned HuBERT features for each accepted clip."""
 
     name: ClassVar[str] = "features"
-    code_version: ClassVar[str] = "2"
+    code_version: ClassVar[str] = "3"  # 3: the record names its audio
     requires: ClassVar[tuple[str, ...]] = ("download", "faces", "quality")
     config_type: ClassVar[type[StageConfig]] = FeaturesConfig
 
@@ -336,7 +336,15 @@ class FeaturesStage(Stage[FeaturesConfig]):
                       "layout": "cls (D), patch_tokens (N, D) row-major 14 px patches, "
                                 "image (H, W, 3) uint8"},
             ))  # fmt: skip
-        return ClipFeatures(clip_id=clip.clip_id, fps=fps, num_frames=t, files=files, speech=speech)
+        return ClipFeatures(
+            clip_id=clip.clip_id,
+            fps=fps,
+            num_frames=t,
+            files=files,
+            audio=audio_ref,
+            audio_source="original" if audio_ref == clip.audio else "aligned",
+            speech=speech,
+        )
 
     def _save_tensors(
         self,

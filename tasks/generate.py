@@ -1,18 +1,15 @@
-"""Generate stage: re-synthesise each held-out clip's face crops from the trained UNet.
+"""Generate stage: re-synthesise each held-out clip's face crops from the trained checkpoint.
 
-Per held-out clip (self-reconstruction with the clip's own audio, the setting in which
-PSNR/SSIM against the ground truth mean something), every frame ``t`` is predicted from:
-
-- the frame's ground-truth latents with the lower half (mouth) zeroed,
-- the reference latents of one fixed frame of the clip (``reference_frame``, clamped),
-- the Engram prior retrieved for the clip's own audio codes,
-- the frame's HuBERT window,
-
-exactly as in training (same functions from :mod:`models.unet` and
-:mod:`tasks.train_data`). Predicted latents are decoded by **the VAE that produced the
+Family-agnostic. The checkpoint record names its model family; the family
+(:mod:`generators.registry`) rebuilds the network from the record's spec JSON, prepares
+the clip's conditioning from the feature files it declares (and the Engram bank when it
+uses one) and predicts VAE latents per frame batch. Per held-out clip this is
+self-reconstruction with the clip's own audio, the setting in which PSNR/SSIM against the
+ground truth mean something. Predicted latents are decoded by **the VAE that produced the
 latents** (the path recorded in the ``vae_latents`` feature file's fingerprint, loaded
 through ``models.vae.load_vae``) and streamed into ``generated.mp4`` at the clip's frame
-rate with its 16 kHz audio muxed in.
+rate with **the audio the features were computed from** (``ClipFeatures.audio``: the
+quality stage's re-aligned wav when it re-aligned the clip) muxed in.
 
 Loaded models are cached on the stage instance by checkpoint / VAE / bank hash: a worker
 loads each once, not once per clip.
@@ -25,14 +22,11 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
+from generators import registry
+from generators.blocks.engram_hash import read_bank
+from generators.family import ModelFamily, ModelSpec
+from generators.io import read_tensor
 from models.registry import ModelUnavailableError
-from models.unet import (
-    LatentUNetSpec,
-    audio_window_tokens,
-    load_unet,
-    predict_latents,
-    unet_input,
-)
 from models.vae import decode_latents, load_vae
 from tasks.base import (
     FailureKind,
@@ -54,7 +48,6 @@ from tasks.records import (
     TrainedCheckpoint,
 )
 from tasks.split import is_heldout
-from tasks.train_data import engram_prior, read_bank, read_tensor
 
 
 class GenerateConfig(StageConfig):
@@ -67,14 +60,14 @@ class GenerateStage(Stage[GenerateConfig]):
     """Held-out clips only: ``generated.mp4`` (face crops + the clip's audio)."""
 
     name: ClassVar[str] = "generate"
-    code_version: ClassVar[str] = "1"
+    code_version: ClassVar[str] = "2"  # 2: family registry; the features' audio is muxed
     requires: ClassVar[tuple[str, ...]] = ("download", "faces", "features", "engram", "train")
     config_type: ClassVar[type[StageConfig]] = GenerateConfig
 
     def __init__(self, config: GenerateConfig, env: StageEnv):
         super().__init__(config, env)
         self.device = torch.device("cpu")
-        self._unets: dict[str, tuple[LatentUNetSpec, torch.nn.Module]] = {}
+        self._models: dict[str, tuple[ModelFamily, ModelSpec, torch.nn.Module]] = {}
         self._vaes: dict[str, Any] = {}
         self._banks: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -86,22 +79,27 @@ class GenerateStage(Stage[GenerateConfig]):
         self.device = torch.device("cuda" if want_gpu else "cpu")
 
     def teardown(self) -> None:
-        self._unets.clear()
+        self._models.clear()
         self._vaes.clear()
         self._banks.clear()
 
     # ------------------------------------------------------------------ cached models
 
-    def _unet(self, ckpt: TrainedCheckpoint, ctx: ItemContext) -> tuple[LatentUNetSpec, Any]:
+    def _model(
+        self, ckpt: TrainedCheckpoint, ctx: ItemContext
+    ) -> tuple[ModelFamily, ModelSpec, torch.nn.Module]:
         key = ckpt.checkpoint.sha256
-        if key not in self._unets:
+        if key not in self._models:
             try:
-                spec = LatentUNetSpec.from_json(ckpt.model_config_json)
-                unet = load_unet(ctx.local_path(ckpt.checkpoint), spec).to(self.device)
-            except Exception as exc:  # bad spec JSON, bad safetensors, mismatched keys
-                raise ItemFailure(FailureKind.MODEL, f"generate: cannot load UNet: {exc}") from exc
-            self._unets[key] = (spec, unet)
-        return self._unets[key]
+                family = registry.get(ckpt.family)()
+                spec = family.parse_spec(ckpt.model_config_json)
+                model = family.load_model(ctx.local_path(ckpt.checkpoint), spec).to(self.device)
+            except Exception as exc:  # unknown family, bad spec JSON, bad safetensors, keys
+                raise ItemFailure(
+                    FailureKind.MODEL, f"generate: cannot load the {ckpt.family} model: {exc}"
+                ) from exc
+            self._models[key] = (family, spec, model)
+        return self._models[key]
 
     def _vae(self, feats: ClipFeatures) -> Any:
         model = feats.file("vae_latents").model
@@ -130,33 +128,37 @@ class GenerateStage(Stage[GenerateConfig]):
         clip = inputs.get("download", NormalizedClip)
         face = inputs.get("faces", FaceTrack)
         feats = inputs.get("features", ClipFeatures)
-        bank_rec = inputs.get("engram", MemoryBank)
         ckpt = inputs.get("train", TrainedCheckpoint)
 
+        family, spec, model = self._model(ckpt, ctx)
         try:
-            lat_file, hub_file = feats.file("vae_latents"), feats.file("hubert")
+            files = {f: feats.file(f) for f in family.features}
         except KeyError as exc:
             raise ItemFailure(FailureKind.FORMAT, f"generate: {exc.args[0]}") from exc
-        spec, unet = self._unet(ckpt, ctx)
         vae = self._vae(feats)
-        bank = self._bank(bank_rec, ctx)
+        bank = None
+        if family.uses_memory_bank:
+            bank = self._bank(inputs.get("engram", MemoryBank), ctx)
         try:
-            latents = read_tensor(ctx.local_path(lat_file.artifact), "latents")
-            hubert = read_tensor(ctx.local_path(hub_file.artifact), "features")
+            tensors = {
+                f: read_tensor(ctx.local_path(ff.artifact), family.features[f])
+                for f, ff in files.items()
+            }
         except Exception as exc:  # safetensors raises several types for bad files
             raise ItemFailure(FailureKind.FORMAT, f"generate: unreadable features: {exc}") from exc
-        _check_shapes(spec, latents, hubert, feats.clip_id)
-        num_frames, _, h, w = latents.shape
+        lengths = {f: int(t.shape[0]) if t.ndim else 0 for f, t in tensors.items()}
+        if len(set(lengths.values())) != 1 or 0 in lengths.values():
+            raise ItemFailure(FailureKind.MISALIGNED, f"{feats.clip_id}: frames {lengths}")
         try:
-            prior = engram_prior(bank, hubert)
+            prepared = family.prepare_clip(spec, tensors, bank, cfg.reference_frame)
         except ValueError as exc:
-            raise ItemFailure(FailureKind.MODEL, f"generate: bank does not fit: {exc}") from exc
+            raise ItemFailure(FailureKind.MODEL, f"{feats.clip_id}: {exc}") from exc
+        num_frames = lengths["vae_latents"]
+        h, w = tensors["vae_latents"].shape[-2:]
 
         fps = float(face.fps or clip.fps)
-        ref_idx = min(cfg.reference_frame, num_frames - 1)
-        ref = latents[ref_idx : ref_idx + 1].float()
         out = ctx.scratch / "generated.mp4"
-        wav = ctx.local_path(clip.audio)
+        wav = ctx.local_path(feats.audio)
         size_h, size_w = h * 8, w * 8
         with (
             torch.inference_mode(),
@@ -164,10 +166,7 @@ class GenerateStage(Stage[GenerateConfig]):
         ):
             for start in range(0, num_frames, cfg.batch_size):
                 idx = torch.arange(start, min(start + cfg.batch_size, num_frames))
-                target = latents[idx].float()
-                x = unet_input(target, ref.expand(len(idx), -1, -1, -1), prior[idx])
-                tokens = audio_window_tokens(hubert, idx, spec.audio_window_frames)
-                pred = predict_latents(unet, x.to(self.device), tokens.to(self.device))
+                pred = family.sample(model, prepared, idx)
                 frames = decode_latents(vae, pred.float().cpu(), batch_size=cfg.batch_size)
                 if frames.shape[1:3] != (size_h, size_w):
                     raise ItemFailure(
@@ -182,27 +181,4 @@ class GenerateStage(Stage[GenerateConfig]):
             num_frames=num_frames,
             fps=fps,
             crop_size_px=size_h,
-        )
-
-
-def _check_shapes(
-    spec: LatentUNetSpec, latents: torch.Tensor, hubert: torch.Tensor, clip_id: str
-) -> None:
-    if latents.ndim != 4 or hubert.ndim != 3 or latents.shape[0] == 0:
-        raise ItemFailure(
-            FailureKind.FORMAT,
-            f"{clip_id}: latents {tuple(latents.shape)} / hubert {tuple(hubert.shape)}",
-        )
-    if latents.shape[0] != hubert.shape[0]:
-        raise ItemFailure(
-            FailureKind.MISALIGNED,
-            f"{clip_id}: {latents.shape[0]} latent frames vs {hubert.shape[0]} audio frames",
-        )
-    want_lat = (spec.latent_channels, spec.unet_config.get("sample_size"))
-    want_aud = (spec.audio_steps_per_frame, spec.audio_dim)
-    if (latents.shape[1], latents.shape[2]) != want_lat or tuple(hubert.shape[1:]) != want_aud:
-        raise ItemFailure(
-            FailureKind.MODEL,
-            f"{clip_id}: features {tuple(latents.shape[1:])}/{tuple(hubert.shape[1:])} do not fit "
-            f"the checkpoint (latents (C, h) {want_lat}, audio {want_aud})",
         )

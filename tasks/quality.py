@@ -24,12 +24,17 @@ Hard rules by default:
   gaps) ≤ ``max_lost_fraction``.
 - ``shot_change``: hard cuts found by the faces stage ≤ ``max_shot_changes`` (a clip must
   be one continuous shot, as LatentSync's scene split ensures).
+- ``speech_floor``: share of the clip Silero VAD marks as speech ≥
+  ``min_speech_fraction_floor`` (5 %): a clip with (next to) no speech teaches an
+  audio-driven model nothing, so it is rejected, not just down-weighted by ``speech``.
 - ``av_offset``: |audio-video offset| ≤ ``max_av_offset_ms``; value is the signed offset
   (> 0: audio lags video). Measured by ``av_offset_method``: ``xcorr``, an offline
   estimate from mouth motion and the speech envelope, or ``syncnet`` with the official
   SyncNet weights at ``syncnet_weights`` (see :mod:`tasks.quality_sync`). An estimate with
   confidence < ``min_av_offset_confidence`` (xcorr: peak z-score; SyncNet: Sync-C, 3 as
-  in LatentSync) passes with the reason "offset unmeasurable (...)". With
+  in LatentSync) passes *unmeasured*: ``measured=False``, reason "unmeasured offset
+  (...)", counted in the ``unmeasured`` column of ``quality_rules`` (``talkforge quality``,
+  ``dashboards/03_quality_rules.sql``) apart from measured passes. With
   ``realign_confident_offsets`` a confident offset beyond the limit passes instead of
   failing: the re-aligned audio is committed as ``audio_aligned.wav`` and the verdict
   carries it with the applied ``audio_shift_ms``.
@@ -58,6 +63,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from metrics.sync import SyncNetScorer
 from models.syncnet import syncnet_model_spec
 from tasks.base import ItemContext, ItemInputs, Stage, StageConfig
 from tasks.media import read_wav, write_wav
@@ -72,9 +78,9 @@ from tasks.quality_measures import (
 )
 from tasks.quality_sync import (
     AvOffsetDecision,
-    SyncNetScorer,
     judge_av_offset,
     shift_audio,
+    syncnet_offset,
     xcorr_offset,
 )
 from tasks.records import FaceTrack, NormalizedClip, QualityVerdict, RuleResult
@@ -91,6 +97,7 @@ RuleName = Literal[
     "yaw",
     "lip_motion",
     "speech",
+    "speech_floor",
     "snr",
     "av_offset",
 ]
@@ -109,6 +116,9 @@ class QualityConfig(StageConfig):
     max_yaw_ratio: float = Field(0.35, gt=0.0)
     min_lip_motion: float = Field(1.0, ge=0.0)
     min_speech_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    min_speech_fraction_floor: float = Field(
+        0.05, ge=0.0, le=1.0, description="hard floor: below it a clip has nothing to learn"
+    )
     min_snr_db: float = Field(15.0)
     blur_sample_frames: int = Field(16, ge=1)
     blur_center_fraction: float = Field(
@@ -142,7 +152,7 @@ class QualityStage(Stage[QualityConfig]):
     """Applies the rules to a clip and its face track; returns a :class:`QualityVerdict`."""
 
     name = "quality"
-    code_version = "2"  # 2: the av_offset rule
+    code_version = "3"  # 2: the av_offset rule; 3: speech floor, unmeasured av_offset
     requires = ("download", "faces")
     config_type = QualityConfig
 
@@ -261,6 +271,14 @@ class QualityStage(Stage[QualityConfig]):
                 f"speech in {speech:.0%} of the clip < {min_speech:.0%}",
             ),
             self._rule(
+                "speech_floor",
+                speech,
+                cfg.min_speech_fraction_floor,
+                speech >= cfg.min_speech_fraction_floor,
+                f"no usable speech: {speech:.0%} of the clip < {cfg.min_speech_fraction_floor:.0%}"
+                " (an audio-driven model cannot learn from it)",
+            ),
+            self._rule(
                 "snr",
                 audio.snr_db,
                 cfg.min_snr_db,
@@ -302,7 +320,7 @@ class QualityStage(Stage[QualityConfig]):
         crops, px = ctx.local_path(face.crops), face.crop_size_px
         if cfg.av_offset_method == "syncnet":
             assert self.syncnet is not None  # loaded by setup()
-            est = self.syncnet.measure(crops, px, boxes, samples, rate_hz, clip.fps)
+            est = syncnet_offset(self.syncnet, crops, px, boxes, samples, rate_hz, clip.fps)
         else:
             est = xcorr_offset(crops, px, mouth_roi(boxes, px), samples, rate_hz, clip.fps)
         return judge_av_offset(

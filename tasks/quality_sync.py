@@ -26,7 +26,9 @@ with ``-itsoffset``). Both methods search lags of ±15 frames (600 ms at 25 fps)
   moves most while a syllable gets louder, so in-sync clips read about +30 to +65 ms.
   This estimator is a screen for gross offsets; SyncNet is the reference when its
   weights are available.
-- :class:`SyncNetScorer`: the SyncNet of :mod:`models.syncnet` on 224 px crops cut from
+- :class:`~metrics.sync.SyncNetScorer` (the metrics package's scorer, which the evaluate
+  stage's Sync-C/Sync-D use too; :func:`syncnet_offset` streams a clip into it): the
+  SyncNet of :mod:`models.syncnet` on 224 px crops cut from
   the face crops with syncnet_python's ``crop_video`` geometry (side 1.4 × the face box,
   from the box top to 0.9 box sides below its centre), MFCC windows of the 16 kHz audio;
   25 fps only. What the face crop does not cover is gray 110, the reference's padding:
@@ -37,58 +39,23 @@ with ``-itsoffset``). Both methods search lags of ±15 frames (600 ms at 25 fps)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
-from models.syncnet import (
-    FPS,
-    LIP_FRAMES,
-    LIP_SIZE_PX,
-    SAMPLE_RATE_HZ,
-    load_syncnet,
-    mfcc,
-    mfcc_windows,
-    sync_scores,
-)
+from metrics.sync import MAX_LAG_FRAMES, OffsetEstimate, SyncNetScorer
+from metrics.sync import syncnet_crop_affines as _crop_affines
+from metrics.sync import unmeasurable as _unmeasurable
 from tasks.media import iter_frames
 from tasks.quality_measures import AFFINE_COLUMNS, Roi, _registered_change
 from tasks.records import RuleResult
 
-MAX_LAG_FRAMES = 15
 MIN_SURROGATES = 2 * MAX_LAG_FRAMES + 1  # as many known-wrong alignments as searched lags
 MOTION_CLIP_PERCENTILE = 95.0
 SILENT_RMS = 1e-4  # −80 dBFS: below this everywhere the clip has no audio to align
-SYNCNET_CROP_SCALE = 0.4  # syncnet_python's ``cs``
-SYNCNET_PAD_VALUE = 110
-
-
-@dataclass(frozen=True, slots=True)
-class OffsetEstimate:
-    """One measurement of the audio-video offset (sign: see module docstring).
-
-    ``confidence``: the xcorr z-score or SyncNet's Sync-C; ``score``: the peak correlation
-    (xcorr) or Sync-D (SyncNet). ``unmeasurable`` says why there is no estimate at all
-    (empty when there is one, whatever its confidence).
-    """
-
-    method: str
-    offset_frames: float
-    offset_ms: float
-    confidence: float
-    score: float
-    at_search_edge: bool = False  # the best lag is ±max_lag: the true one may lie beyond
-    unmeasurable: str = ""
-
-
-def _unmeasurable(method: str, why: str) -> OffsetEstimate:
-    return OffsetEstimate(method, 0.0, 0.0, 0.0, 0.0, unmeasurable=why)
 
 
 def mouth_motion(crops: Path, crop_px: int, roi: Roi) -> np.ndarray:
@@ -177,101 +144,24 @@ def xcorr_offset(
 
 
 def syncnet_crop_affines(boxes: dict[str, np.ndarray]) -> np.ndarray:
-    """``(N, 2, 3)`` affines from face-crop pixels to SyncNet's 224 px input, per frame.
-
-    The face box of each frame (source pixels) is mapped into the crop by the faces
-    stage's source→crop affine; the SyncNet square then spans ``(1 + cs)`` half-sides
-    either side of the box centre and from the box top to ``(1 + 2·cs)`` half-sides below
-    the centre (``cs = 0.4``), as syncnet_python's ``crop_video`` cuts its tracks.
-    """
+    """:func:`metrics.sync.syncnet_crop_affines` of a ``boxes.parquet`` table's columns."""
     m = np.stack([boxes[c].astype(np.float64) for c in AFFINE_COLUMNS], axis=1).reshape(-1, 2, 3)
-    x1, y1, x2, y2 = (boxes[c].astype(np.float64) for c in ("x1", "y1", "x2", "y2"))
-    centre = np.einsum("nij,nj->ni", m[:, :, :2], np.stack([(x1 + x2) / 2, (y1 + y2) / 2], 1))
-    centre += m[:, :, 2]
-    scale = np.sqrt(np.abs(np.linalg.det(m[:, :, :2])))
-    half = np.maximum(np.maximum(x2 - x1, y2 - y1) * scale / 2, 1.0)
-    k = LIP_SIZE_PX / (2 * half * (1 + SYNCNET_CROP_SCALE))
-    out = np.zeros((len(half), 2, 3))
-    out[:, 0, 0] = out[:, 1, 1] = k
-    out[:, 0, 2] = -k * (centre[:, 0] - half * (1 + SYNCNET_CROP_SCALE))
-    out[:, 1, 2] = -k * (centre[:, 1] - half)
-    return out
+    return _crop_affines(m, np.stack([boxes[c] for c in ("x1", "y1", "x2", "y2")], axis=1))
 
 
-class SyncNetScorer:
-    """SyncNet offset, Sync-C and Sync-D of a clip from its face crops (25 fps, 16 kHz)."""
-
-    def __init__(self, weights: Path, device: str = "cpu", batch_windows: int = 16) -> None:
-        self.device = device
-        self.model = load_syncnet(weights, device)
-        self.batch_windows = max(1, batch_windows)
-
-    def measure(
-        self,
-        crops: Path,
-        crop_px: int,
-        boxes: dict[str, np.ndarray],
-        samples: np.ndarray,
-        rate_hz: int,
-        fps: float,
-        max_lag: int = MAX_LAG_FRAMES,
-    ) -> OffsetEstimate:
-        method = "syncnet"
-        if abs(fps - FPS) > 1e-3 or rate_hz != SAMPLE_RATE_HZ:
-            got = f"{fps:g} fps, {rate_hz} Hz"
-            return _unmeasurable(method, f"SyncNet needs 25 fps and 16 kHz audio, got {got}")
-        # as the reference: windows start at frames 0 .. min(frames, audio frames) − 6
-        count = min(len(boxes["frame"]), len(samples) * int(FPS) // rate_hz) - LIP_FRAMES
-        if count < 2 * max_lag + 1:
-            return _unmeasurable(method, f"{count} SyncNet windows < {2 * max_lag + 1}")
-        audio = self._embed(mfcc_windows(mfcc(samples, rate_hz), count), self.model.forward_aud)
-        lips = np.concatenate(list(self._lip_embeddings(crops, crop_px, boxes, count)))
-        s = sync_scores(lips, audio, max_lag)
-        return OffsetEstimate(
-            method=method,
-            offset_frames=float(s.offset_frames),
-            offset_ms=1000.0 * s.offset_frames / fps,
-            confidence=s.sync_c,
-            score=s.sync_d,
-            at_search_edge=abs(s.offset_frames) == max_lag,
-        )
-
-    def _embed(
-        self, inputs: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]
-    ) -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(inputs), self.batch_windows):
-                batch = inputs[start : start + self.batch_windows].to(self.device)
-                out.append(forward(batch).float().cpu().numpy())
-        return np.concatenate(out)
-
-    def _lip_embeddings(
-        self, crops: Path, crop_px: int, boxes: dict[str, np.ndarray], count: int
-    ) -> Iterator[np.ndarray]:
-        """Stream the crops, holding only the frames of the next batch of 5-frame windows."""
-        affines = syncnet_crop_affines(boxes)
-        span = self.batch_windows + LIP_FRAMES - 1
-        buf: list[np.ndarray] = []
-        with closing(iter_frames(crops, crop_px, crop_px)) as chunks:
-            frames = (frame for chunk in chunks for frame in chunk)
-            for i, frame in enumerate(islice(frames, count + LIP_FRAMES - 1)):
-                warped = cv2.warpAffine(
-                    frame, affines[i], (LIP_SIZE_PX, LIP_SIZE_PX),
-                    flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                    borderValue=(SYNCNET_PAD_VALUE,) * 3,
-                )  # fmt: skip
-                buf.append(warped[:, :, ::-1])  # RGB → BGR, as cv2.imread gives
-                if len(buf) == span:
-                    yield self._lips(buf)
-                    buf = buf[-(LIP_FRAMES - 1) :]
-        if len(buf) >= LIP_FRAMES:
-            yield self._lips(buf)
-
-    def _lips(self, frames: list[np.ndarray]) -> np.ndarray:
-        stack = torch.from_numpy(np.stack(frames)).float()  # [F, 224, 224, 3]
-        windows = stack.unfold(0, LIP_FRAMES, 1)  # [F − 4, 224, 224, 3, 5]
-        return self._embed(windows.permute(0, 3, 4, 1, 2), self.model.forward_lip)
+def syncnet_offset(
+    scorer: SyncNetScorer,
+    crops: Path,
+    crop_px: int,
+    boxes: dict[str, np.ndarray],
+    samples: np.ndarray,
+    rate_hz: int,
+    fps: float,
+) -> OffsetEstimate:
+    """The scorer's measurement of a clip, its face crops streamed from ``crops``."""
+    with closing(iter_frames(crops, crop_px, crop_px)) as chunks:
+        frames = (frame for chunk in chunks for frame in chunk)
+        return scorer.measure(frames, syncnet_crop_affines(boxes), samples, rate_hz, fps)
 
 
 def shift_audio(samples: np.ndarray, rate_hz: int, shift_ms: float) -> np.ndarray:
@@ -303,13 +193,16 @@ def judge_av_offset(
 ) -> AvOffsetDecision:
     """The ``av_offset`` rule: value is the signed offset (ms), ``|value| ≤ threshold`` passes.
 
-    An estimate that is missing or below ``min_confidence`` passes with a reason saying the
-    offset was unmeasurable (a clip is never rejected on a guess). A confident offset
+    An estimate that is missing or below ``min_confidence`` passes *unmeasured*
+    (``measured=False``, reason ``"unmeasured offset (...)"``; a clip is never rejected on a
+    guess), which the ``quality_rules`` view counts apart from measured passes. A confident offset
     beyond the threshold fails, or with ``realign`` passes with the audio shifted back
     (not at the edge of the search range, where the true offset may lie further out).
     """
 
-    def result(value: float, passed: bool, reason: str, shift_ms: float = 0.0) -> AvOffsetDecision:
+    def result(
+        value: float, passed: bool, reason: str, shift_ms: float = 0.0, measured: bool = True
+    ) -> AvOffsetDecision:
         rule = RuleResult(
             rule="av_offset",
             value=float(value),
@@ -317,18 +210,22 @@ def judge_av_offset(
             passed=passed,
             hard=hard,
             reason=reason,
+            measured=measured,
         )
         return AvOffsetDecision(rule, shift_ms)
 
     if est.unmeasurable:
-        return result(0.0, True, f"offset unmeasurable ({est.method}: {est.unmeasurable})")
+        return result(
+            0.0, True, f"unmeasured offset ({est.method}: {est.unmeasurable})", measured=False
+        )
     off = est.offset_ms
     if est.confidence < min_confidence:
         return result(
             off,
             True,
-            f"offset unmeasurable (confidence {est.confidence:.2f} < {min_confidence:.2f}; "
+            f"unmeasured offset (confidence {est.confidence:.2f} < {min_confidence:.2f}; "
             f"{est.method} best guess {off:+.0f} ms)",
+            measured=False,
         )
     if abs(off) <= max_offset_ms:
         return result(off, True, "")

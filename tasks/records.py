@@ -7,12 +7,13 @@ so a downstream stage always gets exactly the type its upstream committed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
+from models.fingerprint import ModelFingerprint
 from storage.store import ArtifactRef
-from tasks.base import ModelFingerprint, Record
+from tasks.base import Record
 
 
 class CropBox(Record):
@@ -185,6 +186,9 @@ class RuleResult(Record):
     # why it failed, human readable; empty when passed, except for a note on how a passing
     # rule was decided when it could not simply measure (``av_offset``: unmeasurable, re-aligned)
     reason: str = ""
+    # False: the rule could not measure and passed by default (reason starts "unmeasured");
+    # the quality_rules view counts these apart from measured passes
+    measured: bool = True
 
 
 class QualityVerdict(Record):
@@ -245,12 +249,19 @@ class SpeechTags(Record):
 
 
 class ClipFeatures(Record):
-    """Per-frame features of an accepted clip, aligned to its video frames."""
+    """Per-frame features of an accepted clip, aligned to its video frames.
+
+    ``audio`` is the one wav of the clip: the audio features were computed from it, and
+    every later stage that needs the clip's sound (generate muxes it, evaluate scores sync
+    against it) reads this file, never ``NormalizedClip.audio`` directly.
+    """
 
     clip_id: str
     fps: float
     num_frames: int
     files: list[FeatureFile]
+    audio: ArtifactRef  # 16 kHz mono wav the audio features were computed from
+    audio_source: Literal["original", "aligned"]  # the clip's own, or quality's re-aligned
     speech: SpeechTags | None = None
 
     def file(self, family: str) -> FeatureFile:
@@ -312,15 +323,17 @@ class MemoryBank(Record):
 
 class TrainStep(Record):
     step: int
-    loss: float
+    loss: float  # what the optimiser minimised, mean over ranks
     lr: float
+    terms: dict[str, float] = Field(default_factory=dict)  # other named losses, rank mean
 
 
 class TrainedCheckpoint(Record):
-    """The trained audio-conditioned latent model (train stage output)."""
+    """A trained model of one family (train stage output)."""
 
+    family: str  # the model family (``generators.registry``) that rebuilds and samples it
     checkpoint: ArtifactRef  # safetensors weights
-    model_config_json: str  # the UNet config, to rebuild the model for generation
+    model_config_json: str  # the family's model spec JSON, to rebuild the network
     steps: int
     num_processes: int
     train_clips: list[str]
@@ -347,20 +360,73 @@ class GeneratedClip(Record):
 
 
 class ClipMetrics(Record):
-    """Reconstruction metrics of a generated clip against its ground-truth face crops."""
+    """Clip-level metrics of a generated clip (``values``) and of its ground truth against
+    itself (``reference``, the table's ground-truth row), by family, checkpoint and setting.
+
+    ``features``: the Inception / I3D features the ``evaluate_set`` stage needs for FID/FVD;
+    ``model_origins``: metric network family → ``random-init`` or ``pretrained``.
+    """
 
     clip_id: str
     num_frames: int
-    psnr_db: float
-    ssim: float
+    psnr_db: float | None = None
+    ssim: float | None = None
+    family: str = ""
+    checkpoint: str = ""
+    setting: str = "self"
+    values: dict[str, float] = Field(default_factory=dict)
+    reference: dict[str, float] = Field(default_factory=dict)
+    features: ArtifactRef | None = None
+    model_origins: dict[str, str] = Field(default_factory=dict)
 
     def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
-        return {
-            "eval_metrics": [
-                {"metric": "psnr_db", "value": self.psnr_db, "num_frames": self.num_frames},
-                {"metric": "ssim", "value": self.ssim, "num_frames": self.num_frames},
-            ]
+        return {"eval_metrics": eval_rows(self, self.num_frames, "clip")}
+
+
+def eval_rows(rec: ClipMetrics | EvalSetGroup, num_frames: int, level: str) -> list[dict]:
+    """``eval_metrics`` rows: one per metric and row (generated / ground_truth)."""
+    origins = ",".join(sorted(set(rec.model_origins.values())))
+    return [
+        {
+            "metric": metric,
+            "value": float(value),
+            "num_frames": num_frames,
+            "family": rec.family,
+            "checkpoint": rec.checkpoint,
+            "setting": rec.setting,
+            "row": row,
+            "level": level,
+            "model_origin": origins,
         }
+        for row, values in (("generated", rec.values), ("ground_truth", rec.reference))
+        for metric, value in sorted(values.items())
+    ]
+
+
+class EvalSetGroup(Record):
+    """Set-level metrics (FID, FVD, FVD at 32…512 frames) of one family, checkpoint, setting.
+
+    ``notes``: why a set metric is absent (e.g. FVD needs 2 clips of at least 36 frames).
+    """
+
+    family: str
+    checkpoint: str
+    setting: str
+    num_clips: int
+    num_frames: int
+    values: dict[str, float]
+    reference: dict[str, float]
+    model_origins: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+
+class EvalSetMetrics(Record):
+    """The ``evaluate_set`` output: one group per family, checkpoint and setting."""
+
+    groups: list[EvalSetGroup]
+
+    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {"eval_metrics": [r for g in self.groups for r in eval_rows(g, g.num_frames, "set")]}
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
@@ -375,6 +441,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         TrainedCheckpoint,
         GeneratedClip,
         ClipMetrics,
+        EvalSetMetrics,
     )
 }
 

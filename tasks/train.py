@@ -1,7 +1,13 @@
-"""Train stage: fit the audio-conditioned latent UNet on all training clips (aggregate).
+"""Train stage: fit the configured model family on all training clips (aggregate).
+
+The stage does not know the family: ``train.family`` (default ``musetalk15``) selects one
+from :mod:`generators.registry`, whose config fields sit beside the stage's own
+(``train: {family: musetalk15, steps: 20, audio_window_frames: 2}``), validated as one
+discriminated union at start. The family declares which feature files it reads; the
+stage checks their headers, and the ranks hand the data, batches and losses to the family.
 
 The stage itself does no training. It writes a manifest (training clips' feature files,
-the Engram bank, hyper-parameters) into a **persistent** work dir
+the Engram bank, hyper-parameters, the family config) into a **persistent** work dir
 ``<data_root>/work/train/<item_key[:20]>/`` and runs ``accelerate launch`` as a subprocess;
 the ranks (:mod:`tasks.train_worker`) checkpoint there. The item key changes with inputs,
 code and config, so the same key means the same training run: a run interrupted for any
@@ -34,9 +40,11 @@ import sys
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 
-from models.unet import build_unet_from_spec, save_unet_weights
+from generators import registry
+from generators.family import DataLayout
+from generators.io import tensor_shape
 from storage.store import ArtifactRef
 from tasks.base import (
     AggregateInputs,
@@ -47,6 +55,7 @@ from tasks.base import (
     Stage,
     StageConfig,
 )
+from tasks.lifetime import WorkDirBusy, WorkDirLock, guarded_command
 from tasks.records import ClipFeatures, MemoryBank, TrainedCheckpoint, TrainStep
 from tasks.split import is_heldout
 from tasks.train_data import (
@@ -57,10 +66,10 @@ from tasks.train_data import (
     ClipEntry,
     TrainManifest,
     load_checkpoint,
-    tensor_shape,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS_NAME = "model.safetensors"
 ACCELERATE_CONFIG = """\
 compute_environment: LOCAL_MACHINE
 distributed_type: {distributed_type}
@@ -78,7 +87,9 @@ downcast_bf16: 'no'
 """
 
 
-class TrainConfig(StageConfig):
+class TrainStageConfig(StageConfig):
+    """The stage's own fields; each registered family's config is merged in (``TrainConfig``)."""
+
     steps: int = Field(20, ge=1, description="optimizer steps in total (resumes count)")
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(4, ge=1, description="frames per process per step")
@@ -86,8 +97,14 @@ class TrainConfig(StageConfig):
     checkpoint_every: int = Field(5, ge=1, description="steps between resumable checkpoints")
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    audio_window_frames: int = Field(2, ge=0, le=16, description="w: frames t-w..t+w")
-    unet: Literal["tiny"] = "tiny"
+
+
+TrainConfig = registry.config_union(TrainStageConfig)
+
+
+def train_config(**values: object) -> TrainStageConfig:
+    """Validate a train section (``family`` selects the member; default musetalk15)."""
+    return TypeAdapter(TrainConfig).validate_python(values)
 
 
 def work_dir_for(data_root: str | Path, item_key: str) -> Path:
@@ -166,14 +183,14 @@ def failure_summary(stderr_log: Path, offset: int = 0, limit: int = 600) -> str:
     return " | ".join(parts)[:limit]
 
 
-class TrainStage(Stage[TrainConfig]):
-    """Aggregate stage: all training clips in, one ``unet.safetensors`` checkpoint out."""
+class TrainStage(Stage[TrainStageConfig]):
+    """Aggregate stage: all training clips in, one ``model.safetensors`` checkpoint out."""
 
     name: ClassVar[str] = "train"
-    code_version: ClassVar[str] = "1"
+    code_version: ClassVar[str] = "2"
     requires: ClassVar[tuple[str, ...]] = ("features", "engram")
     aggregate: ClassVar[bool] = True
-    config_type: ClassVar[type[StageConfig]] = TrainConfig
+    config_type: ClassVar[type[StageConfig]] = TrainStageConfig  # merged with a family's
 
     def accepts(self, item_id: str, shared: dict[str, Record]) -> bool:
         return not is_heldout(item_id, self.env)
@@ -193,78 +210,79 @@ class TrainStage(Stage[TrainConfig]):
     ) -> TrainManifest:
         """Validate each clip's feature headers (no tensor data is read) into a manifest.
 
-        A clip with unreadable or misaligned features is skipped (listed in the manifest's
-        ``skipped`` with the reason) rather than failing the whole training run.
+        The family says which feature files it reads; each must exist, be readable and have
+        ``num_frames`` rows. A clip that fails is skipped (listed in the manifest's
+        ``skipped`` with the reason) rather than failing the whole training run. All clips
+        must agree on per-frame shapes and on the model that made each feature.
         """
         cfg = self.config
-        bank = self._bank(inputs)
+        family = registry.instantiate(cfg)
+        bank = self._bank(inputs) if family.uses_memory_bank else None
         entries: list[ClipEntry] = []
         skipped: list[str] = []
-        shapes: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
-        vae_shas: set[str] = set()
+        shapes: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
+        model_shas: dict[str, set[str]] = {f: set() for f in family.features}
         for item in sorted(inputs.items, key=lambda it: it.item_id):
             if is_heldout(item.item_id, self.env):
                 continue
             try:
                 feats = item.get("features", ClipFeatures)
-                lat_file, hub_file = feats.file("vae_latents"), feats.file("hubert")
+                files = {f: feats.file(f) for f in family.features}
+                paths = {f: ctx.local_path(ff.artifact) for f, ff in files.items()}
+                clip_shapes = {
+                    f: tensor_shape(paths[f], name) for f, name in family.features.items()
+                }
             except (KeyError, TypeError) as exc:
                 skipped.append(f"{item.item_id}: {exc}")
                 continue
-            lat_path = ctx.local_path(lat_file.artifact)
-            hub_path = ctx.local_path(hub_file.artifact)
-            try:
-                lat = tensor_shape(lat_path, "latents")
-                hub = tensor_shape(hub_path, "features")
             except Exception as exc:  # any unreadable header: skip the clip, keep training
                 skipped.append(f"{item.item_id}: unreadable features ({exc})")
                 continue
-            if len(lat) != 4 or len(hub) != 3 or lat[0] != hub[0] or lat[0] != feats.num_frames:
-                skipped.append(f"{item.item_id}: latents {lat} / hubert {hub} misaligned")
+            if any(len(v) < 2 or v[0] != feats.num_frames for v in clip_shapes.values()):
+                skipped.append(f"{item.item_id}: features {clip_shapes} misaligned")
                 continue
-            shapes.add((tuple(lat[1:]), tuple(hub[1:])))
-            vae_shas.add(lat_file.model.sha256)
+            shapes.add(tuple(sorted((f, tuple(v[1:])) for f, v in clip_shapes.items())))
+            for f, ff in files.items():
+                model_shas[f].add(ff.model.sha256)
             entries.append(
                 ClipEntry(
                     clip_id=item.item_id,
-                    latents_path=str(lat_path),
-                    hubert_path=str(hub_path),
-                    latents_sha256=lat_file.artifact.sha256,
-                    hubert_sha256=hub_file.artifact.sha256,
-                    num_frames=lat[0],
+                    num_frames=feats.num_frames,
+                    paths={f: str(p) for f, p in paths.items()},
+                    sha256={f: ff.artifact.sha256 for f, ff in files.items()},
                 )
             )
         if not entries:
             raise ItemFailure(
                 FailureKind.FORMAT, f"train: no usable training clips ({'; '.join(skipped[:3])})"
             )
-        if len(shapes) > 1 or len(vae_shas) > 1:
+        mixed = sorted(f for f, shas in model_shas.items() if len(shas) > 1)
+        if len(shapes) > 1 or mixed:
             raise ItemFailure(
                 FailureKind.FORMAT,
-                f"train: clips disagree on feature shapes {sorted(shapes)} or VAE "
-                f"({len(vae_shas)} VAEs)",
+                f"train: clips disagree on feature shapes {sorted(shapes)} or come from "
+                f"several models ({mixed})",
             )
-        (lat_shape, hub_shape) = shapes.pop()
-        if lat_shape[1] % 2:
-            raise ItemFailure(FailureKind.FORMAT, f"train: latent height {lat_shape[1]} is odd")
+        layout = DataLayout(shapes={f: list(v) for f, v in shapes.pop()})
         manifest = TrainManifest(
             work_dir=str(work),
+            model=registry.family_config(cfg),
             clips=entries,
-            bank_path=str(ctx.local_path(bank.bank)),
-            bank_sha256=bank.bank.sha256,
-            latent_shape=list(lat_shape),
-            audio_steps=hub_shape[0],
-            audio_dim=hub_shape[1],
+            bank_path=str(ctx.local_path(bank.bank)) if bank else None,
+            bank_sha256=bank.bank.sha256 if bank else None,
+            layout=layout,
             steps=cfg.steps,
             learning_rate=cfg.learning_rate,
             batch_size=cfg.batch_size,
             num_processes=cfg.num_processes,
             checkpoint_every=cfg.checkpoint_every,
             seed=cfg.seed,
-            audio_window_frames=cfg.audio_window_frames,
-            unet=cfg.unet,
             skipped=skipped,
         )
+        try:
+            manifest.spec()
+        except ValueError as exc:
+            raise ItemFailure(FailureKind.FORMAT, f"train: {family.name}: {exc}") from exc
         return manifest
 
     # ------------------------------------------------------------------ run
@@ -279,6 +297,18 @@ class TrainStage(Stage[TrainConfig]):
                 "train: fp16 mixed precision needs CUDA; the ranks run on CPU (use bf16 or no)",
                 retryable=False,
             )
+        try:  # one trainer per work dir; a dead owner's orphaned ranks are ended first
+            lock = WorkDirLock(work).acquire()
+        except WorkDirBusy as exc:
+            raise ItemFailure(FailureKind.INTERNAL, f"train: {exc}", retryable=True) from exc
+        try:
+            self._launch(manifest, lock)
+        finally:
+            lock.release()
+
+    def _launch(self, manifest: TrainManifest, lock: WorkDirLock) -> None:
+        cfg = self.config
+        work = Path(manifest.work_dir)
         manifest_path = work / MANIFEST_NAME
         tmp = work / f".tmp-{MANIFEST_NAME}"
         tmp.write_text(manifest.model_dump_json(indent=1))
@@ -298,9 +328,9 @@ class TrainStage(Stage[TrainConfig]):
         err_offset = err_log.stat().st_size if err_log.exists() else 0
         with out_log.open("ab") as out, err_log.open("ab") as err:
             proc = subprocess.Popen(
-                cmd,
+                guarded_command(cmd),  # dies with this process (parent-death signal)
                 cwd=REPO_ROOT,
-                env=launch_env(cfg.num_processes),
+                env=lock.child_env(launch_env(cfg.num_processes)),
                 stdout=out,
                 stderr=err,
                 start_new_session=True,  # its own process group, stoppable as one
@@ -348,12 +378,13 @@ class TrainStage(Stage[TrainConfig]):
                 FailureKind.INTERNAL,
                 f"train: last checkpoint is step {state.step}, not {cfg.steps}",
             )
+        family = manifest.family()
         spec = manifest.spec()
-        unet = build_unet_from_spec(spec)
-        unet.load_state_dict(state.model, strict=True)
-        out = ctx.scratch / "unet.safetensors"
-        save_unet_weights(out, unet, spec)
-        ref: ArtifactRef = ctx.commit(out, "unet.safetensors", kind="checkpoint")
+        model = family.build(spec)
+        model.load_state_dict(state.model, strict=True)
+        out = ctx.scratch / WEIGHTS_NAME
+        family.save_weights(out, model, spec)
+        ref: ArtifactRef = ctx.commit(out, WEIGHTS_NAME, kind="checkpoint")
 
         history = [
             TrainStep(**json.loads(line))
@@ -363,6 +394,7 @@ class TrainStage(Stage[TrainConfig]):
         if [h.step for h in history] != list(range(1, cfg.steps + 1)):
             raise ItemFailure(FailureKind.INTERNAL, "train: loss history is not steps 1..N")
         return TrainedCheckpoint(
+            family=family.name,
             checkpoint=ref,
             model_config_json=spec.to_json(),
             steps=state.step,

@@ -5,11 +5,13 @@ Usage (the stage builds this command; see :func:`tasks.train.launch_command`)::
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... \\
         -m tasks.train_worker --manifest <work_dir>/manifest.json
 
-Every rank loads the clips, builds the UNet and AdamW, resumes from
+Family-agnostic: the manifest names the model family (:mod:`generators.registry`), which
+loads the training data, draws each step's batch and computes the losses. Every rank
+loads the clips, builds the network and AdamW, resumes from
 ``<work_dir>/checkpoint.safetensors`` when it belongs to this manifest, then runs the
 remaining steps under DDP (gloo on CPU). Rank ``r`` trains on slice ``r`` of each step's
-global batch (:func:`tasks.train_data.step_picks`). The main process appends one line per
-step to ``history.jsonl`` (loss averaged over ranks) and writes the checkpoint every
+global batch (``ModelFamily.training_batch``). The main process appends one line per
+step to ``history.jsonl`` (losses averaged over ranks) and writes the checkpoint every
 ``checkpoint_every`` steps and at the last step. At the end each rank writes
 ``ranks/rank-<r>.json`` (distributed type, samples seen, sha256 of its final weights) so
 the stage can check that every rank trained and that they agree.
@@ -30,20 +32,16 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
-from models.unet import build_unet_from_spec, predict_latents, spec_summary
+from tasks.lifetime import guard_current_process
 from tasks.train_data import (
     CHECKPOINT_NAME,
     HISTORY_NAME,
     RANKS_DIR,
     TrainManifest,
     load_checkpoint,
-    load_clips,
-    make_batch,
     save_checkpoint,
-    step_picks,
 )
 
 KILL_HOOK_ENV = "TALKFORGE_TRAIN_KILL_AFTER_STEP"
@@ -97,13 +95,16 @@ def train(manifest: TrainManifest) -> None:
         raise RuntimeError(f"launched {world} processes, manifest asks {manifest.num_processes}")
 
     torch.manual_seed(manifest.seed)
-    clips = load_clips(manifest)
-    frame_counts = [c.num_frames for c in clips]
+    family = manifest.family()
     spec = manifest.spec()
-    model = build_unet_from_spec(spec)
+    data = family.load_training_data(spec, manifest.clips, manifest.bank_path)
+    model = family.build(spec)
     if accelerator.is_main_process:
         params = sum(p.numel() for p in model.parameters())
-        _log(rank, f"unet {spec_summary(spec)} params={params} clips={len(clips)}")
+        _log(
+            rank,
+            f"{family.name} {family.describe(spec)} params={params} clips={len(manifest.clips)}",
+        )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=manifest.learning_rate, weight_decay=WEIGHT_DECAY
     )
@@ -134,24 +135,27 @@ def train(manifest: TrainManifest) -> None:
     bs = manifest.batch_size
     samples_seen = 0
     for step in range(start + 1, manifest.steps + 1):
-        picks = step_picks(frame_counts, manifest.seed, step, bs * world)[
-            rank * bs : (rank + 1) * bs
-        ]
-        x, tokens, target = make_batch(clips, picks, manifest.audio_window_frames)
-        x, tokens, target = (t.to(accelerator.device) for t in (x, tokens, target))
+        batch = family.training_batch(
+            data, manifest.seed, step, bs * world, rank * bs, (rank + 1) * bs
+        )
+        batch = {k: t.to(accelerator.device) for k, t in batch.items()}
         with accelerator.autocast():
-            pred = predict_latents(model, x, tokens)
-        loss = F.mse_loss(pred.float(), target)
-        accelerator.backward(loss)
+            losses = family.training_step(model, batch)
+        accelerator.backward(losses["loss"])
         accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += len(picks)
-        mean_loss = float(accelerator.reduce(loss.detach(), reduction="mean").item())
+        samples_seen += bs
+        means = {
+            k: float(accelerator.reduce(v.detach().float(), reduction="mean").item())
+            for k, v in sorted(losses.items())
+        }
         if accelerator.is_main_process:
             lr = float(optimizer.param_groups[0]["lr"])
+            terms = {k: v for k, v in means.items() if k != "loss"}
+            line = {"step": step, "loss": means["loss"], "lr": lr, "terms": terms}
             with history.open("a") as f:
-                f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr}) + "\n")
+                f.write(json.dumps(line) + "\n")
             if step % manifest.checkpoint_every == 0 or step == manifest.steps:
                 save_checkpoint(
                     ckpt_path,
@@ -187,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True, type=Path)
     args = parser.parse_args(argv)
+    guard_current_process()  # die with torchrun's agent and with the stage that owns the run
     train(TrainManifest.read(args.manifest))
     return 0
 

@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 from skimage.data import astronaut
 from skimage.transform import resize
 
+from models.fingerprint import ModelFingerprint
 from models.registry import fingerprint
 from storage.store import ArtifactStore
-from tasks.base import ItemContext, ItemInputs, ModelFingerprint, Record, Resources, StageEnv
+from tasks.base import ItemContext, ItemInputs, Record, Resources, StageEnv
 from tasks.features import FeaturesConfig, FeaturesStage
 from tasks.media import VideoWriter, write_wav
 from tasks.records import (
@@ -174,8 +175,18 @@ def synthetic_features(
             model=fp,
         ),
     ]
+    wav = ctx.scratch / "audio.wav"
+    write_wav(wav, np.zeros(round(latents.shape[0] / fps * SR)), SR)
+    audio_ref = ctx.commit(wav, "audio.wav", "audio")
     ctx.close()
-    return ClipFeatures(clip_id=clip_id, fps=fps, num_frames=latents.shape[0], files=files)
+    return ClipFeatures(
+        clip_id=clip_id,
+        fps=fps,
+        num_frames=latents.shape[0],
+        files=files,
+        audio=audio_ref,
+        audio_source="original",
+    )
 
 
 def make_features_stage(tmp_path: Path, **cfg) -> FeaturesStage:

@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from generators.blocks.engram_hash import flat_indices, ngram_context
+from generators.blocks.engram_hash import (
+    assign_codes,
+    flat_indices,
+    lookup,
+    ngram_context,
+    read_bank,
+)
 from storage.store import ArtifactStore
 from tasks.base import AggregateInputs, FailureKind, ItemContext, ItemFailure, ItemInputs
-from tasks.engram import EngramConfig, EngramStage, assign_codes, load_bank, lookup
+from tasks.engram import EngramConfig, EngramStage
 from tasks.split import heldout_score
 from tests.features_helpers import env_for, synthetic_features
 
@@ -48,7 +54,7 @@ def build(tmp_path: Path, items, holdout=0.5, **cfg):
     finally:
         ctx.close()
     path = ArtifactStore(str(tmp_path / "store"))._path(rec.bank.uri)
-    return stage, rec, load_bank(path)
+    return stage, rec, read_bank(path)
 
 
 def stored(tmp_path, item: ItemInputs, family: str, name: str) -> torch.Tensor:

@@ -37,6 +37,7 @@ def test_features_stage_writes_aligned_latents_and_hubert(stage, tmp_path):
     inputs = commit_clip(tmp_path, "clip-a", num_frames=16, size_px=64)
     rec, ctx = run_item(stage, tmp_path, inputs)
     assert rec.num_frames == 16 and rec.fps == 25.0
+    assert (rec.audio, rec.audio_source) == (inputs.records["download"].audio, "original")
     assert {a.name for a in ctx.artifacts} == {
         "vae_latents.safetensors",
         "hubert.safetensors",
@@ -215,6 +216,8 @@ def test_realigned_audio_from_quality_is_what_hubert_reads(stage, tmp_path):
     qctx.close()
     with_quality = ItemInputs(item_id="clip-r", records={**inputs.records, "quality": verdict})
     rec, _ = run_item(stage, tmp_path, with_quality)
+    # the record names the audio it was computed from; later stages read that file
+    assert (rec.audio, rec.audio_source) == (verdict.aligned_audio, "aligned")
     feats, _ = read(store._path(rec.file("hubert").artifact.uri), "features")
     hub = stage.pools["hubert"].worker
     (direct,) = extract_hubert(hub.model, hub.feature_extractor, [shifted], layer=-1)

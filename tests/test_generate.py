@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
 
-from models.unet import build_unet_from_spec, make_spec, save_unet_weights
+from generators import registry
+from generators.musetalk15.model import make_spec
 from models.vae import decode_latents
 from tasks.base import FailureKind, ItemContext, ItemFailure, ItemInputs
 from tasks.evaluate import EvaluateConfig, EvaluateStage
 from tasks.generate import GenerateConfig, GenerateStage
-from tasks.media import VideoWriter, count_frames, iter_frames, probe
+from tasks.media import VideoWriter, count_frames, iter_frames, probe, read_wav, write_wav
 from tasks.records import ClipMetrics, GeneratedClip, TrainedCheckpoint
 from tests.train_helpers import (
     AUDIO_DIM,
@@ -43,17 +46,19 @@ def world(tmp_path_factory):
 
 
 def _checkpoint(world, name: str, zero_output: bool = False) -> TrainedCheckpoint:
+    family = registry.get("musetalk15")()
     spec = make_spec(16, AUDIO_DIM, SIZE // 8, tiny=True)
     torch.manual_seed(0)
-    unet = build_unet_from_spec(spec)
+    unet = family.build(spec)
     if zero_output:
         torch.nn.init.zeros_(unet.conv_out.weight)
         torch.nn.init.zeros_(unet.conv_out.bias)
     path = world["tmp"] / f"{name}.safetensors"
-    save_unet_weights(path, unet, spec)
+    family.save_weights(path, unet, spec)
     ctx = ItemContext(world["env"].store(), "train", "train", name.ljust(40, "x"))
     return TrainedCheckpoint(
-        checkpoint=ctx.commit(path, "unet.safetensors", "checkpoint"),
+        family="musetalk15",
+        checkpoint=ctx.commit(path, "model.safetensors", "checkpoint"),
         model_config_json=spec.to_json(),
         steps=0,
         num_processes=1,
@@ -97,17 +102,22 @@ def test_generate_writes_mp4_with_frames_fps_and_audio_and_caches_models(world):
         assert (info.width, info.height) == (SIZE, SIZE)
         assert info.has_audio and info.audio_sample_rate_hz is not None
         assert rec.clip_id == clip.clip_id
-    # one UNet, one VAE, one bank loaded for both clips
-    assert len(stage._unets) == len(stage._vaes) == len(stage._banks) == 1
+    # one model, one VAE, one bank loaded for both clips
+    assert len(stage._models) == len(stage._vaes) == len(stage._banks) == 1
 
     # generate → evaluate end to end on the first clip
     clip, rec = world["held"][0], recs[0]
-    ev = EvaluateStage(EvaluateConfig(), world["env"])
+    ev = EvaluateStage(EvaluateConfig(metrics=["psnr_db", "ssim"]), world["env"])
     ctx = ItemContext(world["env"].store(), "evaluate", clip.clip_id, "e" * 40)
     metrics = ev.process(
         ItemInputs(
             item_id=clip.clip_id,
-            records={"faces": clip.inputs.records["faces"], "generate": rec},
+            records={
+                "faces": clip.inputs.records["faces"],
+                "features": clip.inputs.records["features"],
+                "generate": rec,
+            },
+            shared={"train": ckpt},
         ),
         ctx,
     )
@@ -147,3 +157,64 @@ def test_features_that_do_not_fit_the_checkpoint_fail_typed(world, tmp_path):
         _generate(stage, world, big, _checkpoint(world, "rand"))
     assert exc.value.kind == FailureKind.MODEL
     assert "do not fit" in exc.value.message
+
+
+def _decoded_audio(path) -> np.ndarray:
+    out = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(path), "-f", "s16le", "-ac", "1", "-ar", "16000", "-"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    return np.frombuffer(out, "<i2").astype(np.float64) / 32767.0
+
+
+def _best_correlation(a: np.ndarray, b: np.ndarray, max_lag: int = 800) -> float:
+    """Largest normalised correlation of ``a`` and ``b`` over lags within ±``max_lag``."""
+    best = 0.0
+    for lag in range(-max_lag, max_lag + 1, 4):
+        x, y = (a[lag:], b) if lag >= 0 else (a, b[-lag:])
+        n = min(len(x), len(y))
+        x, y = x[:n] - x[:n].mean(), y[:n] - y[:n].mean()
+        best = max(best, float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-12)))
+    return best
+
+
+def test_generated_video_carries_the_audio_its_features_were_computed_from(world, tmp_path):
+    """The quality stage re-aligned this clip (audio delayed by 200 ms): the features record
+    names the re-aligned wav, and generate must mux that one, not the clip's original."""
+    clip = world["held"][0]
+    store = world["env"].store()
+    original_ref = clip.inputs.records["download"].audio
+    original, rate = read_wav(store.local_path(original_ref.uri, tmp_path))
+    shift = rate // 5
+    aligned = np.concatenate([np.zeros(shift), original[:-shift]])
+    wav = tmp_path / "audio_aligned.wav"
+    write_wav(wav, aligned, rate)
+    qctx = ItemContext(store, "quality", clip.clip_id, "q" * 40)
+    aligned_ref = qctx.commit(wav, "audio_aligned.wav", "audio")
+    feats = clip.inputs.records["features"].model_copy(
+        update={"audio": aligned_ref, "audio_source": "aligned"}
+    )
+    records = {**clip.inputs.records, "features": feats}
+    stage = GenerateStage(GenerateConfig(batch_size=8), world["env"])
+    stage.setup()
+    ctx = ItemContext(store, "generate", clip.clip_id, "h" * 40)
+    inputs = ItemInputs(
+        item_id=clip.clip_id,
+        records=records,
+        shared={"engram": world["bank"], "train": _checkpoint(world, "rand")},
+    )
+    rec = stage.process(inputs, ctx)
+    muxed = _decoded_audio(store.local_path(rec.video.uri, tmp_path))
+    assert _best_correlation(muxed, aligned) > 0.8
+    assert _best_correlation(muxed, original) < 0.3
+
+
+def test_checkpoint_of_an_unregistered_family_fails_typed(world):
+    ckpt = _checkpoint(world, "rand").model_copy(update={"family": "nope"})
+    stage = GenerateStage(GenerateConfig(), world["env"])
+    stage.setup()
+    with pytest.raises(ItemFailure) as exc:
+        _generate(stage, world, world["held"][0], ckpt)
+    assert exc.value.kind == FailureKind.MODEL
+    assert "unknown model family 'nope'" in exc.value.message

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from metrics.registry import METRICS, Level
 from storage.catalog import Catalog
 from storage.store import ArtifactRef, ArtifactStore
 from talkforge.cli import app
@@ -139,9 +140,16 @@ def test_every_current_artifact_exists_with_a_valid_checksum(pipeline_root: Path
 
 
 def test_evaluation_metrics_and_training_history(pipeline_root: Path) -> None:
-    summary = {r["metric"]: r for r in q(pipeline_root, "SELECT * FROM eval_summary")}
-    assert set(summary) == {"psnr_db", "ssim"}
-    assert 0 < summary["psnr_db"]["mean"] < 100 and -1 <= summary["ssim"]["mean"] <= 1
+    rows = q(pipeline_root, "SELECT * FROM eval_summary")
+    gen = {r["metric"]: r for r in rows if r["row"] == "generated"}
+    gt = {r["metric"]: r for r in rows if r["row"] == "ground_truth"}
+    clip_level = {m.name for m in METRICS.values() if m.level == Level.CLIP}
+    assert clip_level | {"fid"} <= set(gen) and set(gen) == set(gt)
+    assert {r["setting"] for r in rows} == {"self"} and len({r["family"] for r in rows}) == 1
+    assert {r["model_origin"] for r in rows} == {"random-init"}
+    assert 0 < gen["psnr_db"]["mean"] < 100 and -1 <= gen["ssim"]["mean"] <= 1
+    assert gt["psnr_db"]["mean"] == 100.0 and gt["fid"]["mean"] == pytest.approx(0, abs=1e-6)
+    assert gt["csim"]["mean"] == pytest.approx(1.0) and gen["fid"]["mean"] > 0
     steps = q(pipeline_root, "SELECT step, loss FROM current_train_metrics ORDER BY step")
     assert steps and all(s["loss"] == s["loss"] for s in steps)  # no NaN
 

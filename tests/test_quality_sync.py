@@ -36,6 +36,7 @@ from tasks.quality_sync import (
     shift_audio,
     speech_envelope,
     syncnet_crop_affines,
+    syncnet_offset,
     xcorr_offset,
 )
 from tests.faces_helpers import (
@@ -176,8 +177,10 @@ def test_silent_audio_is_unmeasurable_not_an_offset(generated):
     assert c.measure(silent).unmeasurable == "no audio signal"
     v = c.judge(silent, "silent")
     rule = av_rule(v)
-    assert v.accepted and rule.passed and rule.value == 0.0
-    assert rule.reason == "offset unmeasurable (xcorr: no audio signal)"
+    assert rule.passed and rule.value == 0.0
+    # a silent clip is rejected, by the speech floor and not by av_offset
+    assert [r.rule for r in v.rules if r.hard and not r.passed] == ["speech_floor"]
+    assert rule.reason == "unmeasured offset (xcorr: no audio signal)" and not rule.measured
 
 
 def test_estimator_on_constructed_signals():
@@ -203,11 +206,10 @@ def test_judge_reasons_and_realign_limits():
 
     low = judge_av_offset(est(300.0, 1.2), 100.0, 3.0, realign=False, hard=True)
     assert low.rule.passed and low.rule.value == 300.0 and low.audio_shift_ms == 0.0
-    assert (
-        low.rule.reason == "offset unmeasurable (confidence 1.20 < 3.00; xcorr best guess +300 ms)"
-    )
+    assert not low.rule.measured
+    assert low.rule.reason == "unmeasured offset (confidence 1.20 < 3.00; xcorr best guess +300 ms)"
     ok = judge_av_offset(est(-80.0, 5.0), 100.0, 3.0, realign=True, hard=True)
-    assert ok.rule.passed and ok.rule.reason == "" and ok.audio_shift_ms == 0.0
+    assert ok.rule.passed and ok.rule.reason == "" and ok.audio_shift_ms == 0.0 and ok.rule.measured
     moved = judge_av_offset(est(-160.0, 5.0), 100.0, 3.0, realign=True, hard=False)
     assert moved.rule.passed and moved.audio_shift_ms == 160.0 and not moved.rule.hard
     assert moved.rule.reason.startswith("re-aligned: audio shifted by +160 ms; audio-video")
@@ -341,12 +343,12 @@ def test_syncnet_scorer_runs_on_a_clip_with_random_weights(generated, tmp_path):
     frames = 40  # 35 windows, to keep the CPU test short
     boxes = {k: v[:frames] for k, v in c.boxes.items()}
     scorer = SyncNetScorer(weights, batch_windows=8)
-    est = scorer.measure(c.crops, 128, boxes, c.samples[: frames * 640], RATE, FPS)
+    est = syncnet_offset(scorer, c.crops, 128, boxes, c.samples[: frames * 640], RATE, FPS)
     assert est.method == "syncnet" and not est.unmeasurable
     assert est.offset_frames == round(est.offset_frames) and abs(est.offset_frames) <= 15
     assert est.offset_ms == pytest.approx(est.offset_frames * ONE_FRAME_MS)
     assert est.score > 0 and est.confidence >= 0
-    wrong_fps = scorer.measure(c.crops, 128, boxes, c.samples, RATE, 30.0)
+    wrong_fps = syncnet_offset(scorer, c.crops, 128, boxes, c.samples, RATE, 30.0)
     assert wrong_fps.unmeasurable.startswith("SyncNet needs 25 fps")
     with pytest.raises(ValidationError, match="needs syncnet_weights"):
         QualityConfig(av_offset_method="syncnet")

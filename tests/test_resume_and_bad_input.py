@@ -79,7 +79,7 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(
     cat = Catalog(root / "catalog")
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None:
-        if (root / "catalog" / "items").exists() and _done(cat, "faces") >= 1:
+        if (root / "catalog" / "catalog.sqlite").exists() and _done(cat, "faces") >= 1:
             break
         time.sleep(0.3)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""

@@ -17,33 +17,29 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from models.unet import build_unet_from_spec, load_unet, predict_latents
+from generators import registry
+from generators.musetalk15.data import load_clips, make_batch, step_picks
+from generators.musetalk15.model import build_unet_from_spec, predict_latents
 from tasks.base import AggregateInputs, FailureKind, ItemContext, ItemFailure, ItemInputs
 from tasks.evaluate import EvaluateConfig, EvaluateStage
 from tasks.generate import GenerateConfig, GenerateStage
 from tasks.records import TrainedCheckpoint
 from tasks.train import (
-    TrainConfig,
     TrainStage,
+    TrainStageConfig,
     failure_summary,
     launch_command,
     launch_env,
+    train_config,
     work_dir_for,
 )
-from tasks.train_data import (
-    CHECKPOINT_NAME,
-    TrainManifest,
-    load_checkpoint,
-    make_batch,
-    step_picks,
-)
-from tasks.train_data import load_clips as load_clip_tensors
+from tasks.train_data import CHECKPOINT_NAME, TrainManifest, load_checkpoint
 from tasks.train_worker import KILL_HOOK_ENV, MAX_GRAD_NORM, WEIGHT_DECAY
 from tests.train_helpers import build_bank, commit_clip, make_env, split_ids, tiny_vae, train_inputs
 
 T = 24
 SIZE = 128  # 16×16 latents
-CFG = TrainConfig(steps=6, checkpoint_every=3, batch_size=2, num_processes=2, learning_rate=1e-3)
+CFG = train_config(steps=6, checkpoint_every=3, batch_size=2, num_processes=2, learning_rate=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +56,7 @@ def world(tmp_path_factory):
     return {"tmp": tmp, "env": env, "train": train, "held": held, "bank": bank}
 
 
-def _train(world, key: str, cfg: TrainConfig = CFG) -> TrainedCheckpoint:
+def _train(world, key: str, cfg: TrainStageConfig = CFG) -> TrainedCheckpoint:
     stage = TrainStage(cfg, world["env"])
     stage.setup()
     # the held-out clip is passed too: the stage must leave it out
@@ -96,12 +92,15 @@ def reference_training(
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The same optimisation in one process on the whole global batch, without accelerate.
 
-    DDP averages the ranks' gradients, so two ranks on two halves of a batch must match one
-    process on the whole batch (up to float summation order). ``rank0_only`` trains on
-    rank 0's half only: what a run whose second rank did nothing would produce.
+    Written out here as the baseline trained before the family registry existed (MSE of
+    the timestep-0 UNet's prediction on the same batches), so the ``musetalk15`` family
+    run through the registry must reproduce it. DDP averages the ranks' gradients, so two
+    ranks on two halves of a batch must match one process on the whole batch (up to float
+    summation order). ``rank0_only`` trains on rank 0's half only: what a run whose second
+    rank did nothing would produce.
     """
     torch.manual_seed(manifest.seed)
-    clips = load_clip_tensors(manifest)
+    clips = load_clips(manifest.clips, manifest.bank_path)
     model = build_unet_from_spec(manifest.spec())
     opt = torch.optim.AdamW(
         model.parameters(), lr=manifest.learning_rate, weight_decay=WEIGHT_DECAY
@@ -112,7 +111,7 @@ def reference_training(
         picks = step_picks(counts, manifest.seed, step, manifest.batch_size * 2)
         if rank0_only:
             picks = picks[: manifest.batch_size]
-        x, tokens, target = make_batch(clips, picks, manifest.audio_window_frames)
+        x, tokens, target = make_batch(clips, picks, manifest.model.audio_window_frames)
         loss = torch.nn.functional.mse_loss(predict_latents(model, x, tokens), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
@@ -148,9 +147,11 @@ def test_rerun_resumes_on_two_cpu_ranks_and_commits_a_checkpoint(world, trained)
         assert report["samples_seen"] == 3 * CFG.batch_size  # steps 4..6
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
     path = world["env"].store().local_path(rec.checkpoint.uri, world["tmp"])
-    assert rec.checkpoint.kind == "checkpoint" and path.name == "unet.safetensors"
+    assert rec.checkpoint.kind == "checkpoint" and path.name == "model.safetensors"
+    assert rec.family == "musetalk15" == json.loads(rec.model_config_json)["family"]
     with safe_open(str(path), framework="pt") as f:
         assert json.loads(f.metadata()["model_spec"]) == json.loads(rec.model_config_json)
+        assert f.metadata()["family"] == rec.family
 
 
 def test_interrupted_two_rank_run_equals_one_process_on_the_whole_batch(world, trained):
@@ -176,7 +177,8 @@ def test_interrupted_two_rank_run_equals_one_process_on_the_whole_batch(world, t
 def test_checkpoint_loads_back_and_reproduces_the_trained_model(world, trained):
     rec, work, _ = trained
     path = world["env"].store().local_path(rec.checkpoint.uri, world["tmp"])
-    unet = load_unet(path, rec.model_config_json)
+    family = registry.get(rec.family)()
+    unet = family.load_model(path, family.parse_spec(rec.model_config_json))
     manifest = TrainManifest.read(work / "manifest.json")
     worker_state = load_checkpoint(work / CHECKPOINT_NAME)
     assert worker_state.step == 6
@@ -185,8 +187,9 @@ def test_checkpoint_loads_back_and_reproduces_the_trained_model(world, trained):
     torch.manual_seed(0)
     fresh = build_unet_from_spec(manifest.spec())
 
-    clips = load_clip_tensors(manifest)
-    x, tokens, target = make_batch(clips, [(0, 3, 15), (1, 20, 2)], manifest.audio_window_frames)
+    clips = load_clips(manifest.clips, manifest.bank_path)
+    window = manifest.model.audio_window_frames
+    x, tokens, target = make_batch(clips, [(0, 3, 15), (1, 20, 2)], window)
     with torch.no_grad():
         out = predict_latents(unet, x, tokens)
         assert torch.equal(out, predict_latents(again.eval(), x, tokens))
@@ -206,11 +209,17 @@ def test_trained_checkpoint_generates_and_evaluates_a_heldout_clip(world, traine
         ItemInputs(item_id=held.clip_id, records=dict(held.inputs.records), shared=shared), ctx
     )
     assert out.num_frames == T and out.crop_size_px == SIZE
-    ev = EvaluateStage(EvaluateConfig(), world["env"])
+    ev = EvaluateStage(EvaluateConfig(metrics=["psnr_db", "ssim"]), world["env"])
     ctx = ItemContext(world["env"].store(), "evaluate", held.clip_id, "e" * 40)
     metrics = ev.process(
         ItemInputs(
-            item_id=held.clip_id, records={"faces": held.inputs.records["faces"], "generate": out}
+            item_id=held.clip_id,
+            records={
+                "faces": held.inputs.records["faces"],
+                "features": held.inputs.records["features"],
+                "generate": out,
+            },
+            shared={"train": rec},
         ),
         ctx,
     )
@@ -261,7 +270,8 @@ def test_manifest_skips_misaligned_clips_and_fp16_on_cpu_fails_typed(world, tmp_
     assert bad.clip_id not in [c.clip_id for c in manifest.clips]
     assert len(manifest.clips) == len(world["train"]) - 1
     assert manifest.skipped and manifest.skipped[0].startswith(bad.clip_id)
-    assert manifest.latent_shape == [16, 16, 16] and manifest.audio_dim == 32
+    assert manifest.layout.shapes == {"vae_latents": [16, 16, 16], "hubert": [2, 32]}
+    assert manifest.model.family == "musetalk15" and manifest.bank_path
 
     fp16 = TrainStage(CFG.model_copy(update={"mixed_precision": "fp16"}), world["env"])
     with pytest.raises(ItemFailure) as exc:

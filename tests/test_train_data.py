@@ -5,21 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.unet import (
+from generators.musetalk15.data import MIN_REF_GAP_FRAMES, reference_frame, step_picks
+from generators.musetalk15.model import (
     audio_window_tokens,
-    build_unet,
+    build_unet_from_spec,
     make_spec,
     predict_latents,
     sinusoidal_positions,
     unet_input,
 )
-from tasks.train_data import (
-    MIN_REF_GAP_FRAMES,
-    load_checkpoint,
-    reference_frame,
-    save_checkpoint,
-    step_picks,
-)
+from tasks.train_data import load_checkpoint, read_checkpoint_meta, save_checkpoint
+
+
+def build_unet(latent_channels: int, audio_dim: int, sample_size: int):
+    return build_unet_from_spec(make_spec(latent_channels, audio_dim, sample_size, tiny=True))
 
 
 def test_step_picks_are_a_pure_function_of_seed_and_step():
@@ -63,7 +62,7 @@ def test_audio_window_is_centred_zero_padded_and_position_encoded():
 
 
 def test_tiny_unet_forward_shapes():
-    unet = build_unet(16, 32, 16, tiny=True)
+    unet = build_unet(16, 32, 16)
     x = torch.randn(2, 48, 16, 16)
     tokens = audio_window_tokens(torch.randn(10, 2, 32), torch.tensor([0, 9]), 2)
     assert predict_latents(unet, x, tokens).shape == (2, 16, 16, 16)
@@ -72,7 +71,7 @@ def test_tiny_unet_forward_shapes():
 def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
     spec = make_spec(16, 32, 8, tiny=True)
     torch.manual_seed(0)
-    model = build_unet(16, 32, 8, tiny=True)
+    model = build_unet(16, 32, 8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, tok = torch.randn(2, 48, 8, 8), torch.randn(2, 10, 32)
     predict_latents(model, x, tok).pow(2).mean().backward()
@@ -83,7 +82,8 @@ def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
 
     state = load_checkpoint(path)
     assert (state.step, state.manifest_fingerprint) == (7, "fp")
-    model2 = build_unet(16, 32, 8, tiny=True)
+    assert read_checkpoint_meta(path)["family"] == "musetalk15"
+    model2 = build_unet(16, 32, 8)
     model2.load_state_dict(state.model)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=5.0)
     opt2.load_state_dict(state.optimizer)

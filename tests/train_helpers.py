@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 from skimage.data import astronaut
 from skimage.transform import resize
 
+from models.fingerprint import ModelFingerprint
 from storage.store import ArtifactStore
-from tasks.base import AggregateInputs, ItemContext, ItemInputs, ModelFingerprint, StageEnv
+from tasks.base import AggregateInputs, ItemContext, ItemInputs, StageEnv
 from tasks.media import VideoWriter, write_wav
 from tasks.records import ClipFeatures, FaceTrack, FeatureFile, MemoryBank, NormalizedClip
 from tasks.split import heldout_score
@@ -117,7 +118,12 @@ def commit_clip(
     with VideoWriter(video, size_px, size_px, fps, audio=wav) as w:
         w.write(frames)
     boxes = work / "boxes.parquet"
-    pq.write_table(pa.table({"frame": np.arange(num_frames)}), boxes)
+    # the crops are the whole frame: identity source -> crop affine, face box in the middle
+    n, s = num_frames, float(size_px)
+    cols = {"frame": np.arange(n), "x1": [0.2 * s] * n, "y1": [0.15 * s] * n,
+            "x2": [0.8 * s] * n, "y2": [0.75 * s] * n, "m00": [1.0] * n, "m01": [0.0] * n,
+            "m02": [0.0] * n, "m10": [0.0] * n, "m11": [1.0] * n, "m12": [0.0] * n}  # fmt: skip
+    pq.write_table(pa.table(cols), boxes)
 
     key = "k" * 40
     dctx = ItemContext(store, "download", clip_id, key)
@@ -184,6 +190,8 @@ def commit_clip(
                 model=hubert_fingerprint(),
             ),
         ],
+        audio=clip.audio,
+        audio_source="original",
     )
     inputs = ItemInputs(
         item_id=clip_id, records={"download": clip, "faces": face, "features": feats}

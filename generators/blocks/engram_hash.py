@@ -1,4 +1,4 @@
-"""Engram hashing and lookup: pure functions shared by the engram, train and generate stages.
+"""Engram hashing, lookup and bank I/O: pure functions shared by the engram stage and families.
 
 Follows the official Engram demo (``deepseek-ai/Engram``, ``engram_demo_v1.py``) with
 discrete audio codes in place of compressed token ids:
@@ -21,8 +21,11 @@ as the frame's unigram mean) to give the generator a retrieved mouth prior.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors import safe_open
 
 BANK_KEYS = (
     "codebook",
@@ -37,6 +40,16 @@ BANK_KEYS = (
     "unigram_counts",
     "global_mean",
 )
+
+
+def read_bank(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``memory_bank.safetensors`` into the tensor dict :func:`lookup` takes."""
+    with safe_open(str(path), framework="pt") as f:
+        bank = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    missing = [k for k in BANK_KEYS if k not in bank]
+    if missing:
+        raise ValueError(f"{path}: not a memory bank, missing {missing}")
+    return bank
 
 
 def _is_prime(n: int) -> bool:

@@ -1,4 +1,4 @@
-"""The audio-conditioned latent UNet ("unet-latent" family): a MuseTalk-style one-step regressor.
+"""The MuseTalk 1.5 layout latent UNet (family ``musetalk15``): a one-step regressor.
 
 Input, per frame, concatenated on channels (``3 × latent_channels`` for a Flux.1 VAE = 48):
 
@@ -14,23 +14,24 @@ generation alike* (MuseTalk 1.5 adds it only at inference, a known train/test mi
 The timestep is a constant 0, as in MuseTalk: there is no noise; the output is the
 predicted target latents directly.
 
-Weights are plain safetensors (``state_dict`` of ``UNet2DConditionModel``); the model is
-rebuilt from :class:`LatentUNetSpec` JSON, never unpickled.
+``unet: tiny`` is a ~0.4 M-parameter UNet that trains on CPU in seconds; ``unet: full``
+is the ``musetalk.json`` layout (320/640/1280/1280). Weights are plain safetensors
+(``state_dict`` of ``UNet2DConditionModel``); the model is rebuilt from
+:class:`LatentUNetSpec` JSON, never unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import UNet2DConditionModel
-from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load_file, save_file
 
-UNET_FAMILY = "unet-latent"
+from generators.family import ModelSpec
+
+FAMILY = "musetalk15"
 
 
 def tiny_unet_config(
@@ -78,15 +79,13 @@ def musetalk_unet_config(
     }
 
 
-class LatentUNetSpec(BaseModel):
+class LatentUNetSpec(ModelSpec):
     """Everything needed to rebuild the model and feed it exactly as in training.
 
     Serialised as ``TrainedCheckpoint.model_config_json``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    family: str = UNET_FAMILY
+    family: Literal["musetalk15"] = FAMILY
     unet_config: dict[str, Any]  # diffusers UNet2DConditionModel kwargs
     latent_channels: int
     prior_channels: int
@@ -97,13 +96,6 @@ class LatentUNetSpec(BaseModel):
     @property
     def audio_tokens(self) -> int:
         return (2 * self.audio_window_frames + 1) * self.audio_steps_per_frame
-
-    def to_json(self) -> str:
-        return self.model_dump_json()
-
-    @classmethod
-    def from_json(cls, payload: str) -> LatentUNetSpec:
-        return cls.model_validate_json(payload)
 
 
 def make_spec(
@@ -131,14 +123,8 @@ def make_spec(
 
 
 def build_unet_from_spec(spec: LatentUNetSpec) -> UNet2DConditionModel:
+    """A freshly initialised UNet with ``2 × latent + prior`` inputs (masked, ref, prior)."""
     return UNet2DConditionModel(**spec.unet_config)
-
-
-def build_unet(
-    latent_channels: int, audio_dim: int, sample_size: int, tiny: bool = True
-) -> UNet2DConditionModel:
-    """A freshly initialised UNet with ``3 × latent_channels`` inputs (masked, ref, prior)."""
-    return build_unet_from_spec(make_spec(latent_channels, audio_dim, sample_size, tiny=tiny))
 
 
 # ---------------------------------------------------------------------------- conditioning
@@ -207,25 +193,6 @@ def predict_latents(
     """One-step prediction: constant timestep 0, audio tokens through cross-attention."""
     timestep = torch.zeros((), dtype=torch.long, device=model_input.device)
     return unet(model_input, timestep, encoder_hidden_states=audio_tokens).sample
-
-
-# ---------------------------------------------------------------------------- weights I/O
-
-
-def save_unet_weights(path: Path, unet: torch.nn.Module, spec: LatentUNetSpec) -> None:
-    """Write ``state_dict`` as safetensors with the spec JSON in the header metadata."""
-    state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
-    save_file(state, str(path), metadata={"model_spec": spec.to_json(), "family": UNET_FAMILY})
-
-
-def load_unet(path: Path, spec: LatentUNetSpec | str) -> UNet2DConditionModel:
-    """Rebuild the UNet from its spec and load safetensors weights strictly (eval mode)."""
-    if isinstance(spec, str):
-        spec = LatentUNetSpec.from_json(spec)
-    unet = build_unet_from_spec(spec)
-    state = load_file(str(path))
-    unet.load_state_dict(state, strict=True)
-    return unet.eval()
 
 
 def spec_summary(spec: LatentUNetSpec) -> str:

@@ -1,0 +1,152 @@
+"""§8.5 training augmentations as pure functions of a clip, each with its probability in
+:class:`~generators.dualforce.config.AugmentConfig`.
+
+A :class:`ClipFeatures` is one clip from the feature cache: VAE latents ``(T, C, h, w)``,
+LivePortrait motion ``(T, 133)`` (:data:`models.liveportrait.MOTION_LAYOUT`), EMOCA FLAME
+``(T, 159)`` (:data:`models.emoca.FLAME_LAYOUT`), HuBERT ``(T, 2, D)`` and the index of the
+reference frame. Every function returns a new record and leaves its input untouched.
+
+Trade-offs, stated: the cache holds VAE latents, not pixels, so colour jitter is applied in
+latent space (a per-channel gain and offset of ``strength`` × the channel's std, which is how
+brightness/contrast/colour shifts move SD-VAE latent channels, approximately) and the
+horizontal flip mirrors the latent grid (the convolutional VAE is close to, not exactly,
+flip-equivariant). Background noise needs the waveform (HuBERT is computed from it), so
+:func:`add_noise_at_snr` works on waveforms, for the stage that still has them. A random
+reference frame only picks the index; the caller encodes that frame with DINOv2.
+
+Structure flip (x → −x in the image): LivePortrait keypoints and expression offsets negate
+their x coordinate, yaw and roll negate, pitch stays, translation tx negates; FLAME's
+axis-angle rotations (global and jaw) keep x and negate y and z (a mirror ``M`` maps a
+rotation ``R`` to ``MRM``, i.e. axis-angle ``ω`` to ``−Mω``), the weak-perspective camera's tx
+negates. Implicit keypoints and FLAME shape/expression bases have no published left/right
+correspondence, so no keypoint permutation is applied; the map is still an involution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from generators.dualforce.config import AugmentConfig
+from models.emoca import FLAME_SLICES
+from models.liveportrait import NUM_KP, motion_slices
+
+
+@dataclass(frozen=True)
+class ClipFeatures:
+    latents: torch.Tensor  # (T, C, h, w)
+    motion: torch.Tensor  # (T, 133)
+    flame: torch.Tensor  # (T, 159)
+    hubert: torch.Tensor  # (T, 2, D)
+    reference_index: int
+
+    @property
+    def num_frames(self) -> int:
+        return self.latents.shape[0]
+
+
+def flip_motion(motion: torch.Tensor) -> torch.Tensor:
+    """Mirror LivePortrait motion ``(..., 133)`` for a horizontally flipped image."""
+    sl = motion_slices()
+    out = motion.clone()
+    for name in ("kp", "exp"):
+        xyz = out[..., sl[name]].unflatten(-1, (NUM_KP, 3))
+        xyz[..., 0] = -xyz[..., 0]
+        out[..., sl[name]] = xyz.flatten(-2)
+    for name in ("yaw", "roll"):
+        out[..., sl[name]] = -out[..., sl[name]]
+    t = sl["t"]
+    out[..., t.start] = -out[..., t.start]
+    return out
+
+
+def flip_flame(flame: torch.Tensor) -> torch.Tensor:
+    """Mirror EMOCA FLAME ``(..., 159)``: pose = global + jaw axis-angle, cam = (s, tx, ty)."""
+    out = flame.clone()
+    pose = FLAME_SLICES["pose"]
+    for start in (pose.start, pose.start + 3):
+        out[..., start + 1 : start + 3] = -out[..., start + 1 : start + 3]
+    cam = FLAME_SLICES["cam"]
+    out[..., cam.start + 1] = -out[..., cam.start + 1]
+    return out
+
+
+def horizontal_flip(clip: ClipFeatures) -> ClipFeatures:
+    return replace(
+        clip,
+        latents=clip.latents.flip(-1),
+        motion=flip_motion(clip.motion),
+        flame=flip_flame(clip.flame),
+    )
+
+
+def temporal_crop(clip: ClipFeatures, start: int, length: int) -> ClipFeatures:
+    """Frames ``start : start + length`` of every per-frame stream (reference index clamped)."""
+    if not (start >= 0 and length >= 1 and start + length <= clip.num_frames):
+        raise ValueError(f"crop {start}+{length} outside a {clip.num_frames}-frame clip")
+    s = slice(start, start + length)
+    ref = min(max(clip.reference_index - start, 0), length - 1)
+    return ClipFeatures(clip.latents[s], clip.motion[s], clip.flame[s], clip.hubert[s], ref)
+
+
+def _resample(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Linear interpolation of ``(T, ...)`` along time to ``length`` frames (ends aligned)."""
+    flat = x.reshape(x.shape[0], -1).T[None].float()
+    out = F.interpolate(flat, size=length, mode="linear", align_corners=True)
+    return out[0].T.reshape(length, *x.shape[1:]).to(x.dtype)
+
+
+def speed_change(clip: ClipFeatures, factor: float) -> ClipFeatures:
+    """Play the clip ``factor``× as fast: ``round(T / factor)`` frames, every stream
+    resampled on the same time axis (HuBERT on its 50 Hz step axis)."""
+    t = clip.num_frames
+    length = max(1, round(t / factor))
+    steps = clip.hubert.shape[1]
+    hub = _resample(clip.hubert.reshape(t * steps, -1), length * steps)
+    return ClipFeatures(
+        _resample(clip.latents, length),
+        _resample(clip.motion, length),
+        _resample(clip.flame, length),
+        hub.reshape(length, steps, -1),
+        min(round(clip.reference_index / factor), length - 1),
+    )
+
+
+def color_jitter(latents: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``x·(1 + gain) + offset·std_c`` on ``(T, C, h, w)``, gain and offset ``(C,)``."""
+    std = latents.std(dim=(0, 2, 3), keepdim=True)
+    return latents * (1 + gain)[None, :, None, None] + offset[None, :, None, None] * std
+
+
+def add_noise_at_snr(waveform: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """``waveform + a·noise`` with ``a`` such that the signal-to-noise ratio is ``snr_db``."""
+    noise = np.resize(noise, waveform.shape).astype(np.float64)
+    p_signal = float(np.mean(waveform.astype(np.float64) ** 2))
+    p_noise = float(np.mean(noise**2))
+    if p_noise == 0:
+        raise ValueError("noise has zero power")
+    scale = np.sqrt(p_signal / (p_noise * 10 ** (snr_db / 10)))
+    return (waveform + scale * noise).astype(waveform.dtype)
+
+
+def augment(clip: ClipFeatures, cfg: AugmentConfig, rng: np.random.Generator) -> ClipFeatures:
+    """Apply §8.5's feature-space augmentations, each with its probability, in order:
+    temporal crop, speed change, colour jitter, flip, random reference frame."""
+    if rng.random() < cfg.p_temporal_crop and clip.num_frames > cfg.min_crop_frames:
+        length = int(rng.integers(cfg.min_crop_frames, clip.num_frames + 1))
+        clip = temporal_crop(clip, int(rng.integers(0, clip.num_frames - length + 1)), length)
+    if rng.random() < cfg.p_speed:
+        clip = speed_change(clip, float(rng.uniform(*cfg.speed_range)))
+    if rng.random() < cfg.p_color:
+        c = clip.latents.shape[1]
+        gain = torch.from_numpy(rng.uniform(-1, 1, c) * cfg.color_strength).to(clip.latents)
+        offset = torch.from_numpy(rng.uniform(-1, 1, c) * cfg.color_strength).to(clip.latents)
+        clip = replace(clip, latents=color_jitter(clip.latents, gain, offset))
+    if rng.random() < cfg.p_flip:
+        clip = horizontal_flip(clip)
+    if rng.random() < cfg.p_random_reference:
+        clip = replace(clip, reference_index=int(rng.integers(0, clip.num_frames)))
+    return clip

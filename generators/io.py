@@ -1,0 +1,27 @@
+"""Safetensors reading helpers shared by the wing and the stages (headers and tensors only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def tensor_shape(path: str | Path, name: str) -> list[int]:
+    """Shape of tensor ``name`` in a safetensors file, from the header only."""
+    with safe_open(str(path), framework="pt") as f:
+        if name not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
+            raise KeyError(f"{Path(path).name} has no tensor {name!r}")
+        return list(f.get_slice(name).get_shape())
+
+
+def read_tensor(path: str | Path, name: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

@@ -1,0 +1,169 @@
+"""DuckLake plumbing: offline extension loading, attaching the catalog, retried commits.
+
+The catalog is a DuckLake: its metadata (snapshots, table and file lists, small inlined
+commits) lives in a SQL database — SQLite under ``data_root`` by default, Postgres for a
+shared deployment — and its rows in parquet files under the data path. DuckDB reads and
+writes it through the ``ducklake`` extension; the SQLite/Postgres back ends through the
+``sqlite_scanner`` / ``postgres_scanner`` extensions. All three come from PyPI packages
+pinned to duckdb's exact version and are loaded by file path, never downloaded
+(``autoinstall_known_extensions`` and ``autoload_known_extensions`` are off). DuckDB
+derives an extension's name from its file name, so the SQLite one (shipped as
+``sqlite.duckdb_extension``) is linked under ``sqlite_scanner.duckdb_extension`` first
+(and Postgres' under ``postgres_scanner.duckdb_extension``).
+
+Conflicts: DuckLake resolves concurrent appends itself; what is left (two processes
+creating tables at once, SQLite's ``database is locked``) surfaces as a duckdb error that
+:func:`retrying` retries with jittered exponential backoff.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+LAKE = "lake"  # the name the DuckLake is attached under in every connection
+
+
+class CatalogConfig(BaseModel):
+    """Where the catalog lives and how it is kept (``catalog:`` in the pipeline YAML)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str | None = Field(
+        None,
+        description="DuckLake URI; default ducklake:sqlite:<data_root>/catalog/catalog.sqlite; "
+        "a cluster: 'ducklake:postgres:dbname=talkforge host=db user=tf'",
+    )
+    data_path: str | None = Field(
+        None, description="parquet data folder; default <data_root>/catalog/data/ (or s3://...)"
+    )
+    inline_row_limit: int = Field(
+        1000, ge=0, description="commits up to this many rows per table stay in the metadata DB"
+    )
+    compact_after_files: int = Field(
+        64, ge=1, description="auto-compaction when a table has more data files than this"
+    )
+    compact_after_inlined_rows: int = Field(
+        20000, ge=1, description="auto-compaction when inlined rows exceed this"
+    )
+    commit_retries: int = Field(30, ge=1, description="attempts of a conflicting commit")
+
+
+def _extension_file(package: str, file_name: str) -> Path:
+    module = __import__(package)
+    folder = Path(module.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    path = folder / file_name
+    if not path.is_file():
+        raise RuntimeError(
+            f"{path} is missing: install {package.replace('_', '-')}=={duckdb.__version__}"
+        )
+    return path
+
+
+def extension_paths(backend: str) -> list[Path]:
+    """Files to LOAD, in order: ducklake, then the metadata back end's scanner."""
+    paths = [_extension_file("duckdb_extension_ducklake", "ducklake.duckdb_extension")]
+    if backend in ("sqlite", "postgres"):
+        src = _extension_file(f"duckdb_extension_{backend}", f"{backend}.duckdb_extension")
+        paths.append(_linked(src, f"{backend}_scanner.duckdb_extension"))
+    return paths
+
+
+def _linked(src: Path, name: str) -> Path:
+    """``src`` under the file name duckdb expects (a symlink in a per-user temp folder)."""
+    folder = Path(tempfile.gettempdir()) / f"talkforge-duckdb-{duckdb.__version__}-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid():
+        raise RuntimeError(f"{folder} belongs to another user; remove it")
+    link = folder / name
+    if not link.exists():
+        tmp = folder / f".{os.getpid()}-{random.getrandbits(32):x}"
+        tmp.symlink_to(src)
+        os.replace(tmp, link)
+    return link
+
+
+def backend_of(uri: str) -> str:
+    if not uri.startswith("ducklake:"):
+        raise ValueError(f"catalog uri {uri!r} must start with 'ducklake:'")
+    rest = uri[len("ducklake:") :]
+    for name in ("sqlite", "postgres"):
+        if rest.startswith(name + ":"):
+            return name
+    return "duckdb"  # a duckdb file as metadata store: one process at a time
+
+
+def open_lake(
+    uri: str,
+    data_path: str,
+    *,
+    read_only: bool = False,
+    snapshot: int | None = None,
+    inline_row_limit: int = 1000,
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory duckdb connection with the DuckLake attached as ``lake``."""
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        },
+    )
+    try:
+        con.execute("SET enable_progress_bar=false")
+        for path in extension_paths(backend_of(uri)):
+            con.execute(f"LOAD '{_quote(str(path))}'")
+        options = [
+            f"DATA_PATH '{_quote(data_path)}'",
+            f"DATA_INLINING_ROW_LIMIT {int(inline_row_limit)}",
+        ]
+        if read_only or snapshot is not None:
+            options.append("READ_ONLY")
+        if snapshot is not None:
+            options.append(f"SNAPSHOT_VERSION {int(snapshot)}")
+        retrying(
+            lambda: con.execute(f"ATTACH '{_quote(uri)}' AS {LAKE} ({', '.join(options)})"),
+            attempts=30,
+        )
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "''")
+
+
+_RETRYABLE = ("conflict", "database is locked", "busy", "could not serialize", "deadlock")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A commit conflict or a locked metadata database: worth trying again."""
+    return isinstance(exc, duckdb.Error) and any(m in str(exc).lower() for m in _RETRYABLE)
+
+
+def retrying(fn: Callable[[], T], attempts: int, on_retry: Callable[[], None] | None = None) -> T:
+    """Call ``fn`` until it succeeds; retry only conflicts, with jittered backoff."""
+    delay = 0.005
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except duckdb.Error as exc:
+            if not is_retryable(exc) or attempt == attempts - 1:
+                raise
+            if on_retry is not None:
+                on_retry()
+            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
+            delay = min(delay * 2, 0.5)
+    raise AssertionError("unreachable")
