@@ -106,6 +106,7 @@ class Catalog:
             read_only=read_only,
             snapshot=self.snapshot,
             inline_row_limit=self.config.inline_row_limit,
+            relocatable=self.config.uri is None and self.config.data_path is None,
         )
         if not read_only and self.snapshot is None:
             self._create_tables(con)

@@ -110,8 +110,15 @@ def open_lake(
     read_only: bool = False,
     snapshot: int | None = None,
     inline_row_limit: int = 1000,
+    relocatable: bool = False,
 ) -> duckdb.DuckDBPyConnection:
-    """An in-memory duckdb connection with the DuckLake attached as ``lake``."""
+    """An in-memory duckdb connection with the DuckLake attached as ``lake``.
+
+    ``relocatable``: the metadata database and the data folder move together (the embedded
+    default, both under ``data_root``), so a copied or moved ``data_root`` reads its own
+    data folder instead of refusing the path recorded when the lake was created. Data
+    files are recorded relative to the data path, so nothing else changes.
+    """
     con = duckdb.connect(
         ":memory:",
         config={
@@ -127,6 +134,8 @@ def open_lake(
             f"DATA_PATH '{_quote(data_path)}'",
             f"DATA_INLINING_ROW_LIMIT {int(inline_row_limit)}",
         ]
+        if relocatable:
+            options.append("OVERRIDE_DATA_PATH TRUE")
         if read_only or snapshot is not None:
             options.append("READ_ONLY")
         if snapshot is not None:
