@@ -91,10 +91,11 @@ def publish_stage_tables(catalog: Catalog, run_id: str, summary: StageSummary) -
 
 
 def publish_run_summary(
-    catalog: Catalog, run_id: str, state: str, message: str, dashboard_url: str
+    catalog: Catalog, run_id: str, state: str, message: str, dashboard_url: str, log_path: str
 ) -> None:
-    """A markdown summary: state, per-stage table, where to look next."""
+    """A markdown summary: state, per-stage table, where to look next (dashboard, log, CLI)."""
     rows = ops.stage_status(catalog, run_id)
+    base = dashboard_url.rstrip("/")
     cols = ["stage", "items", "done", "filtered", "failed", "pending", "skipped", "dropped"]
     lines = [
         f"# talkforge run `{run_id}`: {state}",
@@ -105,7 +106,9 @@ def publish_run_summary(
         "|" + "---|" * len(cols),
         *("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows),
         "",
-        f"- Dashboard: [{dashboard_url}]({dashboard_url}?page=runs&run={run_id})",
+        f"- Dashboard: [this run]({base}/?run={run_id}) · [failures]({base}/failures)"
+        f" · [quality rules]({base}/quality)",
+        f"- Full log with tracebacks: `{log_path}`",
         f"- Terminal: `talkforge status --run {run_id}` · `talkforge failures`"
         f" · `talkforge resume {run_id}`",
     ]

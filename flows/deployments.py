@@ -6,7 +6,9 @@ worker: the deployments are Python objects built here from the config, so there 
 ``prefect.yaml``, no pool to create and no code storage to configure, and the serve process
 is the one container the compose stack needs. A work pool pays off when runs need
 per-run infrastructure (Kubernetes jobs, ECS tasks); here the heavy work goes to Ray
-either way, so the flow-run process only plans and commits.
+either way, so the flow-run process only plans and commits. The cost: runs execute only
+while a ``talkforge serve`` is up, and its host must be a Ray node (``--join-ray``) so the
+flow-run process is a proper Ray driver (Prefect's docs recommend the same placement).
 
 Deployments (all parameters editable in the UI's run form):
 
@@ -18,12 +20,15 @@ Deployments (all parameters editable in the UI's run form):
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, serve
 from prefect.artifacts import create_table_artifact
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.settings import PREFECT_API_URL
 
 from flows.artifacts import artifact_key
 from flows.pipeline import talkforge_run
@@ -106,3 +111,39 @@ def build_deployments(
         )
     )
     return deployments
+
+
+class ServeError(RuntimeError):
+    """``talkforge serve`` cannot start (no Prefect server configured, Ray join failed)."""
+
+
+def join_ray(address: str) -> None:
+    """Start a Ray node on this host in ``address``'s cluster with no CPUs or GPUs of its own,
+    so flow runs started here are drivers on a cluster node (``ray.address: auto``) while
+    the work goes to the workers. Meant for a container: the node lives as long as it does.
+    """
+    ray = Path(sys.executable).with_name("ray")
+    command = [str(ray), "start", f"--address={address}", "--num-cpus=0", "--num-gpus=0"]
+    done = subprocess.run([*command, "--disable-usage-stats"], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ServeError(f"could not join the Ray cluster at {address}: {last[0]}")
+
+
+def serve_deployments(
+    config: str,
+    overrides: list[str],
+    ingest_cron: str | None,
+    limit: int | None = None,
+    ray_address: str | None = None,
+) -> None:
+    """Register every deployment of ``config`` and execute their runs until stopped."""
+    if not PREFECT_API_URL.value():
+        raise ServeError(
+            "no Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api after "
+            "`prefect server start`, or use the compose stack)"
+        )
+    deployments = build_deployments(config, overrides, ingest_cron)
+    if ray_address:
+        join_ray(ray_address)
+    serve(*deployments, limit=limit)

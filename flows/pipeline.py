@@ -25,21 +25,22 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from flows.request import LOGGERS, ResolvedRun, StageName
+from flows.env import prefect_defaults
+from flows.request import ResolvedRun, StageName
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(LOGGERS))
+os.environ.update(prefect_defaults("INFO"))
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, TerminationSignal
 from pydantic import Field
 
 from flows import request as req
@@ -93,8 +94,14 @@ def stage_limit_name(engine: Engine, stage: str) -> str:
 
 
 @contextmanager
-def stage_slot(name: str) -> Iterator[None]:
-    """Hold the one slot of global concurrency limit ``name`` (created on first use)."""
+def stage_slot(name: str, waiting_note: str = "", poll_s: float = 2.0) -> Iterator[None]:
+    """Hold the one slot of global concurrency limit ``name`` (created on first use).
+
+    Waits as long as another run holds it, logging ``waiting_note`` once. The slot is a
+    Prefect lease renewed in the background; if the holder's process dies, the server
+    frees it when the lease runs out (5 minutes). A failed renewal (server briefly away)
+    does not stop the stage: the catalog's own stage lease still guards it.
+    """
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -103,7 +110,13 @@ def stage_slot(name: str) -> Iterator[None]:
                 client.create_global_concurrency_limit(
                     GlobalConcurrencyLimitCreate(name=name, limit=1)
                 )
-    with concurrency(name, occupy=1, strict=True):
+    hold = {"occupy": 1, "strict": True, "raise_on_lease_renewal_failure": False}
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(name, timeout_seconds=poll_s, **hold))
+        except TimeoutError:
+            log.warning("waiting for %s: %s", name, waiting_note or "another run holds it")
+            stack.enter_context(concurrency(name, **hold))
         yield
 
 
@@ -111,7 +124,8 @@ def stage_slot(name: str) -> Iterator[None]:
 def stage_flow(run_id: str, stage: StageName, options: RunOptions) -> dict[str, Any]:
     """Run one stage of a run: plan, then shards on the executor, then the stage's tables."""
     engine = _ENGINES[run_id]
-    with stage_slot(stage_limit_name(engine, stage)):
+    busy = f"another run is processing stage {stage} of this catalog; this run waits for it"
+    with stage_slot(stage_limit_name(engine, stage), busy):
         plan = plan_stage.with_options(task_run_name=f"plan-{stage}")(
             engine, run_id, stage, options
         )
@@ -147,10 +161,13 @@ def _label_flow_run(run_id: str, run: ResolvedRun) -> None:
 
 
 def _command(hooks: LocalHooks) -> str:
+    """Who started the run, as recorded in ``runs.command``."""
     if hooks.command:
         return hooks.command
     deployment = runtime.deployment.name
-    return f"prefect deployment {deployment}" if deployment else "python: talkforge_run"
+    if deployment:
+        return f"prefect deployment talkforge-run/{deployment} (flow run {runtime.flow_run.id})"
+    return f"python: talkforge_run (flow run {runtime.flow_run.id})"
 
 
 @flow(name="talkforge-run", persist_result=False)
@@ -222,7 +239,8 @@ def talkforge_run(
                 )
         state = "finished"
     except BaseException as exc:
-        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        stopped = isinstance(exc, KeyboardInterrupt | TerminationSignal)
+        state = "interrupted" if stopped else "failed"
         message = f"{type(exc).__name__}: {exc}"
         log.exception("run %s %s", run_id, state)
         raise
@@ -232,6 +250,8 @@ def talkforge_run(
             engine.close()
         finally:
             engine.finish_run(run_id, state, run.options, message)
-            publish_run_summary(engine.catalog, run_id, state, message, DASHBOARD_URL)
+            publish_run_summary(
+                engine.catalog, run_id, state, message, DASHBOARD_URL, str(log_path)
+            )
             req.close_run_log(handler)
     return {"run_id": run_id, "state": state, "stages": summaries, "log_path": str(log_path)}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from flows.env import LOGGERS
 from storage.catalog import Catalog
 from talkforge import ops
 from talkforge.config import ConfigError, PipelineConfig, load_config, parse_config
@@ -21,7 +22,6 @@ from talkforge.plan import RunOptions, select_stages
 from talkforge.stages import STAGE_ORDER
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-LOGGERS = ("talkforge", "tasks", "models", "storage", "flows", "generators", "metrics")
 
 # The stage names as a Literal so Prefect's form renders a choice list; built from the
 # registry so a new stage appears without editing this line.

@@ -20,9 +20,9 @@ read catalog records and feature files, then hand the wing plain tensors and loc
 1. A config class: a subclass of :class:`generators.family.FamilyConfig` whose ``family``
    field is a ``Literal["<name>"]`` with that default, plus the family's own fields (all
    typed, validated, ``extra="forbid"``). The train stage merges it with its own fields
-   (``tasks.train.TrainStageConfig``: steps, learning_rate, batch_size, num_processes,
-   checkpoint_every, seed, mixed_precision, resources), so a family field must not reuse
-   one of those names (``registry.config_union`` refuses a clash). Users select it as
+   (``tasks.train_config.TrainStageConfig``: steps, batch_size, learning_rate, the
+   optimizer and schedule, trainable/frozen patterns, init_from, resources, ...), so a
+   family field must not reuse one of those names (``registry.config_union`` refuses a clash). Users select it as
    ``train: {family: <name>, ...}``; ``musetalk15`` is the default.
 2. A spec class (subclass of :class:`generators.family.ModelSpec`): everything needed to
    rebuild the network from JSON (stored in the checkpoint record and in the weights'

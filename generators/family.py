@@ -17,6 +17,14 @@ rows ``start:stop`` of the global batch of ``step``, drawn from ``(seed, step)``
 ranks take disjoint slices of one batch and a resumed run sees the batches an
 uninterrupted run would (no data-loader state in checkpoints). ``training_step`` returns
 named scalar tensors; ``"loss"`` is what the optimiser minimises, the others are logged.
+It may receive the DDP/FSDP-wrapped module: a family calls it (so DDP synchronises the
+gradients) and reads attributes from ``unwrap(model)``.
+
+Lifecycle in a training worker (the train stage's loop, see ``notes`` contract):
+``build`` → ``prepare_model`` (fresh initialisation from the training data, e.g. Engram
+tables from the memory bank) → at step 0 ``init_from_parent`` or ``transfer_weights``, or
+the run's own checkpoint on resume → ``set_training_assets`` (frozen models for the losses,
+as local paths) → ``training_batch`` / ``training_step`` per micro-step.
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from generators.io import read_metadata
+from models.registry import ModelSpec as RegistrySpec
 
 
 class FamilyConfig(BaseModel):
@@ -38,6 +47,7 @@ class FamilyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     family: str
+    training_stage: str = "main"  # families with stages narrow it to a Literal
 
 
 class ModelSpec(BaseModel):
@@ -59,14 +69,38 @@ class FeatureClip(BaseModel):
     clip_id: str
     num_frames: int
     paths: dict[str, str]  # feature family -> local safetensors path
+    sampling_weight: float = Field(1.0, ge=0)  # the quality verdict's soft-rule weight
+    audio_path: str | None = None  # the 16 kHz wav the audio features were computed from
+
+
+class TrainingAssets(BaseModel):
+    """Frozen models a family's losses need, as local paths (filled by the train stage).
+
+    ``vae`` is the folder of the VAE that made the training latents (its decoder turns
+    predictions into pixels); ``models`` maps each name of ``ModelFamily.asset_specs()`` to
+    the local path the model registry resolved for it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vae: str | None = None
+    models: dict[str, str] = {}
 
 
 class DataLayout(BaseModel):
-    """Per-frame shapes of each required feature (the file's shape without its ``T``)."""
+    """Per-frame shapes of each required feature (the file's shape without its ``T``;
+    the full shape for ``clip_features``, without the row axis for ``row_features``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     shapes: dict[str, list[int]]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module inside DDP / FSDP / accelerate wrappers (their ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
 
 
 ConfigT = TypeVar("ConfigT", bound=FamilyConfig)
@@ -83,7 +117,17 @@ class ModelFamily(ABC, Generic[ConfigT, SpecT]):
     - ``config_type`` / ``spec_type``: the family's config and spec classes;
     - ``features``: feature family -> tensor name inside its safetensors file, for every
       feature the family reads (the stages check and pass exactly these);
-    - ``uses_memory_bank``: whether training and sampling read the engram stage's bank.
+    - ``uses_memory_bank``: whether training and sampling read the engram stage's bank;
+    - ``clip_features``: features whose tensor has no frame axis (full shape in the layout,
+      no frame-count check), e.g. one reference frame's DINOv2 tokens;
+    - ``row_features``: features whose tensor has its own time axis of any length (its
+      first axis is dropped in the layout, no frame-count check), e.g. SenseVoice rows;
+    - ``extra_tensors``: further tensors of a declared feature file the stages read and
+      pass to :meth:`prepare_clip` keyed ``"family/tensor"`` (no shape checks).
+
+    A family whose needs depend on its config may set ``features`` / ``extra_tensors`` per
+    instance; sampling asks :meth:`features_for` / :meth:`extra_tensors_for` with the
+    checkpoint's spec.
     """
 
     name: ClassVar[str]
@@ -91,9 +135,20 @@ class ModelFamily(ABC, Generic[ConfigT, SpecT]):
     spec_type: ClassVar[type[ModelSpec]]
     features: ClassVar[dict[str, str]]
     uses_memory_bank: ClassVar[bool] = False
+    clip_features: ClassVar[frozenset[str]] = frozenset()
+    row_features: ClassVar[frozenset[str]] = frozenset()
+    extra_tensors: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, config: ConfigT | None = None):
         self.config: ConfigT = config if config is not None else self.config_type()  # type: ignore[assignment]
+        self.assets = TrainingAssets()
+
+    def features_for(self, spec: SpecT) -> dict[str, str]:
+        """Feature family -> tensor name that sampling a checkpoint of ``spec`` reads."""
+        return dict(self.features)
+
+    def extra_tensors_for(self, spec: SpecT) -> dict[str, tuple[str, ...]]:
+        return dict(self.extra_tensors)
 
     # ------------------------------------------------------------------ spec and model
 
@@ -129,7 +184,34 @@ class ModelFamily(ABC, Generic[ConfigT, SpecT]):
         model.load_state_dict(load_file(str(path)), strict=True)
         return model.eval()
 
+    def init_from_parent(
+        self, model: torch.nn.Module, spec: SpecT, parent_weights: Path, parent_spec_json: str
+    ) -> None:
+        """Load a committed checkpoint of the previous training stage (default: strict)."""
+        model.load_state_dict(load_file(str(parent_weights)), strict=True)
+
+    def transfer_weights(
+        self, model: torch.nn.Module, spec: SpecT, weights: Path, source_family: str
+    ) -> dict[str, int]:
+        """Initialise from another family's official weights; returns tensor counts."""
+        raise ValueError(f"{self.name} cannot take weights of {source_family!r}")
+
     # ------------------------------------------------------------------ training
+
+    def asset_specs(self) -> dict[str, RegistrySpec]:
+        """Frozen models the losses need (name -> model-registry spec), from the config."""
+        return {}
+
+    def needs_vae_decoder(self) -> bool:
+        """Whether the losses decode predictions through the features' VAE."""
+        return False
+
+    def set_training_assets(self, assets: TrainingAssets) -> None:
+        """Local paths of the frozen models (once per worker, before the first step)."""
+        self.assets = assets
+
+    def prepare_model(self, model: torch.nn.Module, spec: SpecT, data: Any) -> None:
+        """Fresh initialisation from the training data, right after :meth:`build`."""
 
     @abstractmethod
     def load_training_data(

@@ -21,7 +21,11 @@ from pydantic import BaseModel, BeforeValidator, Discriminator, Tag
 from generators.family import FamilyConfig, ModelFamily
 
 DEFAULT_FAMILY = "musetalk15"
-BUILTIN_MODULES: tuple[str, ...] = ("generators.musetalk15",)
+BUILTIN_MODULES: tuple[str, ...] = (
+    "generators.musetalk15",
+    "generators.musetalk2",
+    "generators.dualforce",
+)
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}
 _loaded = False

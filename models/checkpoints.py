@@ -11,14 +11,21 @@ Two steps every in-project loader shares:
 
 Both errors derive from :class:`~models.registry.ModelUnavailableError`, which the CLI and
 the pipeline stages already catch to tell the user how to fix their weights.
+
+Official checkpoints that pickle more than tensors (PyTorch Lightning ``.ckpt`` files with
+callbacks and hyper-parameter objects) are read once, at import, by
+:func:`read_dropping_objects`, and converted to safetensors by their family's importer.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import re
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -111,6 +118,80 @@ def read_state_dict(
             f"{path} is not a state dict of tensors; non-tensor entries ({len(bad)}): {_first(bad)}"
         )
     return {k.removeprefix(strip_prefix): v for k, v in raw.items()}
+
+
+class DroppedObject:
+    """Stand-in for an object a checkpoint pickles but :func:`read_dropping_objects` never
+    builds: its class is not imported, and constructing, restoring or filling it (the
+    pickle opcodes NEWOBJ, REDUCE, BUILD, SETITEMS, APPENDS, ADDITEMS) does nothing."""
+
+    qualified_name = ""  # the global the checkpoint named, e.g. "pytorch_lightning.…"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DroppedObject:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def add(self, item: Any) -> None:
+        pass
+
+
+def read_dropping_objects(path: str | Path) -> tuple[Any, list[str]]:
+    """A torch checkpoint's content with every object that is not a tensor, storage or plain
+    container replaced by an inert :class:`DroppedObject`.
+
+    ``torch.load`` runs with a restricted unpickler: a global the pickle names resolves only
+    if torch's weights-only allowlist holds it (tensor and storage rebuilders, dtypes,
+    ``OrderedDict``, ``set`` …); every other one — a Lightning callback, an
+    ``AttributeDict`` or ``DictConfig`` of hyper-parameters, a numpy scalar, or a function
+    such as ``builtins.exec`` that a hostile ``__reduce__`` would call — resolves to a
+    fresh ``DroppedObject`` subclass named after it, so nothing from the file is imported
+    or runs, and ``pytorch_lightning`` is not needed. (torch's own ``weights_only`` mode
+    refuses such files outright.) Returns (content, the dropped globals' names, sorted); an
+    unreadable file raises :class:`CheckpointError`.
+    """
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = _get_allowed_globals()
+    dropped: set[str] = set()
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            # protocol-2 pickles (torch.save's) name builtins the Python 2 way
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            qualified = f"{module}.{name}"
+            if qualified in allowed:
+                return allowed[qualified]
+            dropped.add(qualified)
+            return type(f"Dropped[{qualified}]", (DroppedObject,), {"qualified_name": qualified})
+
+    def load(file: Any, **kwargs: Any) -> Any:  # torch's legacy (non-zip) format calls it
+        return RestrictedUnpickler(file, **kwargs).load()
+
+    restricted = types.ModuleType("restricted_pickle")  # what torch.load's pickle_module needs
+    restricted.Unpickler, restricted.load = RestrictedUnpickler, load  # type: ignore[attr-defined]
+    path = Path(path)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
+    except Exception as exc:  # not a torch checkpoint, truncated, a misused stand-in, ...
+        raise CheckpointError(
+            f"cannot read {path} as a torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    return content, sorted(dropped)
 
 
 def _first(items: list[str]) -> str:

@@ -36,13 +36,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from models.checkpoints import load_into, read_state_dict
+from models.checkpoints import check_fit, load_into, read_dropping_objects, read_state_dict
 from models.registry import ModelUnavailableError, register_tiny_builder
 
 INPUT_SIZE = 224
@@ -66,15 +68,15 @@ FLAME_LAYOUT: tuple[tuple[str, int], ...] = (
 FLAME_DIM = sum(n for _, n in FLAME_LAYOUT)  # 159
 CHECKPOINT_FILE = "emoca.ckpt"
 CONFIG_FILE = "emoca_config.json"
-_WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+_WEIGHT_SUFFIXES = (*_PICKLE_SUFFIXES, ".safetensors")
 _ENCODERS = ("E_flame", "E_expression")
 _CONVERT_HINT = (
-    "Convert it once, in an environment you trust with that file, to a plain safetensors "
-    "file of the encoder weights and point the config at it:\n"
-    "  python -c \"import torch, safetensors.torch as st; sd = torch.load('IN.ckpt', "
-    "map_location='cpu', weights_only=False)['state_dict']; st.save_file({k: v.contiguous() "
-    "for k, v in sd.items() if 'E_flame' in k or 'E_expression' in k}, 'emoca.safetensors')\""
+    "Import it with `talkforge models import emoca FILE.ckpt`: the official Lightning "
+    "checkpoint is read there by a restricted unpickler (tensors and plain containers only; "
+    "callbacks and hyper-parameter objects are dropped unbuilt) and converted to safetensors."
 )
+SAFETENSORS_FILE = "emoca.safetensors"
 
 
 @dataclass(frozen=True)
@@ -199,8 +201,9 @@ def load_emoca(path_or_dir: str | Path, device: str | torch.device = "cpu") -> E
 
     ``path_or_dir`` is a weight file or a directory holding exactly one (searched
     recursively). ``.ckpt``/``.pt``/``.pth`` are read with ``torch.load(weights_only=True)``
-    only; a checkpoint with pickled objects raises :class:`~models.checkpoints.CheckpointError`
-    with a one-line conversion command. Keys containing ``E_flame``/``E_expression`` are
+    only; a checkpoint with pickled objects (the official Lightning ``.ckpt``) raises
+    :class:`~models.checkpoints.CheckpointError` saying to import it with ``talkforge models
+    import emoca``, which converts it safely (:func:`convert_for_import`). Keys containing ``E_flame``/``E_expression`` are
     kept, a leading ``deca.`` is stripped and they load strictly (a missing BatchNorm
     ``num_batches_tracked`` is filled in); anything else raises
     :class:`~models.checkpoints.CheckpointMismatchError` listing the offending keys. Both
@@ -229,6 +232,49 @@ def save_checkpoint(model: EmocaEncoder, directory: Path) -> Path:
     torch.save({"state_dict": state}, directory / CHECKPOINT_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config)))
     return directory / CHECKPOINT_FILE
+
+
+def convert_for_import(source: Path, out: Path) -> dict[str, Any] | None:
+    """``talkforge models import emoca``: an official checkpoint file → safetensors at ``out``.
+
+    A ``.ckpt``/``.pt``/``.pth`` file is read by
+    :func:`~models.checkpoints.read_dropping_objects` (no code from it runs, no
+    pytorch_lightning needed); the tensors under its ``state_dict`` that belong to the two
+    encoders are checked against the architecture (:data:`CONFIG_FILE` beside the file,
+    else the official one; shapes only, on the meta device) and written as
+    :data:`SAFETENSORS_FILE` in the folder ``out`` (or as ``out`` itself when it ends in
+    ``.safetensors``), with the architecture file when it is not the official one. Returns
+    what was done (dropped globals, tensors kept and left out) for the import record;
+    ``None`` for a folder or a safetensors file, which are copied as they are.
+    """
+    if not source.is_file() or source.suffix not in _PICKLE_SUFFIXES:
+        return None
+    content, dropped = read_dropping_objects(source)
+    raw = content.get("state_dict", content) if isinstance(content, Mapping) else None
+    if not isinstance(raw, Mapping):
+        raise ModelUnavailableError(f"{source} holds no state_dict mapping")
+    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    state = encoder_state_dict(tensors)
+    if not state:
+        raise ModelUnavailableError(f"{source} has no E_flame/E_expression weights")
+    config = _read_config(source)
+    with torch.device("meta"):
+        skeleton = EmocaEncoder(config)
+    check_fit(skeleton, state, source, what=f"the EMOCA encoder architecture {config}")
+    if out.suffix == ".safetensors":
+        target = out
+    else:
+        out.mkdir(parents=True)
+        target = out / SAFETENSORS_FILE
+        if config != EmocaConfig():
+            (out / CONFIG_FILE).write_text(json.dumps(asdict(config)))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    return {
+        "converted_from": source.name,
+        "dropped_objects": dropped,
+        "tensors_kept": len(state),
+        "tensors_left_out": len(raw) - len(state),
+    }
 
 
 @register_tiny_builder("emoca")

@@ -16,9 +16,15 @@ Backends:
   face gets, for one call (``tunable``).
 - ``retinaface``: ``retinaface-pytorch`` 0.0.8's ResNet-50 ``Model``. Its only API,
   ``predict_jsons``, handles one image; here the network runs on the whole batch and each
-  image is decoded exactly as ``predict_jsons`` does (same preprocessing, priors, decode,
-  threshold, NMS and drop rule), so results match it box for box. Weights load through
-  :mod:`models.retinaface_weights`; nothing is downloaded.
+  image is decoded as ``predict_jsons`` does (same resize, priors, decode, threshold, NMS
+  and drop rule), so with the package's own weights results match it box for box: boxes
+  and landmarks are *not* clipped to the frame (``predict_jsons`` clips only to decide
+  which boxes to drop), like MTCNN's, so a face cut by the frame edge keeps its true
+  size and centre and crops pad outside the frame. Only the 2-decimal rounding of
+  ``predict_jsons`` is left out. Weights load through :mod:`models.retinaface_weights`,
+  which decides their flavour: biubug6's ``Resnet50_Final.pth`` gets its own BGR
+  mean-subtracted input instead of the package's RGB ImageNet normalisation; nothing is
+  downloaded.
 
 Weights are fingerprinted (sha256 over the weight files) through :mod:`models.registry`
 model specs, so artifacts record which detector made them.
@@ -43,6 +49,9 @@ from models.fingerprint import ModelFingerprint
 from models.mtcnn_cascade import LIBRARY_GROUP_IOU, detect_faces
 from models.registry import ModelSpec, ModelUnavailableError
 from models.retinaface_weights import (
+    FLAVOURS,
+    Flavour,
+    FlavourChoice,
     load_retinaface_model,
     resolve_retinaface_weights,
     retinaface_hub_path,
@@ -263,7 +272,8 @@ class RetinaFaceDetector(FaceDetector):
 
     ``model`` is a ``retinaface.predict_single.Model`` with weights loaded (see
     :func:`load_retinaface_model`); ``max_size`` of that model sets the detection
-    resolution (the long side after ``LongestMaxSize``).
+    resolution (the long side after ``LongestMaxSize``). ``flavour`` is the input
+    normalisation the weights were trained with (default: the package's own).
     """
 
     name = "retinaface"
@@ -275,9 +285,11 @@ class RetinaFaceDetector(FaceDetector):
         confidence_threshold: float = 0.7,
         nms_threshold: float = 0.4,
         pretrained: bool = True,
+        flavour: Flavour = FLAVOURS["retinaface-pytorch"],
     ):
         self.model = model
         self.model.eval()
+        self.flavour = flavour
         self.weights_path = weights_path
         self.confidence_threshold = confidence_threshold
         self.nms_threshold = nms_threshold
@@ -309,8 +321,7 @@ class RetinaFaceDetector(FaceDetector):
 
         m = self.model
         orig_h, orig_w = frames.shape[1:3]
-        # The official per-image preprocessing (albumentations LongestMaxSize + Normalize).
-        prepped = np.stack([m.transform(image=f)["image"] for f in frames])
+        prepped = np.stack([self.preprocess(f) for f in frames])
         th, tw = prepped.shape[1:3]
         x = torch.from_numpy(np.ascontiguousarray(prepped.transpose(0, 3, 1, 2))).to(m.device)
         priors = self._priors_for((th, tw))
@@ -331,23 +342,26 @@ class RetinaFaceDetector(FaceDetector):
             b = boxes[keep].cpu().numpy().astype(np.float64) * resize_coeff
             lm = lms[keep].cpu().numpy().astype(np.float64).reshape(-1, 10) * resize_coeff
             s = scores[keep].cpu().numpy().astype(np.float64)
-            dets: list[Detection] = []
-            for j in range(b.shape[0]):
-                x1, y1, x2, y2 = b[j]
-                if not (_valid_span(x1, x2, orig_w) and _valid_span(y1, y2, orig_h)):
-                    continue  # predict_jsons' drop rule for boxes outside the image
-                dets.append(
-                    Detection(
-                        float(np.clip(x1, 0, orig_w)),
-                        float(np.clip(y1, 0, orig_h)),
-                        float(np.clip(x2, 0, orig_w)),
-                        float(np.clip(y2, 0, orig_h)),
-                        float(s[j]),
-                        _points(lm[j]),
-                    )
-                )
-            out.append(dets)
+            out.append(
+                [
+                    Detection(*map(float, b[j]), float(s[j]), _points(lm[j]))
+                    for j in range(b.shape[0])
+                    # predict_jsons' drop rule for boxes outside the image
+                    if _valid_span(b[j, 0], b[j, 2], orig_w) and _valid_span(b[j, 1], b[j, 3], orig_h)
+                ]
+            )
         return out
+
+    def preprocess(self, frame: np.ndarray) -> np.ndarray:
+        """One RGB uint8 frame → the float32 HWC network input its weights expect.
+
+        The package's resize (``LongestMaxSize``) either way; then its own ``Normalize``
+        (exactly ``predict_jsons``'s transform) or the weights' flavour's normalisation.
+        """
+        if self.flavour.name == "retinaface-pytorch":
+            return self.model.transform(image=frame)["image"]
+        resize = self.model.transform.transforms[0]  # LongestMaxSize
+        return self.flavour.normalise(resize(image=frame)["image"])
 
 
 def _valid_span(lo: float, hi: float, size: int) -> bool:
@@ -365,11 +379,14 @@ def load_detector(
     min_face_size_px: int = 20,
     confidence_threshold: float = 0.7,
     num_threads: int | None = None,
+    retinaface_flavour: FlavourChoice = "auto",
 ) -> FaceDetector:
     """Build a detector by name: ``mtcnn`` (shipped weights) or ``retinaface``.
 
     RetinaFace weights: ``weights_path`` (a state-dict file or the hub zip), else the torch
-    hub cache file; missing weights raise :class:`ModelUnavailableError`.
+    hub cache file; missing weights raise :class:`ModelUnavailableError`, and so do weights
+    whose preprocessing cannot be decided (``retinaface_flavour``; see
+    :func:`models.retinaface_weights.decide_flavour`).
     """
     detector: FaceDetector
     if name == "mtcnn":
@@ -378,9 +395,13 @@ def load_detector(
         )
     elif name == "retinaface":
         path = resolve_retinaface_weights(weights_path)
-        model, pretrained = load_retinaface_model(path, device=device, max_size=max_side_px)
+        weights = load_retinaface_model(path, device, max_side_px, retinaface_flavour)
         detector = RetinaFaceDetector(
-            model, path, confidence_threshold=confidence_threshold, pretrained=pretrained
+            weights.model,
+            path,
+            confidence_threshold=confidence_threshold,
+            pretrained=weights.pretrained,
+            flavour=weights.flavour,
         )
     else:
         raise ValueError(f"unknown face detector {name!r}; choose one of {DETECTOR_NAMES}")

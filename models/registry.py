@@ -136,6 +136,9 @@ def _load_builder(family: str) -> TinyBuilder:
             "arcface": "models.arcface",
             "lpips-alex": "models.lpips_net",
             "lpips-vgg": "models.lpips_net",
+            "vgg19": "models.vgg",
+            "syncnet-latentsync": "models.stable_syncnet",
+            "musetalk15-official": "models.musetalk15_official",
         }.get(family)
         if module:
             importlib.import_module(module)

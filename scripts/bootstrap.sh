@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install everything talkforge needs on a fresh Debian/Ubuntu machine with Python 3.11:
-# ffmpeg and espeak-ng (apt, only when missing), a virtualenv in .venv, and the pinned
-# Python dependencies from requirements.lock. Idempotent: a second call does nothing
-# unless requirements.lock or pyproject.toml changed.
+# ffmpeg, espeak-ng and chromium (the dashboard's browser test; apt, only when missing),
+# a virtualenv in .venv, and the pinned Python dependencies from requirements.lock.
+# Idempotent: a second call does nothing unless requirements.lock or pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if ((${#missing[@]})); then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

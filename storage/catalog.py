@@ -17,7 +17,7 @@ a run's last commit or any snapshot id.
 
 Views (:mod:`storage.views`, all read-only): ``runs_latest``, ``item_versions``,
 ``current_plans``, ``current_items``, ``failures`` / ``current_failures``,
-``current_<stats>``, ``artifact_versions``, ``current_artifacts``, ``eval_summary``,
+``current_<stats>``, ``artifact_versions``, ``current_artifacts``, ``current_split``,
 ``dataset_summary``, ``quality_summary``, ``quality_rules``, ``current_datasets``,
 ``current_manifest``, ``manifest_summary``, ``clip_progress``, ``current_leases``,
 ``run_snapshots``.
@@ -236,14 +236,29 @@ class Catalog:
             return retrying(attempt, self.config.commit_retries)
 
     # ------------------------------------------------------------------ reading
-    def query(self, sql: str, params: list[Any] | None = None) -> pa.Table:
-        """Run trusted internal SQL (the engine's own queries)."""
+    def query(
+        self,
+        sql: str,
+        params: list[Any] | dict[str, Any] | None = None,
+        tables: Mapping[str, pa.Table] | None = None,
+    ) -> pa.Table:
+        """Run trusted internal SQL (the engine's own queries).
+
+        ``tables``: arrow tables the SQL may name (e.g. the keys a plan asks about), so a
+        lookup of many values is one join instead of one query per value.
+        """
         with self._lock:
             con = self._shared()
-            return retrying(
-                lambda: con.execute(sql, params or []).fetch_arrow_table(),
-                self.config.commit_retries,
-            )
+            for name, data in (tables or {}).items():
+                con.register(name, data)
+            try:
+                return retrying(
+                    lambda: con.execute(sql, params or []).to_arrow_table(),
+                    self.config.commit_retries,
+                )
+            finally:
+                for name in tables or {}:
+                    con.unregister(name)
 
     def query_readonly(self, sql: str) -> pa.Table:
         """Run an ops engineer's SQL under the guard of :mod:`storage.guard`."""
@@ -254,7 +269,7 @@ class Catalog:
             if not self.data_path.startswith(("s3://", "gs://", "az://", "http")):
                 dirs.append(str(Path(self.data_path).resolve()) + "/")
             lock_down(con, dirs)
-            return con.execute(sql).fetch_arrow_table()
+            return con.execute(sql).to_arrow_table()
         finally:
             con.close()
 

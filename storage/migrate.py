@@ -35,7 +35,7 @@ def _read(parts: list[Path], schema: pa.Schema) -> pa.Table:
         files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
         data = con.execute(
             f"SELECT * FROM read_parquet([{files}], union_by_name=true)"  # noqa: S608
-        ).fetch_arrow_table()
+        ).to_arrow_table()
     finally:
         con.close()
     columns = {

@@ -52,6 +52,38 @@ CORE_TABLES: dict[str, pa.Schema] = {
             pa.field("message", pa.string()),
         ]
     ),
+    # one row per (run, stage) plan, committed with its plan rows: what `status` reads, so
+    # a run's status costs one small query however large the stage or its history
+    "stage_runs": pa.schema(
+        [
+            pa.field("run_id", pa.string()),
+            pa.field("stage", pa.string()),
+            pa.field("planned_at", _TS),
+            pa.field("complete", pa.bool_()),  # every item planned (no --limit)
+            pa.field("items", pa.int64()),  # held by the plan (not dropped)
+            pa.field("to_run", pa.int64()),
+            pa.field("retried", pa.int64()),  # to_run items with an earlier attempt
+            pa.field("cached_done", pa.int64()),
+            pa.field("cached_filtered", pa.int64()),
+            pa.field("skip_failed", pa.int64()),
+            pa.field("dropped", pa.int64()),
+            pa.field("blocked_reason", pa.string()),
+            pa.field("code_version", pa.string()),
+            pa.field("config_hash", pa.string()),
+        ]
+    ),
+    # the train / held-out split a run planned (tasks.split), written when it changes
+    "splits": pa.schema(
+        [
+            pa.field("run_id", pa.string()),
+            pa.field("planned_at", _TS),
+            pa.field("split_hash", pa.string()),
+            pa.field("rule", pa.string()),
+            pa.field("clip_id", pa.string()),
+            pa.field("group_key", pa.string()),  # <dataset>/speaker/<name> or .../video/<id>
+            pa.field("side", pa.string()),  # train / heldout
+        ]
+    ),
     # what a run asked every stage to hold: the "current" version of each item
     "plans": pa.schema(
         [
@@ -230,6 +262,11 @@ STATS_TABLES: dict[str, pa.Schema] = {
         pa.field("loss", pa.float64()),
         pa.field("lr", pa.float64()),
         pa.field("num_processes", pa.int32()),
+        pa.field("grad_norm", pa.float64()),  # before clipping
+        pa.field("samples_per_s", pa.float64()),
+        pa.field("terms_json", pa.string()),  # every other loss term: {"l1": ..., "pmf": ...}
+        pa.field("family", pa.string()),
+        pa.field("training_stage", pa.string()),
     ),
     "eval_metrics": _stats(
         pa.field("metric", pa.string()),
@@ -241,6 +278,25 @@ STATS_TABLES: dict[str, pa.Schema] = {
         pa.field("row", pa.string()),  # generated / ground_truth (the reference row)
         pa.field("level", pa.string()),  # clip (one row per clip) / set (FID, FVD)
         pa.field("model_origin", pa.string()),  # metric networks: random-init / pretrained
+        pa.field("generator_origin", pa.string()),  # trained / official / ground_truth
+        pa.field("audio_clip_id", pa.string()),  # whose audio drove the video
+    ),
+    # one evaluation run's table (evaluate_set): a metric of a family / checkpoint / setting;
+    # family 'ground_truth' is the reference row
+    "eval_summary": _stats(
+        pa.field("family", pa.string()),
+        pa.field("checkpoint", pa.string()),
+        pa.field("setting", pa.string()),
+        pa.field("metric", pa.string()),
+        pa.field("level", pa.string()),
+        pa.field("value", pa.float64()),  # mean over clips (clip level) or the set's value
+        pa.field("std", pa.float64()),  # over clips (clip level)
+        pa.field("num_clips", pa.int64()),
+        pa.field("num_frames", pa.int64()),
+        pa.field("higher_is_better", pa.bool_()),
+        pa.field("generator_origin", pa.string()),
+        pa.field("model_origin", pa.string()),
+        pa.field("split_rule", pa.string()),
     ),
 }
 

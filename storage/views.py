@@ -121,12 +121,7 @@ _SUMMARY_VIEWS = [
        SELECT dataset, rule, clips, failed, unmeasured, mean_value, min AS min_value,
               max AS max_value, threshold
        FROM quality_rules""",
-    """CREATE VIEW eval_summary AS
-       SELECT family, checkpoint, setting, row, metric, level,
-              count(*) FILTER (WHERE level = 'clip') AS clips, avg(value) AS mean,
-              min(value) AS min, max(value) AS max, string_agg(DISTINCT model_origin, ',')
-              AS model_origin
-       FROM current_eval_metrics
-       GROUP BY family, checkpoint, setting, row, metric, level
-       ORDER BY family, checkpoint, setting, metric, row""",
+    """CREATE VIEW current_split AS
+       SELECT * FROM splits
+       WHERE planned_at = (SELECT max(planned_at) FROM splits)""",
 ]

@@ -9,21 +9,39 @@ material into item keys and decides, per key, whether an item runs or is cached.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from storage.catalog import Catalog
-from talkforge.manifests import record_hash, record_manifests
+from talkforge.manifests import source_candidates
 from talkforge.plan import RunOptions, StagePlan
 from talkforge.stages import STAGES
 from tasks.base import (
     AggregateInputs,
     ItemInputs,
+    PriorOutput,
     Record,
     SourceStage,
     Stage,
     StageEnv,
+    stable_hash,
 )
-from tasks.records import record_from_json
+from tasks.records import CommittedHistory, CommittedVersion, record_from_json
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An item a stage should hold: its id, its key material, and how to build its inputs.
+
+    ``inputs`` is called only for items that will run: a plan of 188 k cached items
+    parses no upstream record at all.
+    """
+
+    item_id: str
+    keys: Any
+    inputs: Callable[[], ItemInputs | AggregateInputs]
 
 
 def plan_candidates(
@@ -35,28 +53,15 @@ def plan_candidates(
     options: RunOptions,
     *,
     record: bool = True,
-) -> list[tuple[str, Any, Any]]:
-    """(item_id, key material, inputs) for every item this stage should hold.
+) -> list[Candidate]:
+    """Every item this stage should hold, in item-id order.
 
-    Queries: one for the current ``done`` outputs of the required stages (plus, for a
-    source stage, one for the current ingests and one commit per changed manifest), however
-    many items. ``record=False`` (a dry run) writes nothing.
+    Queries: one for the current ``done`` outputs of the required stages (a source stage:
+    see :func:`talkforge.manifests.source_candidates`), however many items. ``record=False``
+    (a dry run) writes nothing.
     """
     if issubclass(stage_cls, SourceStage):
-        manifests = stage_cls.read_manifests(cfg, env)
-        hashes = {m.dataset: [record_hash(r) for r in m.records] for m in manifests}
-        if record:
-            record_manifests(catalog, manifests, env.run_id, hashes)
-        hash_of = {
-            id(r): h for m in manifests for r, h in zip(m.records, hashes[m.dataset], strict=True)
-        }
-        records, problems = stage_cls.discover(manifests)
-        plan.discovery_failures = problems
-        found = sorted(((r.clip_id, r) for r in records), key=lambda t: t[0])
-        found = found[: options.limit] if options.limit else found
-        return [
-            (cid, {"source": hash_of[id(r)]}, ItemInputs(item_id=cid, source=r)) for cid, r in found
-        ]
+        return source_candidates(catalog, stage_cls, cfg, env, plan, options, record=record)
     per_item = [s for s in stage_cls.requires if not STAGES[s].aggregate]
     aggregates = [s for s in stage_cls.requires if STAGES[s].aggregate]
     upstream = current_done(catalog, stage_cls.requires)
@@ -67,37 +72,107 @@ def plan_candidates(
         if found_agg is None:
             plan.blocked_reason = f"upstream stage {name!r} has no current output"
             return []
-        shared_keys[name], shared[name] = found_agg
+        shared_keys[name] = found_agg.key
+        shared[name] = found_agg.record()
+    for name, prior in stage_cls(cfg, env).prior_outputs().items():
+        found_prior = latest_done(catalog, prior)
+        if found_prior is None:
+            plan.blocked_reason = f"no committed {prior.describe()} to start from ({name})"
+            return []
+        shared_keys[name], shared[name] = found_prior
+    for name in stage_cls.history_of:
+        history = committed_history(catalog, name)
+        if not history.versions:
+            plan.blocked_reason = f"upstream stage {name!r} has no committed output"
+            return []
+        shared_keys[f"{name}@history"] = stable_hash([v.item_key for v in history.versions])
+        shared[f"{name}@history"] = history
     ids = sorted(
         set.intersection(*(set(upstream.get(s, {})) for s in per_item)) if per_item else set()
     )
     stage = stage_cls(cfg, env)
     ids = [i for i in ids if stage.accepts(i, shared)]
     ids = ids[: options.limit] if options.limit else ids
-    items = [
-        ItemInputs(item_id=i, records={s: upstream[s][i][1] for s in per_item}, shared=shared)
+    partner = stage.partners(ids) if stage_cls.partner_inputs else {}
+    keys = [
+        {
+            **{s: upstream[s][i].key for s in per_item},
+            **shared_keys,
+            **{f"{s}@partner": upstream[s][partner[i]].key for s in stage_cls.partner_inputs
+               if i in partner},
+        }
         for i in ids
-    ]
-    keys = [{**{s: upstream[s][i][0] for s in per_item}, **shared_keys} for i in ids]
+    ]  # fmt: skip
+
+    def item_inputs(item_id: str) -> ItemInputs:
+        records = {s: upstream[s][item_id].record() for s in per_item}
+        if item_id in partner:
+            for s in stage_cls.partner_inputs:
+                records[f"{s}@partner"] = upstream[s][partner[item_id]].record()
+        return ItemInputs(item_id=item_id, records=records, shared=shared)
+
     if not stage_cls.aggregate:
-        return [(i, k, inp) for i, k, inp in zip(ids, keys, items, strict=True)]
-    if not items:
+        return [Candidate(i, k, partial(item_inputs, i)) for i, k in zip(ids, keys, strict=True)]
+    if not ids:
         plan.blocked_reason = "no accepted upstream items"
         return []
-    agg_keys = {"items": {i: k for i, k in zip(ids, keys, strict=True)}}
-    return [
-        (
-            stage_cls.name,
-            agg_keys,
-            AggregateInputs(item_id=stage_cls.name, items=items, shared=shared),
+
+    def aggregate_inputs() -> AggregateInputs:
+        items = [item_inputs(i) for i in ids]
+        return AggregateInputs(item_id=stage_cls.name, items=items, shared=shared)
+
+    agg_keys = {"items": dict(zip(ids, keys, strict=True))}
+    return [Candidate(stage_cls.name, agg_keys, aggregate_inputs)]
+
+
+def latest_done(catalog: Catalog, prior: PriorOutput) -> tuple[str, Record] | None:
+    """(item key, record) of the newest ``done`` item of ``prior.stage`` matching ``prior``
+    (any run's, current or not: a training stage starts from an earlier stage's output)."""
+    rows = catalog.query(
+        "SELECT item_key, record_type, record_json FROM items "
+        "WHERE stage = ? AND status = 'done' ORDER BY created_at DESC",
+        [prior.stage],
+    ).to_pylist()
+    for r in rows:
+        record = record_from_json(r["record_type"], r["record_json"])
+        if all(str(getattr(record, k, None)) == v for k, v in prior.match.items()):
+            return r["item_key"], record
+    return None
+
+
+def committed_history(catalog: Catalog, stage: str) -> CommittedHistory:
+    """Every ``done`` version of ``stage``'s outputs ever committed (any run, current or
+    not; a key committed twice counts once), oldest first."""
+    rows = catalog.query(
+        "SELECT item_key, arg_max(record_type, created_at) AS record_type, "
+        "arg_max(record_json, created_at) AS record_json, min(created_at) AS first_at "
+        "FROM items WHERE stage = ? AND status = 'done' GROUP BY item_key "
+        "ORDER BY first_at, item_key",
+        [stage],
+    ).to_pylist()
+    versions = [
+        CommittedVersion(
+            item_key=r["item_key"], record_type=r["record_type"], record_json=r["record_json"]
         )
+        for r in rows
     ]
+    return CommittedHistory(stage=stage, versions=versions)
 
 
-def current_done(
-    catalog: Catalog, stages: tuple[str, ...]
-) -> dict[str, dict[str, tuple[str, Record]]]:
-    """stage -> item id -> (item key, record) of the current ``done`` outputs of ``stages``."""
+@dataclass(frozen=True)
+class Output:
+    """A current ``done`` output of an upstream stage; its record is parsed on demand."""
+
+    key: str
+    record_type: str
+    record_json: str
+
+    def record(self) -> Record:
+        return record_from_json(self.record_type, self.record_json)
+
+
+def current_done(catalog: Catalog, stages: tuple[str, ...]) -> dict[str, dict[str, Output]]:
+    """stage -> item id -> :class:`Output` of the current ``done`` outputs of ``stages``."""
     if not stages:
         return {}
     placeholders = ", ".join("?" for _ in stages)
@@ -105,11 +180,10 @@ def current_done(
         "SELECT stage, item_id, item_key, record_type, record_json FROM current_items "  # noqa: S608 - placeholders only
         "WHERE status = 'done' AND stage IN (" + placeholders + ")"
     )
-    rows = catalog.query(sql, list(stages)).to_pylist()
-    out: dict[str, dict[str, tuple[str, Record]]] = defaultdict(dict)
-    for r in rows:
-        out[r["stage"]][r["item_id"]] = (
-            r["item_key"],
-            record_from_json(r["record_type"], r["record_json"]),
-        )
+    rows = catalog.query(sql, list(stages))
+    out: dict[str, dict[str, Output]] = defaultdict(dict)
+    for stage, item_id, key, rtype, rjson in zip(
+        *(rows.column(c).to_pylist() for c in rows.column_names), strict=True
+    ):
+        out[stage][item_id] = Output(key, rtype, rjson)
     return out

@@ -1,5 +1,5 @@
 """The ``talkforge`` command line: ingest, datasets, run, resume, status, sql, failures, lineage,
-versions, runs, report.
+versions, runs, report, serve (Prefect deployments), dashboard (browser).
 
 Errors are one clear line plus where to look (the run's log file, ``talkforge failures``);
 full tracebacks go to ``<data_root>/logs/<run_id>.log``.
@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+from flows.env import prefect_defaults
+
+os.environ.update(prefect_defaults("WARNING"))  # before anything imports prefect
 
 import typer
 
@@ -110,6 +110,7 @@ def run(
     until: Annotated[str | None, typer.Option(help="last stage")] = None,
     limit: Annotated[int | None, typer.Option(help="at most N items per stage", min=1)] = None,
     retry_failed: Annotated[bool, typer.Option(help="also retry permanent failures")] = False,
+    force: Annotated[bool, typer.Option(help="take over stage leases of a crashed run")] = False,
 ) -> None:
     """Run the pipeline (or some stages) on a config; committed items are skipped."""
     from talkforge.engine import select_stages
@@ -128,6 +129,7 @@ def run(
             "until_stage": until,
             "limit": limit,
             "retry_failed": retry_failed,
+            "force": force,
         }
     )
 
@@ -138,6 +140,7 @@ def resume(
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
     retry_failed: Annotated[bool, typer.Option(help="also retry permanent failures")] = False,
+    force: Annotated[bool, typer.Option(help="take over stage leases of a crashed run")] = False,
 ) -> None:
     """Continue a run with the resolved config it was started with (a new run id).
 
@@ -149,6 +152,7 @@ def resume(
             "overrides": list(set_ or []),
             "resume_of": run_id,
             "retry_failed": retry_failed,
+            "force": force,
         }
     )
 
@@ -338,6 +342,52 @@ def quality(
 def runs(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, limit: int = 20) -> None:
     """Recent runs and how they ended."""
     print_rows(ops.list_runs(open_catalog(config, set_), limit), title="runs")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    ingest_cron: Annotated[
+        str, typer.Option(help="cron schedule of the ingest deployment ('' for none)")
+    ] = "0 * * * *",
+    limit: Annotated[int | None, typer.Option(help="at most N flow runs at once", min=1)] = None,
+    join_ray: Annotated[
+        str | None, typer.Option(help="first join this Ray cluster (host:port) as a 0-CPU node")
+    ] = None,
+) -> None:
+    """Serve the deployments (pipeline, each stage, ingest, report) to the Prefect server.
+
+    Needs PREFECT_API_URL (a `prefect server start` or the compose stack); runs started
+    from the UI, the API or a schedule execute in subprocesses of this process.
+    """
+    from flows.env import USER_LOGGING_LEVEL
+
+    os.environ["PREFECT_LOGGING_LEVEL"] = USER_LOGGING_LEVEL or "INFO"  # a daemon's log
+    load_pipeline_config(config, set_)
+    from flows.deployments import ServeError, serve_deployments
+
+    try:
+        serve_deployments(str(config), list(set_ or []), ingest_cron or None, limit, join_ray)
+    except ServeError as exc:
+        fail(str(exc), 2)
+
+
+@app.command()
+def dashboard(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes it")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to serve on")] = 8501,
+) -> None:
+    """The browser dashboard (runs, failures, quality, datasets, training, evaluation)."""
+    from talkforge.dashboard import streamlit_command
+
+    load_pipeline_config(config, set_)
+    command = streamlit_command(str(config), list(set_ or []), host, port)
+    console.print(f"dashboard on http://{host}:{port} (Ctrl-C stops it)")
+    sys.stdout.flush()
+    os.execv(command[0], command)  # noqa: S606 - streamlit replaces this process
 
 
 def main() -> None:

@@ -56,8 +56,16 @@ class ExecutionConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    holdout_fraction: float = Field(0.34, ge=0.0, lt=1.0)
+    """Train / held-out split by speaker or source video (see :mod:`tasks.split`)."""
+
+    holdout_fraction: float = Field(0.34, ge=0.0, lt=1.0, description="share of groups (hash)")
     seed: int = 0
+    group_by: Literal["speaker", "source_video"] = Field(
+        "speaker", description="the unit that never straddles the split"
+    )
+    rule: Literal["hash", "musetalk_hdtf_val"] = Field(
+        "hash", description="seeded hash of the group, or MuseTalk's 20 HDTF validation videos"
+    )
 
 
 class PipelineConfig(_Strict):

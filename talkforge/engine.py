@@ -24,6 +24,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import pyarrow as pa
+
 from models.registry import fingerprint
 from storage.catalog import Catalog
 from storage.lease import Lease
@@ -44,6 +46,7 @@ from talkforge.plan import (
     now_utc,
     select_stages,
 )
+from talkforge.split_planner import SplitPlanner
 from talkforge.stages import STAGE_ORDER, STAGES
 from tasks.base import (
     StageEnv,
@@ -53,6 +56,8 @@ from tasks.records import record_from_json
 from tasks.runner import Outcome, WorkItem
 
 log = logging.getLogger(__name__)
+
+DISCOVERY_WORKER = "discover"  # the worker of failures found while planning (bad manifest rows)
 
 
 class Engine:
@@ -77,6 +82,7 @@ class Engine:
         self._owns_executor = executor is None
         self._fingerprint_cache: dict[str, dict[str, Any]] = {}
         self._leases: dict[str, Lease] = {}
+        self._split = SplitPlanner(self.catalog, config.split)
 
     @property
     def executor(self) -> LocalExecutor | RayExecutor:
@@ -141,6 +147,7 @@ class Engine:
             model_fingerprints=self._fingerprints(stage),
             holdout_fraction=self.config.split.holdout_fraction,
             split_seed=self.config.split.seed,
+            heldout_ids=self._split.heldout_ids(run_id) if STAGES[stage].uses_split else None,
         )
 
     def _fingerprints(self, stage: str) -> dict[str, Any]:
@@ -154,6 +161,15 @@ class Engine:
                 spec.family: fingerprint(spec, self.data_root) for spec in specs
             }
         return self._fingerprint_cache[stage]
+
+    def stage_version(self, stage: str) -> dict[str, Any]:
+        """What every item key of ``stage`` starts from: code version, config hash, weights."""
+        return {
+            "stage": stage,
+            "code_version": STAGES[stage].code_version,
+            "config_hash": self.config.stage(stage).params_hash(),
+            "models": {k: v.sha256 for k, v in sorted(self._fingerprints(stage).items())},
+        }
 
     def plan(
         self, run_id: str, stage: str, options: RunOptions, *, dry_run: bool = False
@@ -169,72 +185,96 @@ class Engine:
         cfg = self.config.stage(stage)
         env = self.stage_env(run_id, stage)
         plan = StagePlan(run_id=run_id, stage=stage, env=env)
-        common = {
-            "stage": stage,
-            "code_version": stage_cls.code_version,
-            "config_hash": cfg.params_hash(),
-            "models": {k: v.sha256 for k, v in sorted(env.model_fingerprints.items())},
-        }
+        common = self.stage_version(stage)
         candidates = plan_candidates(
             self.catalog, stage_cls, cfg, env, plan, options, record=not dry_run
         )
-        keyed = [
-            (item_id, stable_hash({**common, "inputs": keys}), inputs, keys)
-            for item_id, keys, inputs in candidates
+        if stage_cls.uses_split:  # a split with nothing held out says so, not silence
+            if not dry_run:
+                self._split.record(run_id)
+            if not candidates and self._split.plan(run_id).problem():
+                plan.blocked_reason = self._split.plan(run_id).problem()
+        keyed = [(c, stable_hash({**common, "inputs": c.keys})) for c in candidates]
+        rejected = [
+            (raw_id, f, stable_hash({**common, "raw_id": raw_id, "message": f.message}))
+            for raw_id, f in plan.discovery_failures
         ]
-        state = self._item_state(stage, [k for _, k, _, _ in keyed])
-        for item_id, key, inputs, input_keys in keyed:
+        state = self._item_state(stage, [k for _, k in keyed] + [k for _, _, k in rejected])
+        cached = {"done": 0, "filtered": 0}
+        for candidate, key in keyed:
             status, retryable, attempts = state.get(key, ("", False, 0))
             action = "run"
             if status in ("done", "filtered"):
                 action = "cached"
+                cached[status] += 1
             elif (
                 status == "failed"
                 and not options.retry_failed
                 and (not retryable or attempts >= self.config.execution.max_attempts)
             ):
                 action = "skip_failed"
-            plan.items.append(PlannedItem(item_id, key, action, attempts + 1, inputs, input_keys))
-        rejected = self._plan_discovery_failures(plan, common)
+            inputs = candidate.inputs() if action == "run" else None
+            plan.items.append(
+                PlannedItem(candidate.item_id, key, action, attempts + 1, inputs, candidate.keys)
+            )
+        fresh = self._discovery_failures(plan, rejected, state)
         rows = [(i.item_id, i.item_key, i.action) for i in plan.items]
         if options.limit is None:
             plan.dropped = self._dropped(stage, plan)
             rows += [(item_id, "", "dropped") for item_id in plan.dropped]
         if dry_run:
             return plan
-        self.catalog.append(
-            "plans",
-            [
-                {
-                    "run_id": run_id,
-                    "stage": stage,
-                    "item_id": item_id,
-                    "item_key": key,
-                    "action": action,
-                    "planned_at": now_utc(),
-                }
-                for item_id, key, action in rows
-            ],
-        )
-        self._commit(plan, {}, rejected)
+        planned_at = now_utc()
+        tables = self._outcome_rows(plan, {}, fresh)
+        tables["plans"] = [
+            {
+                "run_id": run_id,
+                "stage": stage,
+                "item_id": item_id,
+                "item_key": key,
+                "action": action,
+                "planned_at": planned_at,
+            }
+            for item_id, key, action in rows
+        ]
+        to_run = plan.to_run
+        tables["stage_runs"] = [
+            {
+                "run_id": run_id,
+                "stage": stage,
+                "planned_at": planned_at,
+                "complete": options.limit is None,
+                "items": len(plan.items),
+                "to_run": len(to_run),
+                "retried": sum(1 for i in to_run if i.attempt > 1),
+                "cached_done": cached["done"],
+                "cached_filtered": cached["filtered"],
+                "skip_failed": plan.count("skip_failed"),
+                "dropped": len(plan.dropped),
+                "blocked_reason": plan.blocked_reason,
+                "code_version": stage_cls.code_version,
+                "config_hash": common["config_hash"],
+            }
+        ]
+        self.catalog.append_many(tables)  # plan, its summary and discovery failures: one commit
         self.reporter.stage_planned(plan)
         return plan
 
-    def _plan_discovery_failures(self, plan: StagePlan, common: dict[str, Any]) -> list[Outcome]:
+    def _discovery_failures(
+        self,
+        plan: StagePlan,
+        rejected: list[tuple[str, Any, str]],
+        state: dict[str, tuple[str, bool, int]],
+    ) -> list[Outcome]:
         """Manifest rows that cannot become items are planned as permanent failures.
 
         Each gets a key from its raw id and message, so a row is recorded once and again
         only when the manifest or the message changes. Returns the outcomes to commit.
         """
-        keyed = [
-            (raw_id, f, stable_hash({**common, "raw_id": raw_id, "message": f.message}))
-            for raw_id, f in plan.discovery_failures
-        ]
-        known = self._item_state(plan.stage, [key for _, _, key in keyed])
         fresh = []
-        for raw_id, failure, key in keyed:
+        for raw_id, failure, key in rejected:
             plan.items.append(PlannedItem(raw_id, key, "skip_failed", 1, None))
-            if key not in known:
+            if key not in state:
                 fresh.append(
                     Outcome(
                         item_id=raw_id,
@@ -244,7 +284,7 @@ class Engine:
                         error_kind=str(failure.kind),
                         error_message=failure.message,
                         retryable=False,
-                        worker="discover",
+                        worker=DISCOVERY_WORKER,
                     )
                 )
         return fresh
@@ -261,20 +301,29 @@ class Engine:
         return sorted(r["item_id"] for r in rows if r["item_id"] not in planned)
 
     def _item_state(self, stage: str, keys: list[str]) -> dict[str, tuple[str, bool, int]]:
-        """key -> (latest status, retryable, number of attempts so far)."""
+        """key -> (latest status, retryable, number of attempts so far), for ``keys`` only.
+
+        One query: the wanted keys travel as an arrow table and semi-join the stage's item
+        rows, so nothing is returned (or aggregated) for keys no plan asks for any more.
+        """
         if not keys:
             return {}
         rows = self.catalog.query(
             "SELECT item_key, arg_max(status, created_at) AS status, "
             "arg_max(retryable, created_at) AS retryable, count(*) AS attempts "
-            "FROM items WHERE stage = ? GROUP BY item_key",
+            "FROM items SEMI JOIN wanted USING (item_key) WHERE stage = ? GROUP BY item_key",
             [stage],
-        ).to_pylist()
-        wanted = set(keys)
+            tables={"wanted": pa.table({"item_key": pa.array(keys, pa.string())})},
+        )
         return {
-            r["item_key"]: (r["status"], bool(r["retryable"]), int(r["attempts"]))
-            for r in rows
-            if r["item_key"] in wanted
+            k: (s, bool(r), int(n))
+            for k, s, r, n in zip(
+                rows.column("item_key").to_pylist(),
+                rows.column("status").to_pylist(),
+                rows.column("retryable").to_pylist(),
+                rows.column("attempts").to_pylist(),
+                strict=True,
+            )
         }
 
     # ------------------------------------------------------------------ execution
@@ -337,8 +386,13 @@ class Engine:
     def _commit(
         self, plan: StagePlan, by_id: dict[str, PlannedItem], outcomes: list[Outcome]
     ) -> None:
-        if not outcomes:
-            return
+        if outcomes:
+            self.catalog.append_many(self._outcome_rows(plan, by_id, outcomes))
+
+    def _outcome_rows(
+        self, plan: StagePlan, by_id: dict[str, PlannedItem], outcomes: list[Outcome]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Stats, artifact and item rows of ``outcomes``: committed together, one snapshot."""
         stage_cls = STAGES[plan.stage]
         config_hash = self.config.stage(plan.stage).params_hash()
         fps_json = json.dumps(
@@ -347,13 +401,14 @@ class Engine:
         stats: dict[str, list[dict[str, Any]]] = defaultdict(list)
         artifacts: list[dict[str, Any]] = []
         items: list[dict[str, Any]] = []
+        created_at = now_utc()
         for o in outcomes:
             base = {
                 "run_id": plan.run_id,
                 "stage": plan.stage,
                 "item_id": o.item_id,
                 "item_key": o.item_key,
-                "created_at": now_utc(),
+                "created_at": created_at,
             }
             if o.record_json:
                 record = record_from_json(o.record_type, o.record_json)
@@ -394,7 +449,7 @@ class Engine:
                     "worker": o.worker,
                 }
             )
-        self.catalog.append_many({**stats, "artifacts": artifacts, "items": items})
+        return {**stats, "artifacts": artifacts, "items": items}
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from typing import Any
 
 from talkforge.config import ExecutionConfig, RayConfig
 from talkforge.ray_pools import PoolStartTimeout, RayPool, check_fits, start_pool, wait_started
+from talkforge.ray_train import RayTrainLauncher
 from tasks.base import FailureKind, Stage, StageConfig, StageEnv
 from tasks.runner import Outcome, WorkItem, run_item, worker_name
 
@@ -28,10 +29,14 @@ OnOutcome = Callable[[Outcome], None]
 
 
 class LocalExecutor:
-    """Runs items one after another in this process (debugging, tests, tiny runs)."""
+    """Runs items one after another in this process (debugging, tests, tiny runs).
 
-    def __init__(self) -> None:
+    Training still runs on Ray Train (a local Ray started on demand, or ``ray_config``'s).
+    """
+
+    def __init__(self, ray_config: RayConfig | None = None) -> None:
         self._stages: dict[str, Stage[Any]] = {}
+        self._ray_config = ray_config or RayConfig()
 
     def run(
         self,
@@ -45,6 +50,7 @@ class LocalExecutor:
         stage = self._stages.get(key)
         if stage is None:
             stage = stage_cls(config, env)
+            stage.trainer = RayTrainLauncher(self._ray_config)
             stage.setup()
             self._stages[key] = stage
         for work in items:
@@ -73,9 +79,10 @@ class StageWorker:
         import torch
 
         # a worker uses the CPUs it reserved, not every core (2 workers would oversubscribe)
-        torch.set_num_threads(max(1, int(config.resources.num_cpus)))
+        torch.set_num_threads(max(1, int(stage_cls.actor_resources(config).num_cpus)))
         self.stage = stage_cls(config, env)
         self.stage.pools = {name: RayPool(name, actors) for name, actors in model_pools.items()}
+        self.stage.trainer = RayTrainLauncher(None)  # joins the Ray this actor runs on
         self.stage.setup()
         self.setup_calls = 1
 
@@ -116,8 +123,8 @@ class RayExecutor:
             self._started_ray = True
         return ray
 
-    def _pool_size(self, ray: Any, config: StageConfig) -> int:
-        res = config.resources
+    def _pool_size(self, ray: Any, stage_cls: type[Stage[Any]], config: StageConfig) -> int:
+        res = stage_cls.actor_resources(config)
         wanted = res.num_workers
         if not (
             self.ray_config.address or os.environ.get("RAY_ADDRESS")
@@ -129,7 +136,7 @@ class RayExecutor:
     def _new_actor(
         self, ray: Any, stage_cls: type[Stage[Any]], config: StageConfig, env: StageEnv
     ) -> Any:
-        res = config.resources
+        res = stage_cls.actor_resources(config)
         actor_cls = ray.remote(StageWorker).options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0
         )
@@ -141,15 +148,16 @@ class RayExecutor:
         key = _pool_key(stage_cls, config, env)
         if key not in self._pools:
             self.release(stage_cls.name)
-            size = self._pool_size(ray, config)
+            size = self._pool_size(ray, stage_cls, config)
             specs = [s for s in stage_cls(config, env).pool_specs() if s.remote]
             if specs and not (self.ray_config.address or os.environ.get("RAY_ADDRESS")):
-                check_fits(stage_cls.name, size, config.resources, specs, ray.cluster_resources())
+                res = stage_cls.actor_resources(config)
+                check_fits(stage_cls.name, size, res, specs, ray.cluster_resources())
             restarts = self.execution.actor_restarts
             self._model_pools[key] = {s.name: start_pool(ray, s, restarts) for s in specs}
             self._pools[key] = [self._new_actor(ray, stage_cls, config, env) for _ in range(size)]
             groups = [(s.name, s.resources, self._model_pools[key][s.name]) for s in specs]
-            groups.append(("stage workers", config.resources, self._pools[key]))
+            groups.append(("stage workers", stage_cls.actor_resources(config), self._pools[key]))
             try:
                 wait_started(ray, stage_cls.name, groups, self.ray_config.start_timeout_s)
             except PoolStartTimeout:
@@ -269,5 +277,5 @@ def _worker_died(work: WorkItem, restarts: int) -> Outcome:
 
 def make_executor(ray_config: RayConfig, execution: ExecutionConfig) -> LocalExecutor | RayExecutor:
     if execution.executor == "local":
-        return LocalExecutor()
+        return LocalExecutor(ray_config)
     return RayExecutor(ray_config, execution)

@@ -20,12 +20,16 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from storage.catalog import Catalog, to_arrow
-from talkforge.plan import now_utc
-from tasks.base import SourceManifest, stable_hash
+from talkforge.plan import RunOptions, StagePlan, now_utc
+from tasks.base import ItemInputs, SourceManifest, SourceStage, StageEnv, stable_hash
 from tasks.records import SourceClip
+
+if TYPE_CHECKING:
+    from talkforge.candidates import Candidate
 
 
 @dataclass(frozen=True)
@@ -195,3 +199,39 @@ def _write_ingest(
                 }
             ],
         )
+
+
+def source_candidates(
+    catalog: Catalog,
+    stage_cls: type[SourceStage[Any]],
+    cfg: Any,
+    env: StageEnv,
+    plan: StagePlan,
+    options: RunOptions,
+    *,
+    record: bool = True,
+) -> list[Candidate]:
+    """The source stage's items: its manifests' records, each keyed by its content hash.
+
+    Every record is hashed once; the same hashes identify the ingest (unchanged content:
+    nothing written) and key the items. ``record=False`` (a dry run) writes nothing.
+    """
+    from talkforge.candidates import Candidate
+
+    manifests = stage_cls.read_manifests(cfg, env)
+    hashes = {m.dataset: [record_hash(r) for r in m.records] for m in manifests}
+    if record:
+        record_manifests(catalog, manifests, env.run_id, hashes)
+    hash_of = {
+        id(r): h for m in manifests for r, h in zip(m.records, hashes[m.dataset], strict=True)
+    }
+    records, problems = stage_cls.discover(manifests)
+    plan.discovery_failures = problems
+    found = sorted(records, key=lambda r: r.clip_id)
+    found = found[: options.limit] if options.limit else found
+    return [
+        Candidate(
+            r.clip_id, {"source": hash_of[id(r)]}, partial(ItemInputs, item_id=r.clip_id, source=r)
+        )
+        for r in found
+    ]

@@ -49,32 +49,42 @@ def list_runs(catalog: Catalog, limit: int = 20) -> list[dict[str, Any]]:
 
 
 def stage_status(catalog: Catalog, run_id: str) -> list[dict[str, Any]]:
-    """Per stage of a run: items planned and how each ended (done/filtered/failed/pending).
+    """Per stage of a run: items planned and how the run left them.
 
     ``skipped`` counts items the run did not execute because they were already committed
-    (cached) or failed permanently earlier; ``pending`` items have no result for the
-    planned key yet (never reached, or the run was killed before them); ``dropped`` items
-    left the stage's current view (their upstream no longer passes). Stages the run was
-    asked for but never planned (an earlier stage crashed) show with zero items.
+    (cached: counted in ``done``/``filtered``) or failed permanently earlier (counted in
+    ``failed``); ``pending`` items have no result from this run (never reached, or the run
+    was killed before them); ``dropped`` items left the stage's current view (their
+    upstream no longer passes). Stages the run was asked for but never planned (an
+    earlier stage crashed) show with zero items.
+
+    Two queries however large the stages: the run's ``stage_runs`` rows (the plan's
+    counts) and the run's own item rows, found by run id. What later runs did never
+    changes a run's status, so ``--as-of RUN`` shows what this showed when the run ended.
     """
     rows = catalog.query(
         """
-        WITH p AS (SELECT * FROM plans WHERE run_id = ?
-                   QUALIFY row_number() OVER (PARTITION BY stage, item_id
-                                              ORDER BY planned_at DESC) = 1),
-             v AS (SELECT stage, item_key, arg_max(status, created_at) AS status
-                   FROM items GROUP BY stage, item_key)
-        SELECT p.stage, count(*) FILTER (WHERE p.action <> 'dropped') AS items,
-               count(*) FILTER (WHERE v.status = 'done') AS done,
-               count(*) FILTER (WHERE v.status = 'filtered') AS filtered,
-               count(*) FILTER (WHERE v.status = 'failed') AS failed,
-               count(*) FILTER (WHERE v.status IS NULL AND p.action <> 'dropped') AS pending,
-               count(*) FILTER (WHERE p.action IN ('cached', 'skip_failed')) AS skipped,
-               count(*) FILTER (WHERE p.action = 'dropped') AS dropped
-        FROM p LEFT JOIN v ON p.stage = v.stage AND p.item_key = v.item_key
-        GROUP BY p.stage
+        WITH s AS (SELECT * FROM stage_runs WHERE run_id = $run
+                   QUALIFY row_number() OVER (PARTITION BY stage ORDER BY planned_at DESC) = 1),
+             r AS (SELECT stage, item_id, arg_max(status, created_at) AS status FROM items
+                   WHERE run_id = $run AND coalesce(worker, '') <> 'discover'
+                   GROUP BY stage, item_id),
+             n AS (SELECT stage, count(*) FILTER (WHERE status = 'done') AS done,
+                          count(*) FILTER (WHERE status = 'filtered') AS filtered,
+                          count(*) FILTER (WHERE status = 'failed') AS failed
+                   FROM r GROUP BY stage)
+        SELECT s.stage, s.items,
+               s.cached_done + coalesce(n.done, 0) AS done,
+               s.cached_filtered + coalesce(n.filtered, 0) AS filtered,
+               s.skip_failed + coalesce(n.failed, 0) AS failed,
+               s.items - s.cached_done - s.cached_filtered - s.skip_failed
+                 - coalesce(n.done, 0) - coalesce(n.filtered, 0) - coalesce(n.failed, 0)
+                 AS pending,
+               s.cached_done + s.cached_filtered + s.skip_failed AS skipped,
+               s.dropped
+        FROM s LEFT JOIN n USING (stage)
         """,
-        [run_id],
+        {"run": run_id},
     ).to_pylist()
     by_stage = {r["stage"]: r for r in rows}
     info = run_info(catalog, run_id)

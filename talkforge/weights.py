@@ -9,7 +9,9 @@ whether a tiny random stand-in may be built). This module answers, for a config:
 - **import**: copy official weights from a local file or folder (an offline cluster's
   share) to where the config expects them — copied under a temporary name, then renamed —
   and record their size and sha256 in a hidden sidecar (``.talkforge-import.json``; hidden
-  files are never part of a weights fingerprint);
+  files are never part of a weights fingerprint). A family listed in
+  :data:`IMPORT_CONVERTERS` converts its official file instead of copying it (EMOCA's
+  Lightning ``.ckpt`` → safetensors, see ``models.emoca.convert_for_import``);
 - **verify**: re-hash the weights (no cache) and compare with the sidecar and, when given,
   an expected sha256;
 - **download**: fetch a hub model into the hub cache with ``huggingface_hub`` when a hub
@@ -35,6 +37,8 @@ from talkforge.stages import STAGE_ORDER, STAGES
 from tasks.base import StageEnv
 
 SIDECAR = ".talkforge-import.json"
+# family -> module whose ``convert_for_import(source, out)`` converts official files
+IMPORT_CONVERTERS = {"emoca": "models.emoca"}
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,12 @@ def import_weights(model: NeededModel, source: Path, expected_sha256: str | None
         _check_expected(files, expected_sha256)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-import-{uuid.uuid4().hex}-{dest.name}"
+    converted = None
     try:
-        if source.is_dir():
+        converted = _convert(model.spec.family, source, tmp)
+        if converted is None and source.is_dir():
             shutil.copytree(source, tmp)
-        else:
+        elif converted is None:
             shutil.copy2(source, tmp)
         os.replace(tmp, dest)
     finally:
@@ -125,11 +131,30 @@ def import_weights(model: NeededModel, source: Path, expected_sha256: str | None
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
-    if source.is_file():  # recorded under the name it has now
+    record: dict = {"family": model.spec.family, "imported_from": str(source)}
+    if converted is not None:  # the files are the converted ones; the source's hash is kept
+        record |= {"source_files": files, "converted": converted}
+        files = hash_files(dest)
+    elif source.is_file():  # recorded under the name it has now
         files = {dest.name: next(iter(files.values()))}
-    record = {"family": model.spec.family, "imported_from": str(source), "files": files}
+    record["files"] = files
     _sidecar(dest).write_text(json.dumps(record, indent=2, sort_keys=True))
     return record
+
+
+def _convert(family: str, source: Path, out: Path) -> dict | None:
+    """Run the family's import converter, if it has one; None: copy ``source`` as it is."""
+    if family not in IMPORT_CONVERTERS:
+        return None
+    import importlib
+
+    from models.registry import ModelUnavailableError
+
+    module = importlib.import_module(IMPORT_CONVERTERS[family])
+    try:
+        return module.convert_for_import(source, out)
+    except ModelUnavailableError as exc:  # the CLI reports ValueErrors without a traceback
+        raise ValueError(str(exc)) from exc
 
 
 def _check_expected(files: dict[str, dict[str, int | str]], expected_sha256: str) -> None:

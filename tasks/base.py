@@ -132,6 +132,9 @@ class StageEnv(BaseModel):
     model_fingerprints: dict[str, ModelFingerprint] = {}
     holdout_fraction: float = 0.0  # share of clips held out from engram/train for evaluation
     split_seed: int = 0
+    # the planned split's held-out clip ids (tasks.split), set for stages with ``uses_split``;
+    # None: no planned split (library use), each clip is its own group
+    heldout_ids: frozenset[str] | None = None
 
     def store(self) -> ArtifactStore:
         return ArtifactStore(self.store_uri)
@@ -226,6 +229,18 @@ class ItemContext:
         self._tmp.cleanup()
 
 
+@dataclass(frozen=True)
+class PriorOutput:
+    """The latest ``done`` output of ``stage`` (any run, current or not) whose record has
+    every attribute of ``match`` equal to the given value."""
+
+    stage: str
+    match: dict[str, str]
+
+    def describe(self) -> str:
+        return f"{self.stage} output with " + ", ".join(f"{k}={v}" for k, v in self.match.items())
+
+
 class Stage(ABC, Generic[C]):
     """One pipeline step. Class attributes declare how the engine wires and versions it.
 
@@ -235,6 +250,9 @@ class Stage(ABC, Generic[C]):
     - ``aggregate``: True when one output is built from all items (``process`` then gets
       :class:`AggregateInputs` and the item id is the stage name).
     - ``config_type``: the stage's :class:`StageConfig` subclass.
+    - ``uses_split``: the engine puts the planned split into ``env.heldout_ids``.
+    - ``history_of``: aggregate upstream stages whose whole committed history it reads.
+    - ``partner_inputs``: per-item upstream stages read for the item's partner as well.
     """
 
     name: ClassVar[str]
@@ -242,6 +260,13 @@ class Stage(ABC, Generic[C]):
     requires: ClassVar[tuple[str, ...]] = ()
     aggregate: ClassVar[bool] = False
     config_type: ClassVar[type[StageConfig]]
+    uses_split: ClassVar[bool] = False  # gets the planned split's held-out ids (tasks.split)
+    # aggregate upstream stages whose every committed ``done`` version (not only the current
+    # one) reaches ``process`` as ``shared["<stage>@history"]`` (a ``CommittedHistory``)
+    history_of: ClassVar[tuple[str, ...]] = ()
+    # per-item upstream stages whose records of the item's partner (:meth:`partners`) reach
+    # ``process`` too, as ``records["<stage>@partner"]`` (their keys enter the item's key)
+    partner_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: C, env: StageEnv):
         self.config = config
@@ -249,6 +274,29 @@ class Stage(ABC, Generic[C]):
         # name -> tasks.pools.ModelPool; remote pools are attached by the executor before
         # setup(), which builds local ones for the rest (see tasks.pools)
         self.pools: dict[str, Any] = {}
+        # the distributed-training launcher (tasks.train.TrainLauncher), attached by the
+        # executor like the pools; only stages that train use it
+        self.trainer: Any = None
+
+    @classmethod
+    def actor_resources(cls, config: C) -> Resources:
+        """What one worker of this stage reserves (default: ``config.resources``).
+
+        A stage that schedules its own workers (training on Ray Train) reserves little for
+        the process that drives them and gives ``config.resources`` to those workers.
+        """
+        return config.resources
+
+    def prior_outputs(self) -> dict[str, PriorOutput]:
+        """Committed outputs of earlier runs this stage builds on, by input name (e.g. the
+        checkpoint a training stage starts from). The planner looks each up in the catalog
+        and passes it in ``shared``; its item key becomes part of this stage's keys."""
+        return {}
+
+    def partners(self, item_ids: list[str]) -> dict[str, str]:
+        """Item id -> another planned item whose ``partner_inputs`` it reads (e.g. the clip
+        whose audio drives a cross-audio generation); items without one are left out."""
+        return {}
 
     def model_specs(self) -> list[Any]:
         """Models this stage loads (``models.registry.ModelSpec``); fingerprinted into keys."""

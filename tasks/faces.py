@@ -90,6 +90,11 @@ class FacesConfig(StageConfig):
     retinaface_weights: str | None = Field(
         None, description="state dict or hub zip; relative to data_root; None = torch hub cache"
     )
+    retinaface_flavour: Literal["auto", "retinaface-pytorch", "biubug6"] = Field(
+        "auto",
+        description="input normalisation the RetinaFace weights were trained with; auto "
+        "decides from the file (see models.retinaface_weights)",
+    )
     detect_every_k: int = Field(5, ge=1, description="run the detector on every k-th frame")
     detect_max_side_px: int = Field(480, ge=64, description="frames are detected at this size")
     detect_min_face_px: int = Field(
@@ -153,7 +158,9 @@ class FacesStage(Stage[FacesConfig]):
     """Detect/track/crop the main face; writes crops.mp4 and boxes.parquet."""
 
     name = "faces"
-    code_version = "2"  # 2: one pass, adaptive keyframe detection, strided shot scores
+    # 2: one pass, adaptive keyframe detection, strided shot scores; 3: RetinaFace gets its
+    # weights' own preprocessing and keeps boxes that cross the frame edge unclipped
+    code_version = "3"
     requires = ("download",)
     config_type = FacesConfig
 
@@ -180,6 +187,7 @@ class FacesStage(Stage[FacesConfig]):
             max_side_px=cfg.detect_max_side_px,
             min_face_size_px=cfg.detect_min_face_px,
             num_threads=max(1, int(cfg.resources.num_cpus)),
+            retinaface_flavour=cfg.retinaface_flavour,
         )
         fp = self.env.model_fingerprints.get(cfg.detector) or self.detector.fingerprint()
         self.detector_label = f"{cfg.detector}@{fp.sha256[:12]}"

@@ -76,6 +76,8 @@ from tasks.pools import PoolSpec, complete_pools
 from tasks.records import ClipFeatures, FaceTrack, FeatureFile, NormalizedClip, SpeechTags
 
 VAE_FAMILIES = ("vae-flux1", "vae-sd", "vae-flux2")
+# feature families computed from the clip's audio (cross-audio generation swaps exactly these)
+AUDIO_FEATURES = frozenset({"hubert", "sensevoice", "whisper"})
 STEPS_PER_FRAME = 2
 
 

@@ -2,28 +2,29 @@
 
 Three mechanisms, each covering what the others cannot:
 
-- **Parent-death signal** (:func:`die_with_parent`): Linux ``prctl(PR_SET_PDEATHSIG)``
-  through ``ctypes``, so the kernel SIGKILLs a process the moment its parent dies, even
-  when the parent was SIGKILLed. It survives ``execve``, so :func:`guarded_command` wraps a
-  command line (``python -m tasks.lifetime -- cmd...``) to give it to a
-  program we cannot edit (``accelerate launch``). Caveat: the signal fires when the parent
-  *thread* that forked exits, which is why the long-lived Ray actor / CLI thread that runs
-  a stage is the one that starts the launch.
-- **Watchdog thread** (:func:`start_watchdog`): polls the parent and any named owner pid
-  (with its start time, so a recycled pid is not mistaken for the owner) and SIGKILLs its
-  own process when one is gone. It covers non-Linux systems and processes whose parent is
-  not the owner (torchrun starts ranks in their own sessions, so killing the run's process
-  group never reaches them; a rank watches the stage process itself).
 - **Work-dir lock** (:class:`WorkDirLock`): an ``flock``-held ``owner.json`` naming pid,
-  host, process start time and a run token that every process of the training carries in
-  its environment (:data:`MARK_ENV`). The kernel drops the ``flock`` when its holder dies,
-  so a free lock with an owner record means the owner is gone; any process still carrying
-  that owner's token (an orphan of the earlier run) is then SIGKILLed, and waited for,
-  before the new trainer starts. A lock held by a live process fails typed and retryable.
+  host, process start time and a run token. The trainer hands the token to every process of
+  the training through its environment (:data:`MARK_ENV`; on Ray Train the run's
+  ``runtime_env``, which the controller, the workers and their loader processes inherit).
+  The kernel drops the ``flock`` when its holder dies, so a free lock with an owner record
+  means the owner is gone; any process still carrying that owner's token (an orphan of the
+  earlier run) is then SIGKILLed, and waited for, before the new trainer starts. A lock held
+  by a live process fails typed and retryable.
+- **Watchdog thread** (:func:`start_watchdog`): polls the parent and the owner named in the
+  environment (pid plus start time, so a recycled pid is not mistaken for the owner) and
+  SIGKILLs its own process when one is gone. Training workers run it: a Ray worker's parent
+  is the raylet, not the stage that owns the run, so only the owner check reaches it when the
+  stage process dies while Ray lives on. It watches the owner only on the owner's host.
+- **Parent-death signal** (:func:`die_with_parent`): Linux ``prctl(PR_SET_PDEATHSIG)``
+  through ``ctypes``: the kernel SIGKILLs a process the moment its parent dies, even a
+  SIGKILLed parent. Data-loader processes set it (their parent is the training worker), as
+  do training workers (parent: the raylet). Caveat: it fires when the parent *thread* that
+  forked exits, so loader processes are forked from the worker's main thread.
 
+Across hosts, Ray's ownership does the rest: actors die with the process that created
+them, so the Ray Train controller and workers of a dead stage process are killed by Ray.
 Everything is Linux-first (``/proc``); elsewhere the lock and watchdog still work, and
-orphan detection is limited to what ``/proc`` would have shown. Ray Train workers call
-:func:`guard_current_process` with the driver's pid exactly like the accelerate ranks do.
+orphan detection is limited to what ``/proc`` would have shown.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from pathlib import Path
 MARK_ENV = "TALKFORGE_RUN_MARK"  # the run mark every process of a training carries
 OWNER_PID_ENV = "TALKFORGE_OWNER_PID"
 OWNER_START_ENV = "TALKFORGE_OWNER_START"
+OWNER_HOST_ENV = "TALKFORGE_OWNER_HOST"
 LOCK_NAME = "owner.lock"
 OWNER_NAME = "owner.json"
 PR_SET_PDEATHSIG = 1
@@ -121,17 +123,14 @@ def start_watchdog(
 
 
 def guard_current_process() -> None:
-    """Called first thing in a training rank: die with the parent and with the owner named
-    in the environment (:data:`OWNER_PID_ENV`, set by :meth:`WorkDirLock.child_env`)."""
+    """Called first thing in a training process: die with the parent and with the owner
+    named in the environment (:meth:`WorkDirLock.child_env`) when it runs on this host."""
     die_with_parent()
     owner = os.environ.get(OWNER_PID_ENV)
     start = os.environ.get(OWNER_START_ENV)
+    if os.environ.get(OWNER_HOST_ENV, socket.gethostname()) != socket.gethostname():
+        owner = None  # another host's pid means nothing here; Ray's ownership covers it
     start_watchdog(int(owner) if owner else None, int(start) if start else None)
-
-
-def guarded_command(cmd: list[str]) -> list[str]:
-    """``cmd`` run through this module, so it gets the parent-death signal before exec."""
-    return [sys.executable, "-m", "tasks.lifetime", "--", *cmd]
 
 
 def processes_with_token(token: str) -> list[int]:
@@ -236,6 +235,7 @@ class WorkDirLock:
             MARK_ENV: self.owner.token,
             OWNER_PID_ENV: str(self.owner.pid),
             OWNER_START_ENV: "" if self.owner.start_ticks is None else str(self.owner.start_ticks),
+            OWNER_HOST_ENV: self.owner.host,
         }
 
     def release(self) -> None:
@@ -248,15 +248,3 @@ class WorkDirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _exec_main(argv: list[str]) -> None:
-    """``python -m tasks.lifetime -- cmd...``: parent-death signal, then exec ``cmd``."""
-    if not argv or argv[0] != "--" or len(argv) < 2:
-        sys.exit("usage: python -m tasks.lifetime -- COMMAND [ARGS...]")
-    die_with_parent()
-    os.execvp(argv[1], argv[1:])  # noqa: S606 -- our own argv, no shell
-
-
-if __name__ == "__main__":
-    _exec_main(sys.argv[1:])

@@ -7,6 +7,7 @@ so a downstream stage always gets exactly the type its upstream committed.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import Field
@@ -14,6 +15,12 @@ from pydantic import Field
 from models.fingerprint import ModelFingerprint
 from storage.store import ArtifactRef
 from tasks.base import Record
+from tasks.records_eval import ClipMetrics as ClipMetrics  # evaluation records: re-exported
+from tasks.records_eval import EvalSetMetrics as EvalSetMetrics
+from tasks.records_eval import EvalSummaryRow as EvalSummaryRow
+from tasks.records_eval import GeneratedClip as GeneratedClip
+from tasks.records_eval import GeneratedVideo as GeneratedVideo
+from tasks.records_eval import MetricRow as MetricRow
 
 
 class CropBox(Record):
@@ -322,111 +329,91 @@ class MemoryBank(Record):
 
 
 class TrainStep(Record):
+    """One optimizer step of a training run (means over workers and accumulated micro-steps)."""
+
     step: int
-    loss: float  # what the optimiser minimised, mean over ranks
-    lr: float
-    terms: dict[str, float] = Field(default_factory=dict)  # other named losses, rank mean
+    loss: float  # what the optimiser minimised
+    lr: float  # of the first parameter group (see lrs for every group)
+    terms: dict[str, float] = Field(default_factory=dict)  # other named losses
+    grad_norm: float | None = None  # total L2 norm before clipping
+    samples_per_s: float | None = None  # global samples of the step / its wall time
+    data_wait_s: float | None = None  # time the step waited for its batches (worker 0)
+    lrs: list[float] = Field(default_factory=list)  # every parameter group's lr
+
+
+class CheckpointParent(Record):
+    """What a training run started from: a committed checkpoint or official weights."""
+
+    kind: str  # parent / weights
+    family: str
+    training_stage: str = ""
+    artifact_id: str = ""  # the parent checkpoint artifact (kind == parent)
+    sha256: str = ""  # weights file hash
+    transfer: dict[str, int] = Field(default_factory=dict)  # weights transfer counts
 
 
 class TrainedCheckpoint(Record):
-    """A trained model of one family (train stage output)."""
+    """A trained model of one family (train stage output) and its lineage.
+
+    Clips, feature files and bank are the item's input artifacts in the catalog
+    (``artifacts.input_artifact_ids``); ``parent`` names the checkpoint it started from.
+    """
 
     family: str  # the model family (``generators.registry``) that rebuilds and samples it
     checkpoint: ArtifactRef  # safetensors weights
     model_config_json: str  # the family's model spec JSON, to rebuild the network
     steps: int
-    num_processes: int
+    num_processes: int  # world size (Ray Train workers)
     train_clips: list[str]
     resumed_from_step: int
     history: list[TrainStep]
+    training_stage: str = "main"
+    parent: CheckpointParent | None = None
+    config_hash: str = ""  # the train config's params hash
+    bank_sha256: str = ""
+    manifest_fingerprint: str = ""
+    worker_restarts: int = 0  # lost workers Ray Train replaced during the run
 
     def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
         return {
             "train_metrics": [
-                {"step": h.step, "loss": h.loss, "lr": h.lr, "num_processes": self.num_processes}
+                {
+                    "step": h.step,
+                    "loss": h.loss,
+                    "lr": h.lr,
+                    "num_processes": self.num_processes,
+                    "grad_norm": h.grad_norm,
+                    "samples_per_s": h.samples_per_s,
+                    "terms_json": json.dumps(h.terms, sort_keys=True),
+                    "family": self.family,
+                    "training_stage": self.training_stage,
+                }
                 for h in self.history
             ]
         }
 
 
-class GeneratedClip(Record):
-    """Frames generated for a held-out clip from the checkpoint, muxed with the clip's audio."""
+class CommittedVersion(Record):
+    """One committed ``done`` output of a stage (any version, not only the current one)."""
 
-    clip_id: str
-    video: ArtifactRef
-    num_frames: int
-    fps: float
-    crop_size_px: int
+    item_key: str
+    record_type: str
+    record_json: str
 
-
-class ClipMetrics(Record):
-    """Clip-level metrics of a generated clip (``values``) and of its ground truth against
-    itself (``reference``, the table's ground-truth row), by family, checkpoint and setting.
-
-    ``features``: the Inception / I3D features the ``evaluate_set`` stage needs for FID/FVD;
-    ``model_origins``: metric network family → ``random-init`` or ``pretrained``.
-    """
-
-    clip_id: str
-    num_frames: int
-    psnr_db: float | None = None
-    ssim: float | None = None
-    family: str = ""
-    checkpoint: str = ""
-    setting: str = "self"
-    values: dict[str, float] = Field(default_factory=dict)
-    reference: dict[str, float] = Field(default_factory=dict)
-    features: ArtifactRef | None = None
-    model_origins: dict[str, str] = Field(default_factory=dict)
-
-    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
-        return {"eval_metrics": eval_rows(self, self.num_frames, "clip")}
+    def record(self) -> Record:
+        return record_from_json(self.record_type, self.record_json)
 
 
-def eval_rows(rec: ClipMetrics | EvalSetGroup, num_frames: int, level: str) -> list[dict]:
-    """``eval_metrics`` rows: one per metric and row (generated / ground_truth)."""
-    origins = ",".join(sorted(set(rec.model_origins.values())))
-    return [
-        {
-            "metric": metric,
-            "value": float(value),
-            "num_frames": num_frames,
-            "family": rec.family,
-            "checkpoint": rec.checkpoint,
-            "setting": rec.setting,
-            "row": row,
-            "level": level,
-            "model_origin": origins,
-        }
-        for row, values in (("generated", rec.values), ("ground_truth", rec.reference))
-        for metric, value in sorted(values.items())
-    ]
+class CommittedHistory(Record):
+    """Every committed ``done`` version of an aggregate stage's output, oldest first (what a
+    stage with ``history_of`` gets as ``shared["<stage>@history"]``, e.g. every checkpoint
+    the train stage ever committed, for the generate stage)."""
 
+    stage: str
+    versions: list[CommittedVersion]
 
-class EvalSetGroup(Record):
-    """Set-level metrics (FID, FVD, FVD at 32…512 frames) of one family, checkpoint, setting.
-
-    ``notes``: why a set metric is absent (e.g. FVD needs 2 clips of at least 36 frames).
-    """
-
-    family: str
-    checkpoint: str
-    setting: str
-    num_clips: int
-    num_frames: int
-    values: dict[str, float]
-    reference: dict[str, float]
-    model_origins: dict[str, str] = Field(default_factory=dict)
-    notes: list[str] = Field(default_factory=list)
-
-
-class EvalSetMetrics(Record):
-    """The ``evaluate_set`` output: one group per family, checkpoint and setting."""
-
-    groups: list[EvalSetGroup]
-
-    def stats_rows(self) -> dict[str, list[dict[str, Any]]]:
-        return {"eval_metrics": [r for g in self.groups for r in eval_rows(g, g.num_frames, "set")]}
+    def records(self) -> list[Record]:
+        return [v.record() for v in self.versions]
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
@@ -439,6 +426,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         ClipFeatures,
         MemoryBank,
         TrainedCheckpoint,
+        CommittedHistory,
         GeneratedClip,
         ClipMetrics,
         EvalSetMetrics,

@@ -2,198 +2,150 @@
 
 The stage does not know the family: ``train.family`` (default ``musetalk15``) selects one
 from :mod:`generators.registry`, whose config fields sit beside the stage's own
-(``train: {family: musetalk15, steps: 20, audio_window_frames: 2}``), validated as one
-discriminated union at start. The family declares which feature files it reads; the
-stage checks their headers, and the ranks hand the data, batches and losses to the family.
+(:mod:`tasks.train_config`), validated as one discriminated union at start. The family
+declares which feature files it reads; the stage checks their headers, and the training
+workers hand the data, batches and losses to the family (:mod:`tasks.train_loop`).
 
 The stage itself does no training. It writes a manifest (training clips' feature files,
-the Engram bank, hyper-parameters, the family config) into a **persistent** work dir
-``<data_root>/work/train/<item_key[:20]>/`` and runs ``accelerate launch`` as a subprocess;
-the ranks (:mod:`tasks.train_worker`) checkpoint there. The item key changes with inputs,
-code and config, so the same key means the same training run: a run interrupted for any
-reason (killed worker, lost node, Ctrl-C) is retried by the engine, finds the work dir and
-resumes from its last checkpoint instead of starting over.
+the Engram bank, loop settings, world size, the starting weights) into a **persistent**
+work dir ``<data_root>/work/train/<item_key[:20]>/`` and hands a :class:`TrainJob` to the
+launcher the executor attached (``self.trainer``: :class:`talkforge.ray_train.
+RayTrainLauncher`, Ray Train's ``TorchTrainer`` on the pipeline's Ray). Checkpoints land in
+the work dir. The item key changes with inputs, code and config, so the same key means the
+same training run: a run interrupted for any reason (killed worker, killed driver, lost
+node, Ctrl-C) is retried by the engine, finds the work dir and resumes from its last
+checkpoint instead of starting over.
 
-**Two CPU processes with accelerate.** ``accelerate launch --cpu --num_processes 2`` starts
-*one* process (the ``--cpu`` path uses the simple launcher, which only fans out through
-``mpirun``); ``--multi_gpu --num_processes 2`` alone starts two processes that each train
-alone on a machine without CUDA (distributed type NO). What gives two ranks with gloo DDP
-is ``--multi_gpu`` (torchrun fan-out) plus ``ACCELERATE_USE_CPU=true`` in the environment
-(each rank's ``Accelerator`` then picks ``MULTI_CPU``/gloo). A config file written here is
-passed too, so a user's ``default_config.yaml`` cannot change the launch, and
-``--main_process_port 0`` picks a free port so concurrent runs do not collide. The ranks'
-reports are checked after the run: all trained, same final weights.
+**Lifetime.** One trainer owns a work dir (:class:`tasks.lifetime.WorkDirLock`); its run
+token travels in the environment of every training process, so a dead owner's leftovers
+are found and ended before a new trainer starts, and each training process dies with the
+stage process that owns it (see :mod:`tasks.lifetime`).
 
-Trade-off: training runs on the worker's host in a child process group; the stage's
-``resources.num_cpus`` should cover ``num_processes``.
+**Stages of training.** ``training_stage`` (a family config field) names what is trained;
+``init_from`` says what step 0 starts from: ``{stage: stage1}`` is the latest committed
+checkpoint of that training stage, found in the catalog when the stage is planned (its key
+is part of this run's key, and its artifact is read through the item context, so lineage
+records it); ``{weights: ..., source_family: ...}`` is an official checkpoint resolved and
+fingerprinted by the model registry and converted by the family's ``transfer_weights``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
-
-from pydantic import Field, TypeAdapter
+from typing import ClassVar, Protocol
 
 from generators import registry
-from generators.family import DataLayout
+from generators.family import DataLayout, TrainingAssets
 from generators.io import tensor_shape
+from models.registry import ModelUnavailableError, ensure_model
 from storage.store import ArtifactRef
 from tasks.base import (
     AggregateInputs,
     FailureKind,
     ItemContext,
     ItemFailure,
+    PriorOutput,
     Record,
+    Resources,
     Stage,
     StageConfig,
 )
-from tasks.lifetime import WorkDirBusy, WorkDirLock, guarded_command
-from tasks.records import ClipFeatures, MemoryBank, TrainedCheckpoint, TrainStep
+from tasks.lifetime import WorkDirBusy, WorkDirLock
+from tasks.records import (
+    CheckpointParent,
+    ClipFeatures,
+    MemoryBank,
+    QualityVerdict,
+    TrainedCheckpoint,
+)
 from tasks.split import is_heldout
+from tasks.train_config import (
+    InitFromStage,
+    InitFromWeights,
+    TrainConfig,
+    TrainStageConfig,
+    train_config,
+    training_stage,
+)
 from tasks.train_data import (
-    CHECKPOINT_NAME,
     HISTORY_NAME,
     MANIFEST_NAME,
     RANKS_DIR,
     ClipEntry,
+    InitSource,
     TrainManifest,
     load_checkpoint,
+    read_history,
 )
+from tasks.train_loop import ATTEMPTS_NAME
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["TrainConfig", "TrainJob", "TrainLauncher", "TrainResult", "TrainStage", "train_config"]
+
 WEIGHTS_NAME = "model.safetensors"
-ACCELERATE_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: {distributed_type}
-num_processes: {num_processes}
-num_machines: 1
-machine_rank: 0
-mixed_precision: '{mixed_precision}'
-use_cpu: true
-gpu_ids: all
-debug: false
-rdzv_backend: static
-same_network: true
-main_training_function: main
-downcast_bf16: 'no'
-"""
+INIT_INPUT = "init"  # the shared input holding the parent checkpoint
 
 
-class TrainStageConfig(StageConfig):
-    """The stage's own fields; each registered family's config is merged in (``TrainConfig``)."""
+@dataclass(frozen=True)
+class TrainJob:
+    """What a launcher needs to run one training (picklable: it travels to Ray)."""
 
-    steps: int = Field(20, ge=1, description="optimizer steps in total (resumes count)")
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(4, ge=1, description="frames per process per step")
-    num_processes: int = Field(2, ge=1, le=64, description="DDP ranks (CPU processes)")
-    checkpoint_every: int = Field(5, ge=1, description="steps between resumable checkpoints")
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    manifest_path: Path
+    work_dir: Path
+    run_name: str  # one per manifest fingerprint: the same name resumes
+    world_size: int
+    num_cpus: float  # per worker
+    num_gpus: float  # per worker; 0 = CPU workers with gloo
+    max_failures: int
+    env: dict[str, str]  # the lock's run token and owner: every training process carries it
 
 
-TrainConfig = registry.config_union(TrainStageConfig)
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint_dir: Path  # the run's last checkpoint (model, optimizer, scheduler, sampler)
 
 
-def train_config(**values: object) -> TrainStageConfig:
-    """Validate a train section (``family`` selects the member; default musetalk15)."""
-    return TypeAdapter(TrainConfig).validate_python(values)
+class TrainLauncher(Protocol):
+    def fit(self, job: TrainJob) -> TrainResult:
+        """Run the job to its last step (resuming from its checkpoints); ``ItemFailure``
+        when it fails."""
 
 
 def work_dir_for(data_root: str | Path, item_key: str) -> Path:
     return Path(data_root) / "work" / "train" / item_key[:20]
 
 
-def launch_command(
-    manifest_path: Path, config_path: Path, num_processes: int, mp: str
-) -> list[str]:
-    """The ``accelerate launch`` argument list (run with :func:`launch_env`)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path)]
-    if num_processes > 1:
-        cmd += ["--multi_gpu", "--main_process_port", "0"]
-    else:
-        cmd += ["--cpu"]
-    cmd += [
-        "--num_processes", str(num_processes),
-        "--num_machines", "1",
-        "--mixed_precision", mp,
-        "--dynamo_backend", "no",
-        "-m", "tasks.train_worker",
-        "--manifest", str(manifest_path),
-    ]  # fmt: skip
-    return cmd
-
-
-def launch_env(num_processes: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["ACCELERATE_USE_CPU"] = "true"
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_processes))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM the launcher (torchrun forwards it to the ranks, which run in their own
-    sessions), then SIGKILL its process group if it has not exited within ``grace_s``."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-_RANK_ERROR = re.compile(r"^\[rank(\d+)\]: ([A-Za-z_][\w.]*(?:Error|Exception)\b.*)$")
-
-
-def failure_summary(stderr_log: Path, offset: int = 0, limit: int = 600) -> str:
-    """One line from a failed launch's stderr: the first rank exception, torchrun's root cause.
-
-    Only the bytes after ``offset`` (this launch's part of an appended log) are read.
-    torchrun ends stderr with a summary whose last lines say little ("To enable traceback
-    see ..."), so the rank's own exception line is searched for first.
-    """
-    try:
-        with stderr_log.open("rb") as f:
-            f.seek(offset)
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return "no stderr"
-    parts: list[str] = []
-    for line in lines:
-        m = _RANK_ERROR.match(line.strip())
-        if m:
-            parts.append(f"rank {m.group(1)}: {m.group(2)}")
-            break
-    if "Root Cause (first observed failure):" in lines:
-        root = lines[lines.index("Root Cause (first observed failure):") :]
-        parts += [ln.strip() for ln in root if ln.strip().startswith(("exitcode", "traceback"))][:2]
-    if not parts:
-        parts = [ln.strip() for ln in lines[-4:] if ln.strip()]
-    return " | ".join(parts)[:limit]
-
-
 class TrainStage(Stage[TrainStageConfig]):
     """Aggregate stage: all training clips in, one ``model.safetensors`` checkpoint out."""
 
     name: ClassVar[str] = "train"
-    code_version: ClassVar[str] = "2"
-    requires: ClassVar[tuple[str, ...]] = ("features", "engram")
+    code_version: ClassVar[str] = "3"
+    requires: ClassVar[tuple[str, ...]] = ("quality", "features", "engram")
     aggregate: ClassVar[bool] = True
     config_type: ClassVar[type[StageConfig]] = TrainStageConfig  # merged with a family's
 
+    @classmethod
+    def actor_resources(cls, config: TrainStageConfig) -> Resources:
+        """The stage process only drives Ray Train; ``resources`` size the workers."""
+        return Resources(num_cpus=0.01, num_workers=1)
+
     def accepts(self, item_id: str, shared: dict[str, Record]) -> bool:
         return not is_heldout(item_id, self.env)
+
+    def model_specs(self) -> list:
+        init = self.config.init_from
+        assets = list(registry.instantiate(self.config).asset_specs().values())
+        return assets + ([init.weights] if isinstance(init, InitFromWeights) else [])
+
+    def prior_outputs(self) -> dict[str, PriorOutput]:
+        init = self.config.init_from
+        if not isinstance(init, InitFromStage):
+            return {}
+        family = init.family or str(self.config.family)  # type: ignore[attr-defined]
+        match = {"family": family, "training_stage": init.stage}
+        return {INIT_INPUT: PriorOutput(stage=self.name, match=match)}
 
     # ------------------------------------------------------------------ manifest
 
@@ -205,19 +157,16 @@ class TrainStage(Stage[TrainStageConfig]):
             raise ItemFailure(FailureKind.INTERNAL, "train: no committed engram memory bank")
         return rec
 
-    def build_manifest(
-        self, inputs: AggregateInputs, ctx: ItemContext, work: Path
-    ) -> TrainManifest:
-        """Validate each clip's feature headers (no tensor data is read) into a manifest.
+    def _clips(self, inputs: AggregateInputs, ctx: ItemContext, family) -> tuple:
+        """Validate each clip's feature headers (no tensor data is read).
 
-        The family says which feature files it reads; each must exist, be readable and have
-        ``num_frames`` rows. A clip that fails is skipped (listed in the manifest's
-        ``skipped`` with the reason) rather than failing the whole training run. All clips
-        must agree on per-frame shapes and on the model that made each feature.
+        The family says which feature files it reads; each must exist and be readable, and
+        a frame-aligned one must have ``num_frames`` rows (``clip_features`` have no frame
+        axis, ``row_features`` their own). A clip that fails is skipped (listed with the
+        reason) rather than failing the run. All clips must agree on the per-frame shapes
+        and on the model that made each feature. Each clip carries its quality soft-rule
+        weight (sampling weight) and its wav.
         """
-        cfg = self.config
-        family = registry.instantiate(cfg)
-        bank = self._bank(inputs) if family.uses_memory_bank else None
         entries: list[ClipEntry] = []
         skipped: list[str] = []
         shapes: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
@@ -229,27 +178,40 @@ class TrainStage(Stage[TrainStageConfig]):
                 feats = item.get("features", ClipFeatures)
                 files = {f: feats.file(f) for f in family.features}
                 paths = {f: ctx.local_path(ff.artifact) for f, ff in files.items()}
-                clip_shapes = {
-                    f: tensor_shape(paths[f], name) for f, name in family.features.items()
-                }
+                full = {f: tensor_shape(paths[f], name) for f, name in family.features.items()}
             except (KeyError, TypeError) as exc:
                 skipped.append(f"{item.item_id}: {exc}")
                 continue
             except Exception as exc:  # any unreadable header: skip the clip, keep training
                 skipped.append(f"{item.item_id}: unreadable features ({exc})")
                 continue
-            if any(len(v) < 2 or v[0] != feats.num_frames for v in clip_shapes.values()):
-                skipped.append(f"{item.item_id}: features {clip_shapes} misaligned")
+            aligned = {
+                f: v for f, v in full.items() if f not in family.clip_features | family.row_features
+            }
+            if any(len(v) < 2 or v[0] != feats.num_frames for v in aligned.values()):
+                skipped.append(f"{item.item_id}: features {full} misaligned")
                 continue
-            shapes.add(tuple(sorted((f, tuple(v[1:])) for f, v in clip_shapes.items())))
+            shapes.add(
+                tuple(
+                    sorted(
+                        (f, tuple(v if f in family.clip_features else v[1:]))
+                        for f, v in full.items()
+                    )
+                )
+            )
             for f, ff in files.items():
                 model_shas[f].add(ff.model.sha256)
+            verdict = item.records.get("quality")
             entries.append(
                 ClipEntry(
                     clip_id=item.item_id,
                     num_frames=feats.num_frames,
                     paths={f: str(p) for f, p in paths.items()},
                     sha256={f: ff.artifact.sha256 for f, ff in files.items()},
+                    sampling_weight=(
+                        verdict.sampling_weight if isinstance(verdict, QualityVerdict) else 1.0
+                    ),
+                    audio_path=str(ctx.local_path(feats.audio)),
                 )
             )
         if not entries:
@@ -263,143 +225,201 @@ class TrainStage(Stage[TrainStageConfig]):
                 f"train: clips disagree on feature shapes {sorted(shapes)} or come from "
                 f"several models ({mixed})",
             )
-        layout = DataLayout(shapes={f: list(v) for f, v in shapes.pop()})
+        return entries, skipped, DataLayout(shapes={f: list(v) for f, v in shapes.pop()})
+
+    def _assets(self, family, inputs: AggregateInputs) -> TrainingAssets:
+        """Local paths of the frozen models the family's losses need: the registry's specs
+        (fingerprinted into the key by :meth:`model_specs`) and the features' own VAE."""
+        models = {}
+        for name, spec in family.asset_specs().items():
+            try:
+                path = ensure_model(spec, Path(self.env.data_root))
+            except ModelUnavailableError as exc:
+                raise ItemFailure(FailureKind.MODEL, f"train: {name}: {exc}") from exc
+            models[name] = str(path) if path else spec.source
+        vae = None
+        if family.needs_vae_decoder():
+            feats = inputs.items[0].get("features", ClipFeatures)
+            vae = feats.file("vae_latents").model.resolved_path
+        return TrainingAssets(vae=vae, models=models)
+
+    def _init_source(
+        self, inputs: AggregateInputs, ctx: ItemContext
+    ) -> tuple[InitSource | None, CheckpointParent | None]:
+        init = self.config.init_from
+        if isinstance(init, InitFromStage):
+            parent = inputs.shared.get(INIT_INPUT)
+            if not isinstance(parent, TrainedCheckpoint):
+                raise ItemFailure(FailureKind.INTERNAL, "train: the parent checkpoint is missing")
+            source = InitSource(
+                kind="parent",
+                path=str(ctx.local_path(parent.checkpoint)),  # recorded as lineage
+                sha256=parent.checkpoint.sha256,
+                family=parent.family,
+                spec_json=parent.model_config_json,
+                label=f"{parent.family}/{parent.training_stage} {parent.checkpoint.artifact_id}",
+            )
+            return source, CheckpointParent(
+                kind="parent",
+                family=parent.family,
+                training_stage=parent.training_stage,
+                artifact_id=parent.checkpoint.artifact_id,
+                sha256=parent.checkpoint.sha256,
+            )
+        if isinstance(init, InitFromWeights):
+            try:
+                path = ensure_model(init.weights, Path(self.env.data_root))
+            except ModelUnavailableError as exc:
+                raise ItemFailure(FailureKind.MODEL, f"train: init weights: {exc}") from exc
+            if path is None:
+                raise ItemFailure(
+                    FailureKind.MODEL,
+                    f"train: init weights {init.weights.source} must be a local file "
+                    "(import it with `talkforge models import`)",
+                    retryable=False,
+                )
+            fp = self.env.model_fingerprints.get(init.weights.family)
+            sha = fp.sha256 if fp else ""
+            source = InitSource(
+                kind="weights",
+                path=str(path),
+                sha256=sha,
+                family=init.source_family,
+                label=f"{init.weights.family} {sha[:12]}",
+            )
+            return source, CheckpointParent(kind="weights", family=init.source_family, sha256=sha)
+        return None, None
+
+    def build_manifest(
+        self, inputs: AggregateInputs, ctx: ItemContext, work: Path
+    ) -> tuple[TrainManifest, CheckpointParent | None]:
+        cfg = self.config
+        family = registry.instantiate(cfg)
+        bank = self._bank(inputs) if family.uses_memory_bank else None
+        entries, skipped, layout = self._clips(inputs, ctx, family)
+        init, parent = self._init_source(inputs, ctx)
+        assets = self._assets(family, inputs)
+        res = cfg.resources
         manifest = TrainManifest(
             work_dir=str(work),
             model=registry.family_config(cfg),
+            settings=TrainStageConfig.model_validate(
+                cfg.model_dump(include=set(TrainStageConfig.model_fields))
+            ),
+            world_size=res.num_workers,
+            use_gpu=res.num_gpus > 0,
             clips=entries,
             bank_path=str(ctx.local_path(bank.bank)) if bank else None,
             bank_sha256=bank.bank.sha256 if bank else None,
             layout=layout,
-            steps=cfg.steps,
-            learning_rate=cfg.learning_rate,
-            batch_size=cfg.batch_size,
-            num_processes=cfg.num_processes,
-            checkpoint_every=cfg.checkpoint_every,
-            seed=cfg.seed,
+            init=init,
+            assets=assets,
             skipped=skipped,
         )
         try:
             manifest.spec()
         except ValueError as exc:
             raise ItemFailure(FailureKind.FORMAT, f"train: {family.name}: {exc}") from exc
-        return manifest
+        if cfg.mixed_precision != "no" and res.num_gpus == 0:
+            raise ItemFailure(
+                FailureKind.FORMAT,
+                f"train: mixed_precision {cfg.mixed_precision} needs GPU workers "
+                "(train.resources.num_gpus > 0); use 'no' on CPU",
+                retryable=False,
+            )
+        return manifest, parent
 
     # ------------------------------------------------------------------ run
 
-    def run_training(self, manifest: TrainManifest) -> None:
-        """Launch the ranks and wait; a non-zero exit becomes ``ItemFailure(INTERNAL)``."""
-        cfg = self.config
+    def run_training(self, manifest: TrainManifest) -> TrainResult:
+        """Hold the work dir, hand the job to the launcher, return its last checkpoint."""
+        if self.trainer is None:
+            raise ItemFailure(FailureKind.INTERNAL, "train: no training launcher attached")
         work = Path(manifest.work_dir)
-        if cfg.mixed_precision == "fp16":
-            raise ItemFailure(
-                FailureKind.INTERNAL,
-                "train: fp16 mixed precision needs CUDA; the ranks run on CPU (use bf16 or no)",
-                retryable=False,
-            )
-        try:  # one trainer per work dir; a dead owner's orphaned ranks are ended first
+        try:  # one trainer per work dir; a dead owner's leftover processes are ended first
             lock = WorkDirLock(work).acquire()
         except WorkDirBusy as exc:
             raise ItemFailure(FailureKind.INTERNAL, f"train: {exc}", retryable=True) from exc
         try:
-            self._launch(manifest, lock)
+            manifest.write(work / MANIFEST_NAME)
+            for old in (work / RANKS_DIR).glob("*"):
+                old.unlink()
+            run_name = f"ray-{manifest.fingerprint()[:16]}"
+            for stale in work.glob("ray-*"):  # another world size's run of this item key
+                if stale.name != run_name:
+                    shutil.rmtree(stale)
+            res = self.config.resources
+            job = TrainJob(
+                manifest_path=work / MANIFEST_NAME,
+                work_dir=work,
+                run_name=run_name,
+                world_size=manifest.world_size,
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus,
+                max_failures=self.config.max_failures,
+                env=lock.child_env({}),
+            )
+            return self.trainer.fit(job)
         finally:
             lock.release()
 
-    def _launch(self, manifest: TrainManifest, lock: WorkDirLock) -> None:
-        cfg = self.config
-        work = Path(manifest.work_dir)
-        manifest_path = work / MANIFEST_NAME
-        tmp = work / f".tmp-{MANIFEST_NAME}"
-        tmp.write_text(manifest.model_dump_json(indent=1))
-        os.replace(tmp, manifest_path)
-        config_path = work / "accelerate_config.yaml"
-        config_path.write_text(
-            ACCELERATE_CONFIG.format(
-                distributed_type="MULTI_GPU" if cfg.num_processes > 1 else "NO",
-                num_processes=cfg.num_processes,
-                mixed_precision=cfg.mixed_precision,
-            )
-        )
-        for old in (work / RANKS_DIR).glob("rank-*.json"):
-            old.unlink()
-        cmd = launch_command(manifest_path, config_path, cfg.num_processes, cfg.mixed_precision)
-        out_log, err_log = work / "launch.stdout.log", work / "launch.stderr.log"
-        err_offset = err_log.stat().st_size if err_log.exists() else 0
-        with out_log.open("ab") as out, err_log.open("ab") as err:
-            proc = subprocess.Popen(
-                guarded_command(cmd),  # dies with this process (parent-death signal)
-                cwd=REPO_ROOT,
-                env=lock.child_env(launch_env(cfg.num_processes)),
-                stdout=out,
-                stderr=err,
-                start_new_session=True,  # its own process group, stoppable as one
-            )
-            try:
-                code = proc.wait()
-            except BaseException:  # cancelled: stop the whole launch before re-raising
-                _stop(proc)
-                raise
-        if code != 0:
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            raise ItemFailure(
-                FailureKind.INTERNAL,
-                f"train: accelerate launch {how}: {failure_summary(err_log, err_offset)}",
-            )
-
-    def check_ranks(self, work: Path) -> dict:
-        """Every rank reported, trained if there was work, and ended with the same weights."""
-        n = self.config.num_processes
+    def check_ranks(self, work: Path, world: int) -> tuple[dict, int]:
+        """Every worker reported and trained; DDP replicas agree. Returns worker 0's report
+        and the number of worker-group restarts Ray Train made."""
         reports = [
             json.loads(p.read_text()) for p in sorted((work / RANKS_DIR).glob("rank-*.json"))
         ]
-        if sorted(r["rank"] for r in reports) != list(range(n)):
-            raise ItemFailure(FailureKind.INTERNAL, f"train: {len(reports)} of {n} ranks reported")
-        if n > 1 and any(r["distributed_type"] != "MULTI_CPU" for r in reports):
-            kinds = sorted({r["distributed_type"] for r in reports})
-            raise ItemFailure(FailureKind.INTERNAL, f"train: ranks ran as {kinds}, not MULTI_CPU")
-        if any(r["steps_run"] > 0 and r["samples_seen"] == 0 for r in reports):
-            raise ItemFailure(FailureKind.INTERNAL, "train: a rank saw no samples")
-        if len({r["state_sha256"] for r in reports}) != 1:
-            raise ItemFailure(FailureKind.INTERNAL, "train: ranks ended with different weights")
-        return next(r for r in reports if r["rank"] == 0)
+        if sorted(r["rank"] for r in reports) != list(range(world)):
+            raise ItemFailure(FailureKind.INTERNAL, f"train: {len(reports)}/{world} reported")
+        if any(r["world_size"] != world for r in reports):
+            raise ItemFailure(FailureKind.INTERNAL, "train: workers disagree on the world size")
+        shas = {r["state_sha256"] for r in reports if r["state_sha256"]}
+        if len(shas) > 1:
+            raise ItemFailure(FailureKind.INTERNAL, "train: workers ended with different weights")
+        attempts = (work / RANKS_DIR / ATTEMPTS_NAME).read_text().splitlines()
+        first = json.loads(attempts[0]) if attempts else {"resumed_from_step": 0}
+        rank0 = next(r for r in reports if r["rank"] == 0)
+        return {**rank0, "resumed_from_step": first["resumed_from_step"]}, len(attempts) - 1
 
     def process(self, inputs: AggregateInputs, ctx: ItemContext) -> TrainedCheckpoint:
         cfg = self.config
         work = work_dir_for(self.env.data_root, ctx.item_key)
         work.mkdir(parents=True, exist_ok=True)
-        manifest = self.build_manifest(inputs, ctx, work)
-        self.run_training(manifest)
-        rank0 = self.check_ranks(work)
+        manifest, parent = self.build_manifest(inputs, ctx, work)
+        result = self.run_training(manifest)
+        rank0, restarts = self.check_ranks(work, manifest.world_size)
 
-        state = load_checkpoint(work / CHECKPOINT_NAME)
-        if state.step != cfg.steps or state.manifest_fingerprint != manifest.fingerprint():
+        state = load_checkpoint(result.checkpoint_dir, with_optimizer=False)
+        if state.step != cfg.steps or state.fingerprint != manifest.fingerprint():
             raise ItemFailure(
                 FailureKind.INTERNAL,
                 f"train: last checkpoint is step {state.step}, not {cfg.steps}",
             )
-        family = manifest.family()
-        spec = manifest.spec()
+        family, spec = manifest.family(), manifest.spec()
         model = family.build(spec)
         model.load_state_dict(state.model, strict=True)
         out = ctx.scratch / WEIGHTS_NAME
         family.save_weights(out, model, spec)
         ref: ArtifactRef = ctx.commit(out, WEIGHTS_NAME, kind="checkpoint")
 
-        history = [
-            TrainStep(**json.loads(line))
-            for line in (work / HISTORY_NAME).read_text().splitlines()
-            if line.strip()
-        ]
+        history = read_history(work / HISTORY_NAME)
         if [h.step for h in history] != list(range(1, cfg.steps + 1)):
             raise ItemFailure(FailureKind.INTERNAL, "train: loss history is not steps 1..N")
+        if parent is not None and rank0.get("transfer"):
+            parent = parent.model_copy(update={"transfer": rank0["transfer"]})
         return TrainedCheckpoint(
             family=family.name,
             checkpoint=ref,
             model_config_json=spec.to_json(),
             steps=state.step,
-            num_processes=cfg.num_processes,
+            num_processes=manifest.world_size,
             train_clips=[c.clip_id for c in manifest.clips],
             resumed_from_step=int(rank0["resumed_from_step"]),
             history=history,
+            training_stage=training_stage(cfg),
+            parent=parent,
+            config_hash=cfg.params_hash(),
+            bank_sha256=manifest.bank_sha256 or "",
+            manifest_fingerprint=manifest.fingerprint(),
+            worker_restarts=restarts,
         )

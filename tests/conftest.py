@@ -42,6 +42,53 @@ def ray_session() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """One Prefect test server (SQLite in a temp dir) for the session; yields its API URL.
+
+    Flows called in this process use it; pass the URL as PREFECT_API_URL to subprocesses.
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
+
+
+CONFIG = str(REPO / "configs" / "default.yaml")
+FAST = ("train.steps=6", "train.checkpoint_every=3")  # a short training keeps the suite fast
+
+
+def invoke(*args: str) -> str:
+    """Run the CLI in this process; fail the test (with its output) on a non-zero exit."""
+    from typer.testing import CliRunner
+
+    from talkforge.cli import app
+
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def sets(root: Path, sample: Path, *extra: str) -> list[str]:
+    """``--set`` arguments pointing the default config at ``root`` and the sample dataset."""
+    out: list[str] = []
+    for item in (f"project.data_root={root}", f"download.sample.dir={sample}", *FAST, *extra):
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipeline_root(
+    tmp_path_factory: pytest.TempPathFactory, ray_session: None, sample_dir: Path
+) -> Path:
+    """The whole default pipeline run once through the CLI (shared by the e2e and dashboard
+    tests); returns its data root."""
+    root = tmp_path_factory.mktemp("e2e")
+    invoke("run", "--config", CONFIG, *sets(root, sample_dir))
+    return root
+
+
+@pytest.fixture(scope="session")
 def sample_dir(request: pytest.FixtureRequest) -> Path:
     """The generated sample dataset, built once and kept in pytest's cache (~20 s cold)."""
     from tests.download_helpers import sample_root

@@ -168,10 +168,131 @@ def test_pickled_objects_are_refused_with_a_conversion_hint(tmp_path: Path) -> N
     torch.save({"state_dict": {}, "hyper_parameters": hparams}, tmp_path / "real.ckpt")
     with pytest.raises(
         CheckpointError,
-        match=r"(?s)refused .*real\.ckpt.*argparse\.Namespace.*weights_only=False"
-        r".*emoca\.safetensors",
+        match=r"(?s)refused .*real\.ckpt.*argparse\.Namespace"
+        r".*talkforge models import emoca FILE\.ckpt.*restricted unpickler",
     ):
         load_emoca(tmp_path / "real.ckpt")
+
+
+FOREIGN_MODULE = """
+import pathlib
+MARK = pathlib.Path(__file__).with_name("ran")
+
+
+class ModelCheckpoint:  # a Lightning callback: its code must never run on import
+    def __init__(self, *args, **kwargs):
+        MARK.write_text("init")
+
+    def __setstate__(self, state):
+        MARK.write_text("setstate")
+
+
+class AttributeDict(dict):  # Lightning's hyper-parameter container
+    def __setitem__(self, key, value):
+        MARK.write_text("setitem")
+
+
+class Payload:  # what a hostile checkpoint would hide: exec on unpickling
+    def __reduce__(self):
+        return (exec, (f"import pathlib; pathlib.Path({str(MARK)!r}).write_text('exec')",))
+"""
+
+
+def _lightning_checkpoint(tiny_dir: Path, root: Path, monkeypatch) -> tuple[Path, Path]:
+    """A Lightning-style ``.ckpt`` of the tiny EMOCA with foreign objects, built with a module
+    that is gone when the checkpoint is read; returns (checkpoint, the module's marker)."""
+    import importlib
+    import sys
+
+    package = root / "fake_lightning"
+    package.mkdir()
+    (package / "__init__.py").write_text(FOREIGN_MODULE)
+    monkeypatch.syspath_prepend(str(root))
+    foreign = importlib.import_module("fake_lightning")
+    callback = foreign.ModelCheckpoint.__new__(foreign.ModelCheckpoint)
+    callback.__dict__.update(best_model_score=torch.tensor(0.25), dirpath="/ckpt")
+    hparams = foreign.AttributeDict()
+    dict.update(hparams, {"n_exp": 50, "backbone": "ResNet50"})
+    state = _ckpt_state(tiny_dir)
+    state["deca.D_detail.conv.weight"] = torch.ones(3)  # not an encoder: left out
+    checkpoint = root / "official" / "EMOCA_v2_lr_mse_20.ckpt"
+    checkpoint.parent.mkdir()
+    (checkpoint.parent / CONFIG_FILE).write_text((tiny_dir / CONFIG_FILE).read_text())
+    torch.save(
+        {
+            "epoch": 20,
+            "pytorch-lightning_version": "1.4.9",
+            "state_dict": state,
+            "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": callback},
+            "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(2)}}, "lr": 1e-4}],
+            "hyper_parameters": hparams,
+            "payload": foreign.Payload(),
+        },
+        checkpoint,
+    )
+    marker = package / "ran"
+    assert not marker.exists()
+    del sys.modules["fake_lightning"]
+    monkeypatch.syspath_prepend(str(root / "elsewhere"))
+    sys.path.remove(str(root))
+    return checkpoint, marker
+
+
+def test_official_lightning_checkpoint_imports_through_a_restricted_unpickler(
+    tiny_dir: Path, tiny_model: EmocaEncoder, tmp_path: Path, monkeypatch
+) -> None:
+    """`talkforge models import emoca X.ckpt`: tensors kept, foreign objects never built."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from talkforge.cli import app
+
+    checkpoint, marker = _lightning_checkpoint(tiny_dir, tmp_path, monkeypatch)
+    with pytest.raises(CheckpointError, match="talkforge models import emoca"):
+        load_emoca(checkpoint)  # the loader itself never unpickles objects
+    cfg = tmp_path / "emoca.yaml"
+    cfg.write_text(
+        f"project: {{data_root: {tmp_path / 'data'}}}\n"
+        "features:\n  flame: {family: emoca, source: ./models/emoca, tiny_random: false}\n"
+    )
+    result = CliRunner().invoke(app, ["models", "import", "emoca", str(checkpoint), "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert not marker.exists() and "fake_lightning" not in sys.modules  # nothing ran
+    dest = tmp_path / "data" / "models" / "emoca"
+    assert sorted(p.name for p in dest.iterdir()) == [
+        ".talkforge-import.json", CONFIG_FILE, "emoca.safetensors"
+    ]  # fmt: skip
+    record = json.loads((dest / ".talkforge-import.json").read_text())
+    assert record["converted"]["dropped_objects"] == [
+        "builtins.exec",
+        "fake_lightning.AttributeDict",
+        "fake_lightning.ModelCheckpoint",
+    ]
+    assert record["converted"]["tensors_left_out"] == 1
+    assert record["source_files"][checkpoint.name]["sha256"]
+    frames = _frames(3)
+    np.testing.assert_array_equal(
+        extract_flame(load_emoca(dest), frames), extract_flame(tiny_model, frames)
+    )
+    verify = CliRunner().invoke(app, ["models", "verify", "emoca", "--config", str(cfg)])
+    assert verify.exit_code == 0, verify.output
+
+
+def test_import_refuses_a_checkpoint_that_does_not_fit(tiny_dir: Path, tmp_path: Path) -> None:
+    from models.emoca import convert_for_import
+
+    state = _ckpt_state(tiny_dir)
+    state["deca.E_flame.layers.2.weight"] = torch.zeros(5, 32)
+    torch.save({"state_dict": state}, tmp_path / "bad.ckpt")
+    (tmp_path / CONFIG_FILE).write_text((tiny_dir / CONFIG_FILE).read_text())
+    with pytest.raises(CheckpointMismatchError, match="mis-shaped: E_flame.layers.2.weight"):
+        convert_for_import(tmp_path / "bad.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "none.ckpt")
+    with pytest.raises(ModelUnavailableError, match="no E_flame/E_expression"):
+        convert_for_import(tmp_path / "none.ckpt", tmp_path / "out")
+    assert convert_for_import(tiny_dir, tmp_path / "copy") is None  # a folder is copied
 
 
 def test_missing_or_ambiguous_weights(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """Face detectors: MTCNN with its shipped (real) weights, RetinaFace batched decoding.
 
-RetinaFace weights are not available offline, so its tests use a seeded random network:
-batched decoding must reproduce the library's own single-image ``predict_jsons`` box for
-box, and the weight loaders must round-trip a state dict file and the hub legacy zip.
+RetinaFace weights are not available offline, so its tests use a seeded random network
+whose first BatchNorm is calibrated on real frames under one input convention, as training
+would leave it: batched decoding must reproduce the library's own single-image
+``predict_jsons`` box for box, the weight loaders must round-trip a state dict file and
+the hub legacy zip, and each checkpoint flavour must get its own preprocessing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from models.face_detector import (
 )
 from models.registry import ModelUnavailableError
 from models.retinaface_weights import (
+    FLAVOURS,
     RETINAFACE_HUB_FILE,
+    RetinaFaceFlavourError,
+    decide_flavour,
     load_retinaface_model,
     load_retinaface_state_dict,
     resolve_retinaface_weights,
@@ -98,13 +103,40 @@ def test_mtcnn_fingerprint_hashes_the_shipped_weights(mtcnn):
     assert detector_model_spec("mtcnn", None) == mtcnn.model_spec()
 
 
+def fixture_frames() -> list[np.ndarray]:
+    """The astronaut and the first frame of each real clip present, 256 px squares."""
+    frames = [data.astronaut()]
+    for path in real_clips():
+        info = probe(path)
+        frames.append(next(iter_frames(path, info.width, info.height, chunk=1))[0])
+    return [cv2.resize(f, (256, 256), interpolation=cv2.INTER_AREA) for f in frames]
+
+
+def calibrated_state(model, flavour: str) -> dict[str, torch.Tensor]:
+    """The network's state dict with ``body.bn1``'s running statistics measured on real
+    frames normalised as ``flavour`` — what training on that input leaves behind."""
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    x = np.stack([FLAVOURS[flavour].normalise(f) for f in fixture_frames()])
+    y = torch.nn.functional.conv2d(
+        torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+        state["body.conv1.weight"],
+        stride=2,
+        padding=3,
+    )
+    state["body.bn1.running_mean"] = y.mean(dim=(0, 2, 3))
+    state["body.bn1.running_var"] = y.var(dim=(0, 2, 3))
+    return state
+
+
 @pytest.fixture(scope="module")
 def random_retinaface():
-    """A seeded random ResNet-50 RetinaFace (building one costs seconds: share it)."""
+    """A seeded random ResNet-50 RetinaFace (building one costs seconds: share it), its
+    bn1 statistics those of retinaface-pytorch's RGB ImageNet-normalised input."""
     torch.manual_seed(0)
-    model, pretrained = load_retinaface_model(None, max_size=64)
-    assert not pretrained
-    return model
+    weights = load_retinaface_model(None, max_size=64)
+    assert not weights.pretrained and weights.flavour.name == "retinaface-pytorch"
+    weights.model.load_state_dict(calibrated_state(weights.model, "retinaface-pytorch"))
+    return weights.model
 
 
 def test_retinaface_batched_decoding_equals_predict_jsons(random_retinaface):
@@ -116,7 +148,7 @@ def test_retinaface_batched_decoding_equals_predict_jsons(random_retinaface):
     frames = np.stack([img, img[:, ::-1], rng.integers(0, 255, img.shape, dtype=np.uint8)])
     batched = det.detect(frames)
     h, w = img.shape[:2]
-    total = 0
+    total, outside = 0, False
     for frame, dets in zip(frames, batched, strict=True):
         ref = [r for r in model.predict_jsons(frame, confidence_threshold=threshold) if r["bbox"]]
         assert len(dets) == len(ref)
@@ -124,16 +156,17 @@ def test_retinaface_batched_decoding_equals_predict_jsons(random_retinaface):
         if not ref:
             continue
         ref_boxes = np.array([r["bbox"] for r in ref])
-        ref_boxes[:, [0, 2]] = ref_boxes[:, [0, 2]].clip(0, w)
-        ref_boxes[:, [1, 3]] = ref_boxes[:, [1, 3]].clip(0, h)
         boxes = np.stack([d.box() for d in dets])
-        # predict_jsons rounds to 2 decimals; same boxes, same order
+        # predict_jsons rounds to 2 decimals; same boxes (unclipped), same order
         np.testing.assert_allclose(boxes, ref_boxes, atol=0.006)
+        outside |= bool((boxes[:, :2] < 0).any() or (boxes[:, 2] > w).any())
+        outside |= bool((boxes[:, 3] > h).any())
         np.testing.assert_allclose([d.score for d in dets], [r["score"] for r in ref], atol=0.006)
         lms = np.array([np.ravel(d.landmarks) for d in dets])
         ref_lms = np.array([np.ravel(r["landmarks"]) for r in ref])
         np.testing.assert_allclose(lms, ref_lms, atol=0.006)
     assert total > 0  # a random net fires plenty of boxes at 0.5: the comparison is not empty
+    assert outside  # and some cross the frame edge: they are compared unclipped
 
 
 def test_retinaface_loads_state_dict_and_hub_zip(random_retinaface, tmp_path, monkeypatch):
@@ -167,6 +200,78 @@ def test_retinaface_loads_state_dict_and_hub_zip(random_retinaface, tmp_path, mo
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     assert detector_model_spec("retinaface", None).source == str(hub)
+
+
+def test_each_checkpoint_flavour_is_recognised_or_refused_with_the_reason(
+    random_retinaface, tmp_path
+):
+    """biubug6's DataParallel prefix, the hub zip, bn1's statistics, an explicit choice; a
+    MobileNet file and an unmarked file fitting neither convention are refused."""
+    net = random_retinaface.model
+    for flavour in ("retinaface-pytorch", "biubug6"):
+        state = calibrated_state(random_retinaface, flavour)
+        found, why = decide_flavour(state, tmp_path / "plain.pth")
+        assert found.name == flavour and why.startswith(f"body.bn1 statistics fit {flavour}")
+    # DataParallel keys mark biubug6 whatever the statistics say
+    prefixed = {f"module.{k}": v for k, v in net.state_dict().items()}
+    assert decide_flavour(prefixed, tmp_path / "Resnet50_Final.pth")[0].name == "biubug6"
+    assert decide_flavour(net.state_dict(), tmp_path / "x.pth", "biubug6")[0].name == "biubug6"
+    # freshly initialised BatchNorm statistics (mean 0, var 1) record no training input
+    fresh = dict(net.state_dict())
+    fresh["body.bn1.running_mean"] = torch.zeros(64)
+    fresh["body.bn1.running_var"] = torch.ones(64)
+    with pytest.raises(RetinaFaceFlavourError, match="faces.retinaface_flavour"):
+        decide_flavour(fresh, tmp_path / "fresh.pth")
+    mobilenet = {"body.stage1.0.0.weight": torch.zeros(8, 3, 3, 3), "ClassHead.0.w": torch.zeros(1)}
+    for choice in ("auto", "biubug6"):
+        with pytest.raises(RetinaFaceFlavourError, match="MobileNet-0.25"):
+            decide_flavour(mobilenet, tmp_path / "mobilenet0.25_Final.pth", choice)
+    # through the loader: the file as biubug6 ships it loads with its own preprocessing
+    pth = tmp_path / "Resnet50_Final.pth"
+    torch.save(prefixed, pth)
+    det = load_detector("retinaface", pth, max_side_px=64)
+    assert isinstance(det, RetinaFaceDetector) and det.flavour.name == "biubug6"
+    torch.save(fresh, tmp_path / "fresh.pth")
+    with pytest.raises(ModelUnavailableError, match="cannot tell which preprocessing"):
+        load_detector("retinaface", tmp_path / "fresh.pth", max_side_px=64)
+    det = load_detector("retinaface", tmp_path / "fresh.pth", retinaface_flavour="biubug6")
+    assert det.flavour.name == "biubug6"
+
+
+def test_both_flavours_normalise_a_fixture_frame_as_their_training_did(random_retinaface):
+    """biubug6: ``detect.py``'s BGR float minus (104, 117, 123); the package: RGB with
+    ImageNet mean/std; the detections follow each network input."""
+    from retinaface.box_utils import decode
+    from retinaface.prior_box import priorbox
+    from torchvision.ops import nms
+
+    frame = cv2.resize(fixture_frames()[-1], (64, 48), interpolation=cv2.INTER_AREA)
+    ours = RetinaFaceDetector(random_retinaface, None, 0.5, pretrained=False)
+    theirs = RetinaFaceDetector(
+        random_retinaface, None, 0.5, pretrained=False, flavour=FLAVOURS["biubug6"]
+    )
+    bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR).astype(np.float32)
+    np.testing.assert_array_equal(theirs.preprocess(frame), bgr - np.float32([104, 117, 123]))
+    mean, std = np.float32([0.485, 0.456, 0.406]) * 255, np.float32([0.229, 0.224, 0.225]) * 255
+    np.testing.assert_allclose(ours.preprocess(frame), (frame - mean) / std, atol=1e-5)
+    assert random_retinaface.transform(image=frame)["image"].shape == frame.shape  # no resize
+
+    # biubug6's detect.py on the same network, step by step
+    x = torch.from_numpy((bgr - np.float32([104, 117, 123])).transpose(2, 0, 1).copy())[None]
+    with torch.inference_mode():
+        loc, conf, _ = random_retinaface.model(x)
+    priors = priorbox([[16, 32], [64, 128], [256, 512]], [8, 16, 32], False, (48, 64))
+    boxes = decode(loc[0], priors, [0.1, 0.2]) * torch.tensor([64, 48, 64, 48])
+    scores = torch.softmax(conf[0], dim=-1)[:, 1]
+    keep = scores > 0.5
+    boxes, scores = boxes[keep], scores[keep]
+    expected = boxes[nms(boxes, scores, 0.4)].numpy()
+    # the package's drop rule, kept for every flavour, reduces to: x1 < W - 1 and y1 < H - 1
+    expected = expected[(expected[:, 0] < 63) & (expected[:, 1] < 47)]
+    found = theirs.detect(frame)[0]
+    assert len(found) == len(expected) > 0
+    np.testing.assert_allclose(np.stack([d.box() for d in found]), expected, atol=1e-3)
+    assert [d.box().tolist() for d in ours.detect(frame)[0]] != [d.box().tolist() for d in found]
 
 
 def test_unknown_detector_and_missing_weights(tmp_path: Path):

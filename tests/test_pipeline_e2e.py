@@ -20,36 +20,9 @@ from storage.catalog import Catalog
 from storage.store import ArtifactRef, ArtifactStore
 from talkforge.cli import app
 from talkforge.stages import STAGE_ORDER
-from tests.conftest import REPO
+from tests.conftest import CONFIG, invoke, sets
 
 pytestmark = pytest.mark.slow
-
-CONFIG = str(REPO / "configs" / "default.yaml")
-
-
-def invoke(*args: str) -> str:
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-FAST = ("train.steps=6", "train.checkpoint_every=3")  # a short training keeps the suite fast
-
-
-def sets(root: Path, sample: Path, *extra: str) -> list[str]:
-    out: list[str] = []
-    for item in (f"project.data_root={root}", f"download.sample.dir={sample}", *FAST, *extra):
-        out += ["--set", item]
-    return out
-
-
-@pytest.fixture(scope="session")
-def pipeline_root(
-    tmp_path_factory: pytest.TempPathFactory, ray_session: None, sample_dir: Path
-) -> Path:
-    root = tmp_path_factory.mktemp("e2e")
-    invoke("run", "--config", CONFIG, *sets(root, sample_dir))
-    return root
 
 
 def copy_catalog(root: Path, tmp_path: Path) -> Path:

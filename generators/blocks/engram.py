@@ -61,6 +61,29 @@ def _rms_norm(x: torch.Tensor, dim: int, weight: torch.Tensor | None = None) -> 
     return out if weight is None else out * weight
 
 
+def engram_rows(
+    codes: np.ndarray,
+    multipliers: np.ndarray,
+    primes: np.ndarray,
+    offsets: np.ndarray,
+    cfg: EngramConfig,
+) -> np.ndarray:
+    """Flat table rows ``(T, orders·heads)`` of a code sequence ``(T,)`` under the given
+    hashing (a module's buffers, or a memory bank's, which a module adopts on
+    :meth:`Engram.init_from_bank`), with ``cfg``'s orders and window."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.size and (codes.min() < 0 or codes.max() >= cfg.vocab_size):
+        raise ValueError(f"codes must lie in [0, {cfg.vocab_size})")
+    pad_id = cfg.vocab_size
+    out = []
+    for o, n in enumerate(cfg.orders):
+        ahead = (n - 1) // 2 if cfg.window == "centred" else 0
+        padded = np.concatenate([codes, np.full(ahead, pad_id, np.int64)])
+        idx = hash_ngrams(padded, multipliers, primes[o : o + 1], [n], pad_id)[ahead:, 0]
+        out.append(idx + offsets[o][None])
+    return np.concatenate(out, axis=1)
+
+
 class Engram(nn.Module):
     """Engram over ``n`` streams of width ``channels`` (``n = 1`` without mHC)."""
 
@@ -100,17 +123,13 @@ class Engram(nn.Module):
 
     def rows(self, codes: np.ndarray) -> np.ndarray:
         """Flat table rows ``(T, orders·heads)`` for a clip's code sequence ``(T,)``."""
-        codes = np.asarray(codes, dtype=np.int64)
-        if codes.size and (codes.min() < 0 or codes.max() >= self.cfg.vocab_size):
-            raise ValueError(f"codes must lie in [0, {self.cfg.vocab_size})")
-        mult, primes = self.multipliers.cpu().numpy(), self.primes.cpu().numpy()
-        out = []
-        for o, n in enumerate(self.cfg.orders):
-            ahead = (n - 1) // 2 if self.cfg.window == "centred" else 0
-            padded = np.concatenate([codes, np.full(ahead, self.pad_id, np.int64)])
-            idx = hash_ngrams(padded, mult, primes[o : o + 1], [n], self.pad_id)[ahead:, 0]
-            out.append(idx + self.offsets[o].cpu().numpy()[None])
-        return np.concatenate(out, axis=1)
+        return engram_rows(
+            codes,
+            self.multipliers.cpu().numpy(),
+            self.primes.cpu().numpy(),
+            self.offsets.cpu().numpy(),
+            self.cfg,
+        )
 
     def memory(self, rows: torch.Tensor) -> torch.Tensor:
         """``e_t``: ``(N, orders·heads)`` rows → ``(N, orders·heads·head_dim)``."""
@@ -144,22 +163,21 @@ class Engram(nn.Module):
         Returns the number of table rows initialised. ``ValueError`` when the bank's table
         layout (orders × heads, vocabulary) does not match this module's config.
         """
-        if list(bank["orders"].tolist()) != list(self.cfg.orders) or tuple(
-            bank["primes"].shape
-        ) != tuple(self.primes.shape):
-            raise ValueError("memory bank orders/heads do not match the Engram config")
+        if list(bank["orders"].tolist()) != list(self.cfg.orders) or not torch.equal(
+            bank["primes"].cpu(), self.primes.cpu()
+        ):
+            raise ValueError(
+                "memory bank orders/heads/table sizes do not match the Engram config "
+                f"(bank orders {bank['orders'].tolist()}, primes {bank['primes'].tolist()}; "
+                f"module orders {self.cfg.orders}, primes {self.primes.tolist()})"
+            )
         if (
             bank["unigram_counts"].shape[0] != self.cfg.vocab_size
             or int(bank["pad_id"][0]) != self.pad_id
         ):
             raise ValueError("memory bank vocabulary does not match the Engram config")
         self.multipliers.copy_(bank["multipliers"])
-        self.primes.copy_(bank["primes"])
         self.offsets.copy_(bank["offsets"])
-        total = int(self.primes.sum())
-        if self.table.num_embeddings != total:
-            self.table = nn.Embedding(total, self.cfg.head_dim).to(self.table.weight.device)
-            nn.init.normal_(self.table.weight, std=EMBED_INIT_STD)
         values = bank["table_values"].float().flatten(1)
         reached = bank["table_counts"] > 0
         gen = torch.Generator().manual_seed(self.cfg.seed)

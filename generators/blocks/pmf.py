@@ -30,11 +30,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# f(z_t, t, r, rows) -> (x̂_u, x̂_v): t, r are (len(rows),); ``rows`` indexes the batch rows
-# these inputs belong to, so the caller slices its conditioning to match
+# f(z_t, t, r, rows) -> (x̂_u, x̂_v) or (x̂_u, x̂_v, aux): t, r are (len(rows),); ``rows``
+# indexes the batch rows these inputs belong to, so the caller slices its conditioning to
+# match. ``aux`` is an optional scalar auxiliary loss the network computes on the way (e.g.
+# the DSA indexer's KL), returned as :attr:`PMFTerms.aux` with its gradient.
 XPredFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]
 ]
+
+
+def _split(out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xu, xv = out[0], out[1]
+    aux = out[2] if len(out) > 2 else xu.new_zeros(())
+    return xu, xv, aux
 
 
 class PMFConfig(BaseModel):
@@ -94,6 +102,7 @@ class PMFTerms:
     x_pred: torch.Tensor  # (B, ...) x̂ = z_t - t·u, with gradient (for pixel/perceptual terms)
     du_dt: torch.Tensor  # (B, ...) detached
     compound_v: torch.Tensor  # (B, ...) V, with gradient
+    aux: torch.Tensor  # row-weighted mean of the network's auxiliary loss, with gradient
 
 
 def pmf_objective(
@@ -117,28 +126,32 @@ def pmf_objective(
     v_t = velocity(z_t, x, t, cfg.t_min)  # = ε - x where t ≥ t_min
     everything = torch.arange(x.shape[0], device=x.device)
     with torch.no_grad():
-        v_c = velocity(z_t, fn(z_t, t, r, everything)[1], t, cfg.t_min)
+        v_c = velocity(z_t, _split(fn(z_t, t, r, everything))[1], t, cfg.t_min)
 
     gap = (t - r) > 0
     jvp_rows, flat_rows = everything[gap], everything[~gap]
 
     def u_fn(z: torch.Tensor, tt: torch.Tensor, rr: torch.Tensor, rows: torch.Tensor):
-        xu, xv = fn(z, tt, rr, rows)
-        return velocity(z, xu, tt, cfg.t_min), velocity(z, xv, tt, cfg.t_min)
+        xu, xv, aux = _split(fn(z, tt, rr, rows))
+        return (velocity(z, xu, tt, cfg.t_min), velocity(z, xv, tt, cfg.t_min)), aux
 
     parts = []  # (rows, u, v, du/dt)
+    aux = x.new_zeros(())
     if len(jvp_rows):
         z_g, t_g, r_g = z_t[jvp_rows], t[jvp_rows], r[jvp_rows]
         with jvp_attention_backend():
-            (u_g, v_g), (du_g, _) = torch.func.jvp(
+            (u_g, v_g), (du_g, _), aux_g = torch.func.jvp(
                 lambda z, tt, rr: u_fn(z, tt, rr, jvp_rows),
                 (z_g, t_g, r_g),
                 (v_c[jvp_rows], torch.ones_like(t_g), torch.zeros_like(r_g)),
+                has_aux=True,
             )
         parts.append((jvp_rows, u_g, v_g, du_g.detach()))
+        aux = aux + aux_g * (len(jvp_rows) / x.shape[0])
     if len(flat_rows):
-        u_e, v_e = u_fn(z_t[flat_rows], t[flat_rows], r[flat_rows], flat_rows)
+        (u_e, v_e), aux_e = u_fn(z_t[flat_rows], t[flat_rows], r[flat_rows], flat_rows)
         parts.append((flat_rows, u_e, v_e, torch.zeros_like(u_e)))
+        aux = aux + aux_e * (len(flat_rows) / x.shape[0])
     inverse = torch.argsort(torch.cat([p[0] for p in parts]))
     u, v, du_dt = (torch.cat([p[i] for p in parts])[inverse] for i in (1, 2, 3))
     compound = u + _bcast(t - r, x) * du_dt
@@ -154,22 +167,24 @@ def pmf_objective(
         x_pred=z_t - tb * u,
         du_dt=du_dt,
         compound_v=compound,
+        aux=aux,
     )
 
 
 def flow_matching_objective(
     fn: XPredFn, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cfg: PMFConfig
 ) -> torch.Tensor:
-    """Plain flow matching on the same parameterisation (``r = t``, no JVP): the baseline the
-    benchmark compares a pMF step against."""
+    """Plain flow matching on the same parameterisation (``r = t``, no JVP), plus the
+    network's auxiliary loss: the baseline the benchmark compares a pMF step against."""
     tb = _bcast(t, x)
     z_t = (1.0 - tb) * x + tb * eps
-    xu, xv = fn(z_t, t, t, torch.arange(x.shape[0], device=x.device))
+    xu, xv, aux = _split(fn(z_t, t, t, torch.arange(x.shape[0], device=x.device)))
     v_t = velocity(z_t, x, t, cfg.t_min)
     dims = tuple(range(1, x.ndim))
     loss_u = ((velocity(z_t, xu, t, cfg.t_min) - v_t) ** 2).sum(dims)
     loss_v = ((velocity(z_t, xv, t, cfg.t_min) - v_t) ** 2).sum(dims)
-    return (adaptive_weight(loss_u, cfg) + cfg.v_loss_weight * adaptive_weight(loss_v, cfg)).mean()
+    weighted = adaptive_weight(loss_u, cfg) + cfg.v_loss_weight * adaptive_weight(loss_v, cfg)
+    return weighted.mean() + aux
 
 
 def one_step_sample(fn: XPredFn, noise: torch.Tensor) -> torch.Tensor:
@@ -177,4 +192,4 @@ def one_step_sample(fn: XPredFn, noise: torch.Tensor) -> torch.Tensor:
     batch = noise.shape[0]
     ones = torch.ones(batch, dtype=noise.dtype, device=noise.device)
     rows = torch.arange(batch, device=noise.device)
-    return fn(noise, ones, torch.zeros_like(ones), rows)[0]
+    return _split(fn(noise, ones, torch.zeros_like(ones), rows))[0]

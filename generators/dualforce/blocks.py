@@ -1,16 +1,19 @@
-"""One DualForce DiT block: two Wan-style streams and, in shallow blocks, gated fusion.
+"""One DualForce DiT block: two Wan-layout streams and, in shallow blocks, gated fusion.
 
-Each stream (:class:`StreamLayers`) is a Wan 2.x transformer block: AdaLN-modulated
-block-causal temporal self-attention, cross-attention to the reference tokens (Wan's
-``attn2`` slot, which reads text/image there), AdaLN-modulated FFN (diffusers
-``FeedForward``, gelu-approximate). The video stream is modulated by σ_v, the structure
-stream by σ_s (dual AdaLN-Zero: separate tables, separate σ embeddings, zero gates).
+Each stream (:class:`WanStream`) has the sublayers of diffusers' ``WanTransformerBlock``, same
+names and order: ``norm1`` → ``attn1`` (self-attention, here block-causal over time) gated by
+AdaLN, ``norm2`` → ``attn2`` (cross-attention to the reference tokens, Wan's text/image
+slot, ungated as in Wan), ``norm3`` → ``ffn`` gated by AdaLN, modulated per frame through
+``scale_shift_table + modulation``. The video stream is modulated by σ_v's embedding, the
+structure stream by σ_s's (dual AdaLN-Zero: separate tables, separate σ embeddings, gates
+zero at initialisation).
 
-Shallow blocks (index < ``fusion_depth``) add :class:`Fusion`, §6.2.1's within-frame pattern:
-structure ↔ video both ways, audio → structure and audio → video one way, every path
-through a zero-initialised :class:`~generators.dualforce.layers.Gate`. Fusion attention is
-per frame (``(B·T, N, ·)``): cross-modal attention only ever reads the current frame, so it
-needs no cache. Audio and reference tokens are inputs of every block and never updated.
+Shallow blocks (index < ``fusion_depth``) add :class:`Fusion` between ``attn2`` and the FFN:
+§6.2.1's within-frame pattern — structure ↔ video both ways, audio → structure and
+audio → video one way, each path through a zero-initialised
+:class:`~generators.dualforce.layers.Gate`. Fusion attends per frame (``(B·T, N, ·)``), so
+cross-modal attention only ever reads the current frame and needs no cache. Audio and
+reference tokens are inputs of every block and are never updated.
 """
 
 from __future__ import annotations
@@ -19,84 +22,116 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention import FeedForward
+from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
-from generators.dualforce.cache import DualForceCache
-from generators.dualforce.layers import Attention, Gate, TemporalSelfAttention, modulate
+from generators.dualforce.cache import DualForceCache, KVSlot
+from generators.dualforce.config import DualForceArch
+from generators.dualforce.layers import (
+    BridgeAttention,
+    Gate,
+    Rope,
+    attend,
+    keys_values,
+    queries,
+    wan_attention,
+)
+
+KV = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
-class StreamInput:
-    """One stream's state entering a block: tokens ``(B, T, N, D)``, its AdaLN modulation
-    ``(B, T, 6, D)`` and rotary cos/sin for its ``T·N`` tokens."""
+class StreamState:
+    """One stream entering a block: tokens ``(B, T, N, D)``, AdaLN modulation ``(B, T, 6, D)``,
+    rotary cos/sin of its ``T·N`` tokens, the block-causal mask (``None`` in a cached step)
+    and the reference context ``(B, N_r, D)`` in the stream's width."""
 
     tokens: torch.Tensor
     modulation: torch.Tensor
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: Rope
+    mask: torch.Tensor | None
+    reference: torch.Tensor
 
 
-class StreamLayers(nn.Module):
-    """Wan-style sublayers of one stream (self-attention, reference cross-attention, FFN)."""
+class WanStream(nn.Module):
+    """The sublayers of a ``WanTransformerBlock`` for one stream (see the module docstring)."""
 
-    def __init__(
-        self, dim: int, heads: int, head_dim: int, ffn_dim: int, ref_dim: int, window: int, eps
-    ):
+    def __init__(self, dim: int, heads: int, head_dim: int, ffn_dim: int, arch: DualForceArch):
         super().__init__()
-        self.attn1 = TemporalSelfAttention(dim, heads, head_dim, window, eps)
-        self.norm2 = nn.LayerNorm(dim, eps)
-        self.attn2 = Attention(dim, heads, head_dim, kv_dim=ref_dim, eps=eps)
+        eps = arch.eps
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = wan_attention(dim, heads, head_dim, eps, cross=False)
+        self.attn2 = wan_attention(dim, heads, head_dim, eps, cross=True)
+        self.norm2 = (
+            FP32LayerNorm(dim, eps, elementwise_affine=True) if arch.cross_attn_norm else None
+        )
         self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
-        self.scale_shift_table = nn.Parameter(torch.zeros(1, 1, 6, dim))
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        table = torch.randn(1, 1, 6, dim) / dim**0.5  # Wan's init ...
+        table[:, :, (2, 5)] = 0.0  # ... with AdaLN-Zero gates
+        self.scale_shift_table = nn.Parameter(table)
 
-    def attend(
-        self,
-        x: StreamInput,
-        reference_kv: tuple[torch.Tensor, torch.Tensor],
-        slot,
-        commit: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Self-attention + reference cross-attention; returns (tokens, FFN modulation)."""
+    def reference_kv(self, reference: torch.Tensor) -> KV:
+        return keys_values(self.attn2, reference)
+
+    def attention(
+        self, x: StreamState, reference_kv: KV, slot: KVSlot | None, commit: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Self-attention and reference cross-attention; returns (tokens, FFN modulation)."""
         shift, scale, gate, c_shift, c_scale, c_gate = (
             self.scale_shift_table + x.modulation.float()
         ).unbind(2)
         h = x.tokens
-        attn = self.attn1.temporal(modulate(h, shift, scale), x.rope, slot, commit)
-        h = h + gate[:, :, None] * attn
         _, t, n, _ = h.shape
-        q = self.attn2.query(self.norm2(h).flatten(1, 2))
-        h = h + self.attn2.attend(q, *reference_kv).unflatten(1, (t, n))
-        return h, torch.stack((c_shift, c_scale, c_gate), 2)
+        normed = (self.norm1(h.float()) * (1 + scale[:, :, None]) + shift[:, :, None]).type_as(h)
+        flat = normed.flatten(1, 2)
+        q = queries(self.attn1, flat, x.rope)
+        k, v = keys_values(self.attn1, flat, x.rope)
+        if slot is None:
+            out = attend(self.attn1, q, k, v, x.mask)
+        else:
+            if t != 1:
+                raise ValueError(f"cached attention takes one frame at a time, got {t}")
+            past_k, past_v = slot.read()
+            if past_k is not None and past_v is not None:
+                out = attend(self.attn1, q, torch.cat([past_k, k], 2), torch.cat([past_v, v], 2))
+            else:
+                out = attend(self.attn1, q, k, v)
+            if commit:
+                slot.write(k, v)
+        h = (h.float() + out.unflatten(1, (t, n)) * gate[:, :, None]).type_as(h)
+        ctx = self.norm2(h.float()).type_as(h) if self.norm2 is not None else h
+        h = h + attend(self.attn2, queries(self.attn2, ctx.flatten(1, 2)), *reference_kv).unflatten(
+            1, (t, n)
+        )
+        return h, (c_shift, c_scale, c_gate)
 
-    def feed_forward(self, h: torch.Tensor, ffn_mod: torch.Tensor) -> torch.Tensor:
-        c_shift, c_scale, c_gate = ffn_mod.unbind(2)
-        return h + c_gate[:, :, None] * self.ffn(modulate(h, c_shift, c_scale))
+    def feed_forward(self, h: torch.Tensor, mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        c_shift, c_scale, c_gate = mods
+        normed = (self.norm3(h.float()) * (1 + c_scale[:, :, None]) + c_shift[:, :, None]).type_as(
+            h
+        )
+        return (h.float() + self.ffn(normed).float() * c_gate[:, :, None]).type_as(h)
 
 
 class Fusion(nn.Module):
     """Within-frame cross-modal attention of a shallow block, every path gated at zero."""
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        head_dim: int,
-        sdim: int,
-        sheads: int,
-        shead_dim: int,
-        adim: int,
-        eps: float,
-    ):
+    def __init__(self, arch: DualForceArch):
         super().__init__()
-        self.norm_video = nn.LayerNorm(dim, eps)
-        self.norm_struct = nn.LayerNorm(sdim, eps)
-        self.struct_to_video = Attention(dim, heads, head_dim, kv_dim=sdim, eps=eps)
-        self.audio_to_video = Attention(dim, heads, head_dim, kv_dim=adim, eps=eps)
-        self.video_to_struct = Attention(sdim, sheads, shead_dim, kv_dim=dim, eps=eps)
-        self.audio_to_struct = Attention(sdim, sheads, shead_dim, kv_dim=adim, eps=eps)
-        self.gate_struct_to_video = Gate(dim)
-        self.gate_audio_to_video = Gate(dim)
-        self.gate_video_to_struct = Gate(sdim)
-        self.gate_audio_to_struct = Gate(sdim)
+        a = arch
+        d, h, hd = a.dim, a.num_attention_heads, a.attention_head_dim
+        sd, sh, shd, ad = a.struct_dim, a.struct_heads, a.struct_head_dim, a.audio_token_dim
+        self.norm_video = FP32LayerNorm(d, a.eps)
+        self.norm_struct = FP32LayerNorm(sd, a.eps)
+        self.struct_to_video = BridgeAttention(d, h, hd, kv_dim=sd, eps=a.eps)
+        self.audio_to_video = BridgeAttention(d, h, hd, kv_dim=ad, eps=a.eps)
+        self.video_to_struct = BridgeAttention(sd, sh, shd, kv_dim=d, eps=a.eps)
+        self.audio_to_struct = BridgeAttention(sd, sh, shd, kv_dim=ad, eps=a.eps)
+        self.gate_struct_to_video = Gate(d)
+        self.gate_audio_to_video = Gate(d)
+        self.gate_video_to_struct = Gate(sd)
+        self.gate_audio_to_struct = Gate(sd)
 
     def forward(
         self,
@@ -106,100 +141,76 @@ class Fusion(nn.Module):
         audio_keep: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``video (B,T,Nv,D)``, ``struct (B,T,Ns,Ds)``, ``audio (B,T,Na,Da)``; both streams
-        read the other's pre-fusion state, so the two directions are symmetric."""
+        read the other's pre-fusion state, so the two directions are symmetric.
+        ``audio_keep (B,)`` scales the audio paths per sample (0 = CFG's unconditional)."""
         b, t = video.shape[:2]
-        per_frame = lambda x: x.flatten(0, 1)  # noqa: E731
-        back = lambda x: x.unflatten(0, (b, t))  # noqa: E731
-        vn = per_frame(self.norm_video(video))
-        sn = per_frame(self.norm_struct(struct)) if struct is not None else None
-        an = per_frame(audio) if audio is not None else None
+
+        def per_frame(x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(0, 1)
+
+        def back(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(0, (b, t))
+
         keep = None if audio_keep is None else audio_keep.repeat_interleave(t)[:, None, None]
+
+        def gated_audio(x: torch.Tensor) -> torch.Tensor:
+            return x if keep is None else x * keep.to(x.dtype)
+
+        vn = per_frame(self.norm_video(video))
+        an = per_frame(audio) if audio is not None else None
         new_video = video
-        if sn is not None:
-            new_video = new_video + back(self.gate_struct_to_video(self.struct_to_video(vn, sn)))
-        if an is not None:
-            a2v = self.gate_audio_to_video(self.audio_to_video(vn, an))
-            new_video = new_video + back(a2v if keep is None else a2v * keep)
         new_struct = struct
-        if struct is not None and sn is not None:
+        if struct is not None:
+            sn = per_frame(self.norm_struct(struct))
+            new_video = new_video + back(self.gate_struct_to_video(self.struct_to_video(vn, sn)))
             new_struct = struct + back(self.gate_video_to_struct(self.video_to_struct(sn, vn)))
             if an is not None:
                 a2s = self.gate_audio_to_struct(self.audio_to_struct(sn, an))
-                new_struct = new_struct + back(a2s if keep is None else a2s * keep)
+                new_struct = new_struct + back(gated_audio(a2s))
+        if an is not None:
+            a2v = self.gate_audio_to_video(self.audio_to_video(vn, an))
+            new_video = new_video + back(gated_audio(a2v))
         return new_video, new_struct
 
 
 class DualForceBlock(nn.Module):
-    """Video stream + structure stream (+ fusion when ``shallow``)."""
+    """Video stream + structure stream (+ :class:`Fusion` when ``shallow``)."""
 
-    def __init__(self, index: int, arch, shallow: bool):
+    def __init__(self, index: int, arch: DualForceArch, shallow: bool):
         super().__init__()
         a = arch
         self.index = index
-        self.video = StreamLayers(
-            a.dim,
-            a.num_attention_heads,
-            a.attention_head_dim,
-            a.ffn_dim,
-            a.reference_dim,
-            a.window_frames,
-            a.eps,
+        self.video = WanStream(a.dim, a.num_attention_heads, a.attention_head_dim, a.ffn_dim, a)
+        self.struct = WanStream(
+            a.struct_dim, a.struct_heads, a.struct_head_dim, a.struct_ffn_dim, a
         )
-        self.struct = StreamLayers(
-            a.struct_dim,
-            a.struct_heads,
-            a.struct_head_dim,
-            a.struct_ffn_dim,
-            a.reference_dim,
-            a.window_frames,
-            a.eps,
-        )
-        self.fusion = (
-            Fusion(
-                a.dim,
-                a.num_attention_heads,
-                a.attention_head_dim,
-                a.struct_dim,
-                a.struct_heads,
-                a.struct_head_dim,
-                a.audio_token_dim,
-                a.eps,
-            )
-            if shallow
-            else None
-        )
+        self.fusion = Fusion(a) if shallow else None
 
-    def _reference_kv(self, stream: str, layers: StreamLayers, reference, cache):
+    def _reference_kv(self, name: str, stream: WanStream, x: StreamState, cache) -> KV:
         if cache is None:
-            return layers.attn2.project_kv(reference)
-        key = (self.index, stream)
+            return stream.reference_kv(x.reference)
+        key = (self.index, name)
         if key not in cache.reference:
-            cache.reference[key] = layers.attn2.project_kv(reference)
+            cache.reference[key] = stream.reference_kv(x.reference)
         return cache.reference[key]
 
     def forward(
         self,
-        video: StreamInput,
-        struct: StreamInput | None,
+        video: StreamState,
+        struct: StreamState | None,
         audio: torch.Tensor | None,
-        reference: torch.Tensor,
         audio_keep: torch.Tensor | None = None,
         cache: DualForceCache | None = None,
         commit: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         v_slot = cache.video[self.index] if cache is not None else None
-        v, v_ffn = self.video.attend(
-            video, self._reference_kv("video", self.video, reference, cache), v_slot, commit
-        )
+        v_kv = self._reference_kv("video", self.video, video, cache)
+        v, v_ffn = self.video.attention(video, v_kv, v_slot, commit)
         s = s_ffn = None
         if struct is not None:
             s_slot = cache.struct[self.index] if cache is not None else None
-            s, s_ffn = self.struct.attend(
-                struct,
-                self._reference_kv("struct", self.struct, reference, cache),
-                s_slot,
-                commit,
-            )
+            s_kv = self._reference_kv("struct", self.struct, struct, cache)
+            s, s_ffn = self.struct.attention(struct, s_kv, s_slot, commit)
         if self.fusion is not None:
             v, s = self.fusion(v, s, audio, audio_keep)
         v = self.video.feed_forward(v, v_ffn)

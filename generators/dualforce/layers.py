@@ -1,16 +1,21 @@
-"""Building blocks of the DualForce DiT: rotary positions, attention, σ embeddings.
+"""Building blocks of the DualForce DiT: rotary positions, attention, σ embeddings, gates.
 
-Positions follow Wan 2.x's 3D RoPE split (head dim into time / height / width bands,
-``h = w = 2·(d // 6)``, time gets the rest; diffusers' ``get_1d_rotary_pos_embed``), but
-positions are computed from explicit indices instead of a fixed table, so frame 10 000 of an
-autoregressive run gets the same rotation as in a full forward. Every modality uses the same
-time band with its frame index: that is the one temporal position encoding all modalities
-share. Structure tokens sit at spatial position (0, 0).
+Reused from diffusers' Wan 2.x transformer: ``WanAttention`` (``to_q/to_k/to_v/to_out``, RMS
+q/k norm across heads) for every stream's self- and reference attention,
+``WanImageEmbedding`` for the DINOv2 reference tokens (Wan I2V's image embedder),
+``FP32LayerNorm``, ``FeedForward``, ``Timesteps`` / ``TimestepEmbedding`` and
+``get_1d_rotary_pos_embed``. Written here, because Wan has no equivalent: attention over
+cached keys/values (Wan's processor runs one full sequence), cross-modal attention between
+streams of different widths (:class:`BridgeAttention`, MOVA's bridge), per-frame σ
+modulation with zero-initialised projections (AdaLN-Zero), and positions from explicit
+indices.
 
-Attention is ``F.scaled_dot_product_attention`` with Wan's RMS q/k norm across heads. The
-temporal self-attention of each stream runs either over a whole clip with a block-causal,
-``window_frames``-wide mask, or over one frame against a :class:`~generators.dualforce.cache.KVSlot`
-(generation). Both give the same numbers: the mask admits exactly the frames the cache holds.
+Positions follow Wan's 3D RoPE split (head channels into time / height / width bands,
+``h = w = 2·(d // 6)``, time gets the rest), computed from explicit indices rather than
+Wan's fixed 1024-position table, so frame 10 000 of an autoregressive run gets the same
+rotation as in a full forward. Every modality that attends over time uses the same time band
+with its frame index: the one temporal position encoding they share. Structure tokens sit
+at spatial position (0, 0).
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_1d_rotary_pos_embed
+from diffusers.models.transformers.transformer_wan import WanAttention
 from torch import nn
 
-from generators.dualforce.cache import KVSlot
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 def rope_bands(head_dim: int) -> tuple[int, int, int]:
@@ -31,7 +37,7 @@ def rope_bands(head_dim: int) -> tuple[int, int, int]:
 
 def rotary(
     head_dim: int, frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, theta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Rope:
     """cos/sin ``(S, head_dim)`` for tokens at (frame, row, col) positions, each ``(S,)``."""
     cos, sin = [], []
     for band, pos in zip(rope_bands(head_dim), (frames, rows, cols), strict=True):
@@ -45,12 +51,12 @@ def rotary(
     return torch.cat(cos, dim=-1).float(), torch.cat(sin, dim=-1).float()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of ``x`` ``(B, H, S, d)`` by ``cos/sin`` ``(S, d)``."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+def _rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x`` ``(B, H, S, d)`` (Wan's convention)."""
+    cos, sin = rope
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return out.flatten(-2).type_as(x)
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
 
 
 def block_causal_mask(num_frames: int, tokens_per_frame: int, window: int) -> torch.Tensor:
@@ -61,137 +67,108 @@ def block_causal_mask(num_frames: int, tokens_per_frame: int, window: int) -> to
     return (diff >= 0) & (diff < window)
 
 
-class Attention(nn.Module):
-    """Multi-head attention (Wan layout: ``to_q/to_k/to_v/to_out``, RMS q/k norm).
+def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
-    ``kv_dim`` differs from ``dim`` for cross-modal attention between streams of different
-    widths. Inputs are ``(B, S, dim)`` queries and ``(B, S_kv, kv_dim)`` keys/values.
-    """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, kv_dim: int | None = None, eps=1e-6):
+def queries(attn: nn.Module, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+    """Queries ``(B, H, S, d)`` of ``x`` ``(B, S, dim)`` through a Wan-layout attention."""
+    q = _heads(attn, attn.norm_q(attn.to_q(x)))
+    return _rotate(q, rope) if rope is not None else q
+
+
+def keys_values(
+    attn: nn.Module, context: torch.Tensor, rope: Rope | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``(B, H, S_kv, d)`` of ``context``, keys rotated by ``rope`` if given."""
+    k = _heads(attn, attn.norm_k(attn.to_k(context)))
+    v = _heads(attn, attn.to_v(context))
+    return (_rotate(k, rope) if rope is not None else k), v
+
+
+def attend(
+    attn: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``softmax(qkᵀ/√d)v`` through ``to_out``: ``(B, S, dim)``."""
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    out = out.transpose(1, 2).flatten(-2).type_as(q)
+    for layer in attn.to_out:
+        out = layer(out)
+    return out
+
+
+class BridgeAttention(nn.Module):
+    """Cross-attention from one stream (width ``dim``) to another (width ``kv_dim``), in
+    Wan's parameter layout (MOVA's bridge between towers of different widths)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, kv_dim: int, eps: float):
         super().__init__()
         inner = heads * head_dim
-        kv_dim = kv_dim or dim
-        self.heads, self.head_dim = heads, head_dim
+        self.heads = heads
         self.to_q = nn.Linear(dim, inner)
         self.to_k = nn.Linear(kv_dim, inner)
         self.to_v = nn.Linear(kv_dim, inner)
-        self.to_out = nn.Linear(inner, dim)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
         self.norm_q = nn.RMSNorm(inner, eps=eps)
         self.norm_k = nn.RMSNorm(inner, eps=eps)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-
-    def project_kv(
-        self, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(B, H, S_kv, d)`` of ``context``, rotated by ``rope`` if given."""
-        k = self._split(self.norm_k(self.to_k(context)))
-        v = self._split(self.to_v(context))
-        if rope is not None:
-            k = apply_rotary(k, *rope)
-        return k, v
-
-    def query(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        q = self._split(self.norm_q(self.to_q(x)))
-        return apply_rotary(q, *rope) if rope is not None else q
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.to_out(out.transpose(1, 2).flatten(-2))
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        k, v = self.project_kv(x if context is None else context)
-        return self.attend(self.query(x), k, v)
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return attend(self, queries(self, x), *keys_values(self, context))
 
 
-class TemporalSelfAttention(Attention):
-    """Block-causal self-attention of one stream over time, with an optional KV cache.
-
-    ``x`` is ``(B, T, N, dim)``. Without ``slot`` the whole clip is attended under
-    :func:`block_causal_mask`. With ``slot`` (generation) ``T`` must be 1: the frame attends
-    to the cached past frames plus itself, and ``commit=True`` stores its keys/values.
-    """
-
-    def __init__(self, dim: int, heads: int, head_dim: int, window: int, eps: float = 1e-6):
-        super().__init__(dim, heads, head_dim, eps=eps)
-        self.window = window
-
-    def temporal(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        slot: KVSlot | None = None,
-        commit: bool = False,
-    ) -> torch.Tensor:
-        _, t, n, _ = x.shape
-        flat = x.flatten(1, 2)
-        q = self.query(flat, rope)
-        k, v = self.project_kv(flat, rope)
-        if slot is None:
-            mask = block_causal_mask(t, n, self.window).to(x.device)
-            out = self.attend(q, k, v, mask if t > 1 else None)
-        else:
-            if t != 1:
-                raise ValueError(f"cached attention takes one frame at a time, got {t}")
-            past_k, past_v = slot.read()
-            if past_k is not None:
-                out = self.attend(q, torch.cat([past_k, k], 2), torch.cat([past_v, v], 2))
-            else:
-                out = self.attend(q, k, v)
-            if commit:
-                slot.write(k, v)
-        return out.unflatten(1, (t, n))
+def wan_attention(dim: int, heads: int, head_dim: int, eps: float, cross: bool) -> WanAttention:
+    """A diffusers ``WanAttention`` of width ``dim`` (self- or cross-attention layout)."""
+    return WanAttention(
+        dim=dim,
+        heads=heads,
+        dim_head=head_dim,
+        eps=eps,
+        cross_attention_dim_head=head_dim if cross else None,
+    )
 
 
 class SigmaEmbedding(nn.Module):
-    """σ ∈ [0, 1] per frame → AdaLN modulation: Wan's ``Timesteps`` (on ``1000·σ``) +
-    ``TimestepEmbedding`` + SiLU + a zero-initialised projection to ``chunks × dim``.
+    """σ ∈ [0, 1] per frame → Wan's ``Timesteps`` (on ``1000·σ``) + ``TimestepEmbedding``, then
+    SiLU and a **zero-initialised** projection to ``6 × dim`` (AdaLN-Zero: every block's
+    shift/scale/gate start at its table, whose gates are zero).
 
-    Returns ``(temb (B, T, dim), modulation (B, T, chunks, dim))``. The projection is zero at
-    initialisation (AdaLN-Zero): every block starts as the identity.
+    Returns ``(temb (B, T, dim), modulation (B, T, 6, dim))``.
     """
 
-    def __init__(self, freq_dim: int, dim: int, chunks: int = 6):
+    def __init__(self, freq_dim: int, dim: int):
         super().__init__()
-        self.chunks = chunks
-        self.proj = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.embed = TimestepEmbedding(freq_dim, dim)
-        self.act = nn.SiLU()
-        self.to_mod = nn.Linear(dim, chunks * dim)
-        nn.init.zeros_(self.to_mod.weight)
-        nn.init.zeros_(self.to_mod.bias)
+        self.timesteps_proj = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedder = TimestepEmbedding(freq_dim, dim)
+        self.act_fn = nn.SiLU()
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        nn.init.zeros_(self.time_proj.weight)
+        nn.init.zeros_(self.time_proj.bias)
 
     def forward(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = sigma.shape
-        freqs = self.proj(sigma.flatten() * 1000.0).to(self.embed.linear_1.weight.dtype)
-        temb = self.embed(freqs)
-        mod = self.to_mod(self.act(temb)).unflatten(-1, (self.chunks, -1))
+        freqs = self.timesteps_proj(sigma.flatten() * 1000.0)
+        temb = self.time_embedder(freqs.to(self.time_embedder.linear_1.weight.dtype))
+        mod = self.time_proj(self.act_fn(temb)).unflatten(-1, (6, -1))
         return temb.unflatten(0, (b, t)), mod.unflatten(0, (b, t))
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``LN(x)·(1 + scale) + shift``; per-frame ``(B, T, dim)`` on tokens ``(B, T, N, dim)``."""
-    normed = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6)
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LN(x)·(1 + scale) + shift``: per-frame ``(B, T, dim)`` on tokens ``(B, T, N, dim)``."""
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     return (normed * (1 + scale[:, :, None]) + shift[:, :, None]).type_as(x)
 
 
 class Gate(nn.Module):
-    """Zero-initialised per-channel gate ``tanh(g)``: a cross-modal path starts switched off
-    exactly (``tanh(0) = 0``) and opens as ``g`` learns."""
+    """Zero-initialised per-channel gate ``tanh(g)·x`` on a cross-modal path: the path starts
+    switched off exactly (``tanh(0) = 0``) and opens as ``g`` learns."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.g = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.g) * x
+        return torch.tanh(self.g).to(x.dtype) * x

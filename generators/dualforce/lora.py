@@ -1,12 +1,11 @@
 """Stage 3's parameter regime: LoRA on the video backbone (peft), new modules fully trained.
 
 :func:`apply_stage3_lora` injects peft LoRA adapters into the video stream's attention
-projections (self-attention and reference cross-attention: ``to_q/to_k/to_v/to_out``, rank
-``attention_rank``) and FFN linears (rank ``ffn_rank``) of every block, freezes the rest of
-the backbone (:func:`~generators.dualforce.model.is_backbone_param`) and leaves every new
-module (structure stream, audio, fusion, heads) trainable. :func:`stage3_param_groups` gives
-the optimiser its two learning rates; :func:`merge_lora` folds the adapters back into plain
-``nn.Linear`` weights (same outputs, the checkpoint then loads into an unadapted model).
+projections (block-causal self-attention ``attn1`` and reference attention ``attn2``:
+``to_q/to_k/to_v/to_out.0``, rank ``attention_rank``) and FFN linears (``ffn.net.0.proj``,
+``ffn.net.2``, rank ``ffn_rank``) of every block. peft initialises ``lora_B`` to zero, so the
+adapted model starts exactly equal to the stage-2 model it is loaded from. :func:`merge_lora`
+folds the adapters back into plain ``nn.Linear`` weights (same outputs; used for sampling).
 """
 
 from __future__ import annotations
@@ -17,14 +16,13 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from generators.dualforce.config import LoraSettings
-from generators.dualforce.model import DualForceTransformer, is_backbone_param
 
-_ATTN = r"blocks\.\d+\.video\.attn[12]\.to_(q|k|v|out)"
+_ATTN = r"blocks\.\d+\.video\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 _FFN = r"blocks\.\d+\.video\.ffn\.net\.(0\.proj|2)"
 
 
-def apply_stage3_lora(model: DualForceTransformer, cfg: LoraSettings) -> DualForceTransformer:
-    """Inject the adapters in place and set ``requires_grad`` for stage 3; returns ``model``."""
+def apply_stage3_lora(transformer: nn.Module, cfg: LoraSettings) -> nn.Module:
+    """Inject the adapters into ``transformer`` in place; returns it."""
     config = LoraConfig(
         r=cfg.attention_rank,
         lora_alpha=cfg.attention_rank * cfg.alpha_over_rank,
@@ -33,28 +31,17 @@ def apply_stage3_lora(model: DualForceTransformer, cfg: LoraSettings) -> DualFor
         alpha_pattern={_FFN: cfg.ffn_rank * cfg.alpha_over_rank},
         lora_dropout=0.0,
     )
-    inject_adapter_in_model(config, model)
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_lora_param(name) or not is_backbone_param(_base_name(name)))
-    return model
+    inject_adapter_in_model(config, transformer)
+    return transformer
 
 
 def is_lora_param(name: str) -> bool:
     return ".lora_" in name
 
 
-def _base_name(name: str) -> str:
-    """Parameter name without peft's ``base_layer.`` wrapper segment."""
+def base_name(name: str) -> str:
+    """Parameter name without peft's ``base_layer.`` segment (the unadapted model's name)."""
     return name.replace(".base_layer.", ".")
-
-
-def stage3_param_groups(model: nn.Module, cfg: LoraSettings) -> list[dict]:
-    """Two optimiser groups: LoRA adapters at ``lr_lora``, new modules at ``lr_new``."""
-    lora, new = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (lora if is_lora_param(name) else new).append(p)
-    return [{"params": lora, "lr": cfg.lr_lora}, {"params": new, "lr": cfg.lr_new}]
 
 
 def lora_ranks(model: nn.Module) -> dict[str, int]:

@@ -1,25 +1,26 @@
-"""The DualForce transformer: causal multi-modal DiT over video latents and structure latents.
+"""The DualForce transformer: a causal multi-modal DiT over video latents and structure latents.
 
-Inputs per clip (the features stage's contract, :class:`DualForceInputs`): noisy VAE latents
+Inputs (:class:`DualForceInputs`, the features stage's tensors): noisy VAE latents
 ``(B, T, C, H, W)`` at per-frame σ_v, noisy structure latents ``(B, T, d_s)`` (stage 1's
-projection of the 133 LivePortrait motion columns) at per-frame σ_s, HuBERT
-``(B, T, 2, D_a)`` (steps ``2i, 2i+1`` of frame ``i``) and DINOv2 reference tokens
-``(B, N_r, D_r)`` (CLS first, then patches). Audio and reference are clean conditioning.
+projection of the LivePortrait motion) at per-frame σ_s, HuBERT ``(B, T, 2, D_a)`` (steps
+``2i, 2i+1`` of frame ``i``), DINOv2 patch tokens ``(B, N, D_r)`` of the reference frame and
+that frame's VAE latent ``(B, C, H, W)``. Audio and reference are clean conditioning.
 
 Outputs (:class:`DualForceOutput`): video velocity, structure velocity (flow-matching sign
-convention ``x̃ = (1 − σ)x + σε``, velocity ``dx̃/dσ = ε − x``, see
-:mod:`generators.dualforce.objectives`) and FLAME parameters regressed from the predicted
-clean structure ``x̂_s = x̃_s − σ_s · v̂_s``.
+convention in :mod:`generators.dualforce.objectives`) and FLAME parameters (standardised)
+regressed by an independent head from the predicted clean structure
+``x̂_s = x̃_s − σ_s · v̂_s``.
 
 ``forward`` runs a whole clip under the block-causal mask (training, and the reference for
 tests); ``step`` runs one frame against a :class:`~generators.dualforce.cache.DualForceCache`
-(generation) and, with ``commit=True``, appends that frame's keys/values. Frame ``i`` of
-``forward`` and the ``i``-th committed ``step`` see the same keys, so they agree to float
-rounding. ``structure=None`` / ``audio=None`` drop that stream (stage 2's video-only model;
-CFG's unconditional branch).
+and, with ``commit=True``, appends that frame's keys/values. Frame ``i`` of ``forward`` and
+the ``i``-th committed ``step`` see the same keys, so they agree to float rounding.
+``structure=None`` / ``audio=None`` drop that stream (stage 2's video-only model).
 
-Parameter groups: :func:`is_backbone_param` names the video backbone (what stage 2 trains and
-stage 3 adapts with LoRA); everything else is a new module of stage 3.
+Wan correspondences: ``patch_embed`` (``Conv3d`` with a ``(1, ph, pw)`` patch), the
+per-block ``scale_shift_table`` + per-token time projection (Wan 2.2 TI2V's per-token
+timesteps, here per frame), ``norm_out`` / ``scale_shift_table`` / ``proj_out`` head and its
+unpatchify order, ``image_embedder`` (Wan I2V's CLIP-image embedder, here for DINOv2).
 """
 
 from __future__ import annotations
@@ -28,23 +29,26 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanImageEmbedding
 from torch import nn
 
-from generators.dualforce.blocks import DualForceBlock, StreamInput
+from generators.dualforce.blocks import DualForceBlock, StreamState
 from generators.dualforce.cache import DualForceCache
 from generators.dualforce.config import DualForceArch
-from generators.dualforce.layers import SigmaEmbedding, rotary
+from generators.dualforce.layers import Rope, SigmaEmbedding, block_causal_mask, rotary
 
 
 @dataclass
 class DualForceInputs:
-    video: torch.Tensor
-    sigma_video: torch.Tensor
-    reference: torch.Tensor
-    structure: torch.Tensor | None = None
-    sigma_struct: torch.Tensor | None = None
-    audio: torch.Tensor | None = None
-    audio_keep: torch.Tensor | None = None
+    video: torch.Tensor  # (B, T, C, H, W) noisy latents
+    sigma_video: torch.Tensor  # (B, T)
+    reference_tokens: torch.Tensor  # (B, N, image_dim) DINOv2 patch tokens
+    reference_latent: torch.Tensor | None = None  # (B, C, H, W) clean reference frame
+    structure: torch.Tensor | None = None  # (B, T, d_s) noisy structure latents
+    sigma_struct: torch.Tensor | None = None  # (B, T)
+    audio: torch.Tensor | None = None  # (B, T, steps, D_a) HuBERT
+    audio_keep: torch.Tensor | None = None  # (B,) 1 = audio on, 0 = dropped (CFG)
     frame_offset: int = 0
 
 
@@ -55,36 +59,20 @@ class DualForceOutput:
     flame: torch.Tensor | None
 
 
-def patchify(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
-    """``(B, T, C, H, W)`` → ``(B, T, (H/ph)(W/pw), C·ph·pw)``, channel order (c, dy, dx)."""
-    b, t, c, h, w = x.shape
-    if h % ph or w % pw:
-        raise ValueError(f"latent size {h}x{w} is not a multiple of the patch {ph}x{pw}")
-    x = x.reshape(b, t, c, h // ph, ph, w // pw, pw).permute(0, 1, 3, 5, 2, 4, 6)
-    return x.reshape(b, t, (h // ph) * (w // pw), c * ph * pw)
-
-
-def unpatchify(x: torch.Tensor, c: int, h: int, w: int, ph: int, pw: int) -> torch.Tensor:
-    b, t = x.shape[:2]
-    x = x.reshape(b, t, h // ph, w // pw, c, ph, pw).permute(0, 1, 4, 2, 5, 3, 6)
-    return x.reshape(b, t, c, h, w)
-
-
 class _Head(nn.Module):
-    """Wan's output head: LN, (shift, scale) from the stream's σ embedding, zero-init linear."""
+    """Wan's output head: ``norm_out``, (shift, scale) = table + the stream's σ embedding,
+    ``proj_out``."""
 
-    def __init__(self, dim: int, in_features: int, out_features: int, eps: float, flatten: bool):
+    def __init__(self, dim: int, out_features: int, eps: float, tokens: int | None = None):
         super().__init__()
-        self.eps, self.flatten = eps, flatten
-        self.scale_shift_table = nn.Parameter(torch.zeros(1, 1, 2, dim))
-        self.proj_out = nn.Linear(in_features, out_features)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        self.flatten = tokens is not None  # one output per frame from all its tokens
+        self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 1, 2, dim) / dim**0.5)
+        self.proj_out = nn.Linear(dim * (tokens or 1), out_features)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table + temb[:, :, None].float()).unbind(2)
-        h = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps)
-        h = (h * (1 + scale[:, :, None]) + shift[:, :, None]).type_as(x)
+        h = (self.norm_out(x.float()) * (1 + scale[:, :, None]) + shift[:, :, None]).type_as(x)
         return self.proj_out(h.flatten(2) if self.flatten else h)
 
 
@@ -96,9 +84,7 @@ class LipHeads(nn.Module):
         super().__init__()
         e = arch.lip_embed_dim
         self.box = arch.mouth_box
-        self.mouth = nn.Sequential(
-            nn.Linear(arch.latent_channels * 16, e), nn.SiLU(), nn.Linear(e, e)
-        )
+        self.mouth = nn.Sequential(nn.Linear(arch.in_channels * 16, e), nn.SiLU(), nn.Linear(e, e))
         self.audio = nn.Sequential(
             nn.LayerNorm(arch.audio_dim), nn.Linear(arch.audio_dim, e), nn.SiLU(), nn.Linear(e, e)
         )
@@ -106,16 +92,17 @@ class LipHeads(nn.Module):
     def mouth_embedding(self, latents: torch.Tensor) -> torch.Tensor:
         b, t, _, h, w = latents.shape
         top, bottom, left, right = self.box
-        crop = latents[
-            ...,
-            int(top * h) : max(int(top * h) + 1, round(bottom * h)),
-            int(left * w) : max(int(left * w) + 1, round(right * w)),
-        ]
+        r0, c0 = int(top * h), int(left * w)
+        crop = latents[..., r0 : max(r0 + 1, round(bottom * h)), c0 : max(c0 + 1, round(right * w))]
         pooled = F.adaptive_avg_pool2d(crop.flatten(0, 1), (4, 4)).flatten(1)
         return self.mouth(pooled).unflatten(0, (b, t))
 
     def audio_embedding(self, hubert: torch.Tensor) -> torch.Tensor:
         return self.audio(hubert.mean(2))
+
+
+def _mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.SiLU(), nn.Linear(hidden, out))
 
 
 class DualForceTransformer(nn.Module):
@@ -124,31 +111,27 @@ class DualForceTransformer(nn.Module):
     def __init__(self, arch: DualForceArch):
         super().__init__()
         a = self.arch = arch
-        ph, pw = a.patch_size
-        patch = a.latent_channels * ph * pw
-        self.patch_embed = nn.Linear(patch, a.dim)
+        _, ph, pw = a.patch_size
+        self.patch_embed = nn.Conv3d(a.in_channels, a.dim, a.patch_size, stride=a.patch_size)
         self.video_modality = nn.Parameter(torch.randn(a.dim) * 0.02)
         self.sigma_video = SigmaEmbedding(a.freq_dim, a.dim)
-        self.video_head = _Head(a.dim, a.dim, patch, a.eps, flatten=False)
+        self.video_head = _Head(a.dim, a.in_channels * ph * pw, a.eps)
+        self.image_embedder = WanImageEmbedding(a.image_dim, a.dim)
+        self.reference_modality = nn.Parameter(torch.randn(a.dim) * 0.02)
 
         sd, ns = a.struct_dim, a.struct_tokens_per_frame
-        self.struct_tokenizer = nn.Sequential(
-            nn.Linear(a.struct_latent_dim, 2 * sd), nn.SiLU(), nn.Linear(2 * sd, ns * sd)
-        )
+        self.struct_tokenizer = _mlp(a.struct_latent_dim, 2 * sd, ns * sd)
         self.struct_modality = nn.Parameter(torch.randn(sd) * 0.02)
         self.sigma_struct = SigmaEmbedding(a.freq_dim, sd)
-        self.struct_head = _Head(sd, ns * sd, a.struct_latent_dim, a.eps, flatten=True)
-        self.flame_head = nn.Sequential(
-            nn.Linear(a.struct_latent_dim, 256), nn.SiLU(), nn.Linear(256, a.flame_dim)
-        )
+        self.struct_reference = nn.Linear(a.dim, sd)
+        self.struct_head = _Head(sd, a.struct_latent_dim, a.eps, tokens=ns)
+        self.flame_head = _mlp(a.struct_latent_dim, a.flame_head_dim, a.flame_dim)
 
         self.audio_proj = nn.Sequential(
             nn.LayerNorm(a.audio_dim),
             nn.Linear(a.audio_dim, a.audio_tokens_per_frame * a.audio_token_dim),
         )
         self.audio_modality = nn.Parameter(torch.randn(a.audio_token_dim) * 0.02)
-        self.reference_norm = nn.LayerNorm(a.reference_dim)
-        self.reference_modality = nn.Parameter(torch.randn(a.reference_dim) * 0.02)
         self.lip = LipHeads(a)
         self.blocks = nn.ModuleList(
             DualForceBlock(i, a, shallow=i < a.fusion_depth) for i in range(a.num_layers)
@@ -156,11 +139,16 @@ class DualForceTransformer(nn.Module):
 
     # -- token embedding -------------------------------------------------------------------
 
-    def _video_tokens(self, video: torch.Tensor, offset: int):
+    def _patches(self, video: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C, H, W)`` → ``(B, T, N, dim)`` through Wan's ``Conv3d`` patch embedding."""
+        x = self.patch_embed(video.transpose(1, 2).to(self.patch_embed.weight.dtype))
+        return x.flatten(3).permute(0, 2, 3, 1)
+
+    def _video_tokens(self, video: torch.Tensor, offset: int) -> tuple[torch.Tensor, Rope]:
         a = self.arch
-        ph, pw = a.patch_size
+        _, ph, pw = a.patch_size
         _, t, _, h, w = video.shape
-        tokens = self.patch_embed(patchify(video, ph, pw)) + self.video_modality
+        tokens = self._patches(video) + self.video_modality
         gh, gw = h // ph, w // pw
         frames = (torch.arange(t) + offset).repeat_interleave(gh * gw)
         rows = torch.arange(gh).repeat_interleave(gw).repeat(t)
@@ -168,15 +156,14 @@ class DualForceTransformer(nn.Module):
         cos, sin = rotary(a.attention_head_dim, frames, rows, cols, a.rope_theta)
         return tokens, (cos.to(video.device), sin.to(video.device))
 
-    def _struct_tokens(self, structure: torch.Tensor, offset: int):
+    def _struct_tokens(self, structure: torch.Tensor, offset: int) -> tuple[torch.Tensor, Rope]:
         a = self.arch
-        _, t, _ = structure.shape
+        t = structure.shape[1]
         tokens = self.struct_tokenizer(structure).unflatten(-1, (a.struct_tokens_per_frame, -1))
-        tokens = tokens + self.struct_modality
         frames = (torch.arange(t) + offset).repeat_interleave(a.struct_tokens_per_frame)
         zeros = torch.zeros_like(frames)
         cos, sin = rotary(a.struct_head_dim, frames, zeros, zeros, a.rope_theta)
-        return tokens, (cos.to(structure.device), sin.to(structure.device))
+        return tokens + self.struct_modality, (cos.to(structure.device), sin.to(structure.device))
 
     def audio_tokens(self, audio: torch.Tensor) -> torch.Tensor:
         """HuBERT ``(B, T, steps, D_a)`` → ``(B, T, N_a, audio_token_dim)``: mean over the
@@ -190,8 +177,24 @@ class DualForceTransformer(nn.Module):
         tokens = self.audio_proj(audio.mean(2)).unflatten(-1, (a.audio_tokens_per_frame, -1))
         return tokens + self.audio_modality
 
-    def reference_tokens(self, reference: torch.Tensor) -> torch.Tensor:
-        return self.reference_norm(reference) + self.reference_modality
+    def reference_context(
+        self, patch_tokens: torch.Tensor, latent: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``(B, g² [+ N_v], dim)``: DINOv2 patch tokens average-pooled to a ``g × g`` grid
+        through Wan's image embedder, then the reference latent's patches (if enabled)."""
+        a = self.arch
+        b, n, d = patch_tokens.shape
+        side = round(n**0.5)
+        if side * side != n or d != a.image_dim:
+            raise ValueError(f"reference tokens must be (B, s², {a.image_dim}), got {(b, n, d)}")
+        grid = patch_tokens.transpose(1, 2).reshape(b, d, side, side)
+        pooled = F.adaptive_avg_pool2d(grid.float(), a.reference_grid).flatten(2).transpose(1, 2)
+        ctx = self.image_embedder(pooled.to(self.reference_modality.dtype))
+        if a.reference_latent:
+            if latent is None:
+                raise ValueError("this model reads the reference frame's latent; none given")
+            ctx = torch.cat([ctx, self._patches(latent[:, None])[:, 0]], 1)
+        return ctx + self.reference_modality
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -199,34 +202,48 @@ class DualForceTransformer(nn.Module):
         self, inp: DualForceInputs, cache: DualForceCache | None, commit: bool
     ) -> DualForceOutput:
         a = self.arch
-        _, _, c, h, w = inp.video.shape
+        _, t, c, h, w = inp.video.shape
+        whole_clip = cache is None and t > 1
         v_tokens, v_rope = self._video_tokens(inp.video, inp.frame_offset)
         temb_v, mod_v = self.sigma_video(inp.sigma_video)
-        struct_in = None
+        reference = self.reference_context(inp.reference_tokens, inp.reference_latent)
+        v_mask = None
+        if whole_clip:
+            v_mask = block_causal_mask(t, v_tokens.shape[2], a.window_frames).to(v_tokens.device)
+        video = StreamState(v_tokens, mod_v, v_rope, v_mask, reference)
+        struct = None
         if inp.structure is not None:
             if inp.sigma_struct is None:
                 raise ValueError("structure given without sigma_struct")
             s_tokens, s_rope = self._struct_tokens(inp.structure, inp.frame_offset)
             temb_s, mod_s = self.sigma_struct(inp.sigma_struct)
-            struct_in = StreamInput(s_tokens, mod_s, s_rope)
+            s_mask = None
+            if whole_clip:
+                s_mask = block_causal_mask(t, s_tokens.shape[2], a.window_frames)
+            s_mask = s_mask.to(s_tokens.device) if s_mask is not None else None
+            struct = StreamState(s_tokens, mod_s, s_rope, s_mask, self.struct_reference(reference))
         audio = self.audio_tokens(inp.audio) if inp.audio is not None else None
-        reference = self.reference_tokens(inp.reference)
-        video_in = StreamInput(v_tokens, mod_v, v_rope)
         for block in self.blocks:
-            v, s = block(video_in, struct_in, audio, reference, inp.audio_keep, cache, commit)
-            video_in = replace(video_in, tokens=v)
-            if struct_in is not None:
-                struct_in = replace(struct_in, tokens=s)
-        ph, pw = a.patch_size
-        video_velocity = unpatchify(self.video_head(video_in.tokens, temb_v), c, h, w, ph, pw)
+            v, s = block(video, struct, audio, inp.audio_keep, cache, commit)
+            video = replace(video, tokens=v)
+            if struct is not None:
+                struct = replace(struct, tokens=s)
+        video_velocity = self._unpatchify(self.video_head(video.tokens, temb_v), c, h, w)
         struct_velocity = flame = None
-        if struct_in is not None and inp.structure is not None and inp.sigma_struct is not None:
-            struct_velocity = self.struct_head(struct_in.tokens, temb_s)
+        if struct is not None and inp.structure is not None and inp.sigma_struct is not None:
+            struct_velocity = self.struct_head(struct.tokens, temb_s)
             clean = inp.structure - inp.sigma_struct[..., None] * struct_velocity
             flame = self.flame_head(clean)
         if cache is not None and commit:
             cache.frames_committed += 1
         return DualForceOutput(video_velocity, struct_velocity, flame)
+
+    def _unpatchify(self, x: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+        """Wan's order: ``proj_out`` features are (pt, ph, pw, C) per patch."""
+        _, ph, pw = self.arch.patch_size
+        b, t = x.shape[:2]
+        x = x.reshape(b, t, h // ph, w // pw, ph, pw, c).permute(0, 1, 6, 2, 4, 3, 5)
+        return x.reshape(b, t, c, h, w)
 
     def forward(self, inp: DualForceInputs) -> DualForceOutput:
         """Whole clip, block-causal over time (window ``arch.window_frames``)."""
@@ -242,11 +259,22 @@ class DualForceTransformer(nn.Module):
         return self._run(replace(inp, frame_offset=cache.frames_committed), cache, commit)
 
 
+_BACKBONE_PREFIXES = (
+    "patch_embed.",
+    "video_modality",
+    "sigma_video.",
+    "video_head.",
+    "image_embedder.",
+    "reference_modality",
+)
+
+
 def is_backbone_param(name: str) -> bool:
-    """True for the video backbone's parameters (the Wan-style video stream)."""
+    """True for the video backbone's parameters (a transformer-relative name): what stage 2
+    trains and stage 3 adapts with LoRA. Everything else is a new module of stage 3."""
     if name.startswith("blocks."):
         return name.split(".")[2] == "video"
-    return name.startswith(("patch_embed.", "video_modality", "sigma_video.", "video_head."))
+    return name.startswith(_BACKBONE_PREFIXES)
 
 
 def parameter_count(arch: DualForceArch) -> dict[str, int]:

@@ -2,8 +2,9 @@
 
 The diffusion stream noises a compact structure latent, not the raw motion columns (which
 mix degrees, keypoint coordinates and scale on very different scales). The projector
-standardises motion and FLAME with dataset statistics (:meth:`fit_normalisation`, stored as
-buffers so a checkpoint carries them), encodes motion to ``d_s`` through an MLP and a
+standardises motion and FLAME with the training set's per-column statistics (buffers, so a
+checkpoint carries them; stage 1 sets them with :meth:`set_statistics` from
+:func:`column_statistics` of all training frames), encodes motion to ``d_s`` through an MLP and a
 non-affine LayerNorm (so every frame's latent has zero mean and unit variance, the scale
 the flow-matching noise assumes), and is trained (stage 1) to decode the motion back and to
 regress the frame's FLAME parameters from the latent, which makes the latent carry the 3D
@@ -30,11 +31,20 @@ def _mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
     )
 
 
+def column_statistics(x: torch.Tensor) -> torch.Tensor:
+    """``(2, D)``: per-column mean and std over all rows of ``(..., D)``; a constant column
+    gets std 1, so it standardises to 0 instead of dividing by zero."""
+    flat = x.reshape(-1, x.shape[-1]).double()
+    std = flat.std(0, unbiased=False)
+    return torch.stack([flat.mean(0), torch.where(std > 1e-8, std, torch.ones_like(std))]).float()
+
+
 class StructureProjector(nn.Module):
     """Motion ``(..., 133)`` → latent ``(..., d_s)`` → motion, and latent → FLAME ``(..., 159)``."""
 
-    def __init__(self, arch: DualForceArch, hidden_dim: int):
+    def __init__(self, arch: DualForceArch):
         super().__init__()
+        hidden_dim = arch.projector_hidden_dim
         self.register_buffer("motion_mean", torch.zeros(arch.motion_dim))
         self.register_buffer("motion_std", torch.ones(arch.motion_dim))
         self.register_buffer("flame_mean", torch.zeros(arch.flame_dim))
@@ -44,17 +54,12 @@ class StructureProjector(nn.Module):
         self.flame = _mlp(arch.struct_latent_dim, hidden_dim, arch.flame_dim)
 
     @torch.no_grad()
-    def fit_normalisation(self, motion: torch.Tensor, flame: torch.Tensor) -> None:
-        """Per-column mean/std over all frames of ``(N, 133)`` motion and ``(N, 159)`` FLAME;
-        constant columns get std 1 so they standardise to 0 instead of dividing by zero."""
-        for x, mean, std in (
-            (motion, self.motion_mean, self.motion_std),
-            (flame, self.flame_mean, self.flame_std),
-        ):
-            flat = x.reshape(-1, x.shape[-1]).double()
-            mean.copy_(flat.mean(0))
-            s = flat.std(0, unbiased=False)
-            std.copy_(torch.where(s > 1e-8, s, torch.ones_like(s)))
+    def set_statistics(self, motion_stats: torch.Tensor, flame_stats: torch.Tensor) -> None:
+        """Copy :func:`column_statistics` of the training motion and FLAME into the buffers."""
+        self.motion_mean.copy_(motion_stats[0])
+        self.motion_std.copy_(motion_stats[1])
+        self.flame_mean.copy_(flame_stats[0])
+        self.flame_std.copy_(flame_stats[1])
 
     def normalise_motion(self, motion: torch.Tensor) -> torch.Tensor:
         return (motion - self.motion_mean) / self.motion_std
