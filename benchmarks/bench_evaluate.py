@@ -1,85 +1,170 @@
-"""Evaluation throughput: frames/s per metric family, and the decode-once saving.
+"""Evaluation benchmark on the embedded default's held-out clips, in one invocation.
 
-On a synthetic face clip (``--frames`` frames at ``--size`` px, written as h264), with the
-random-init stand-ins of every metric network (same architectures and cost as the official
-weights, except ArcFace's small stand-in), this measures:
+    .venv/bin/python benchmarks/bench_evaluate.py [--config configs/default.yaml]
+        [--data-root DIR] [--set key=value ...] [--out DIR]
 
-- frames/s of each metric family alone (pixel: PSNR+SSIM; lpips-alex; lpips-vgg; Inception
-  features; I3D windows; ArcFace; LivePortrait pose; SyncNet), both videos of the pair;
-- the decode of one video, against which "decode once for all metrics" is judged: the
-  ratio (families × decode) / (1 decode + 1 decode) is what per-metric decoding would cost.
+1. The pipeline up to ``train`` runs through the engine (local executor) on the config's
+   data (the generated sample by default). ``--data-root`` keeps that work between
+   invocations; only the steps below are timed.
+2. **Generation**: the generate stage's ``process`` on every held-out clip the planner gives
+   it (every committed checkpoint, both settings), committing into a fresh store so no video
+   comes from the cache — the baseline every evaluation figure is a ratio against.
+3. **Evaluation**: the evaluate stage's ``process`` on the same clips (fresh store: nothing
+   cached), then ``evaluate_set``. Reported: wall time of both, evaluation as a share of
+   generation time, and frames/s per metric family from the metric suite's own timers
+   (``pixel`` = PSNR + SSIM; each network family; frames counted once per video it saw).
+4. **Decode once**: each generated video and each ground truth is decoded once for all
+   metrics; the decode time is measured on its own, and what decoding once *per metric
+   family* would cost instead is that time × the number of frame-reading families.
 
-Run: ``.venv/bin/python benchmarks/bench_evaluate.py [--frames 50] [--size 256]``.
+Figures go to stdout and ``<out>/bench_evaluate.json``. The metric networks are the
+config's (random-init stand-ins of the official architectures on the embedded default: the
+same compute as the real weights, except ArcFace's smaller stand-in).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metrics.registry import METRICS, Setting
-from metrics.suite import MetricSuite
-from models.registry import ModelSpec, ensure_model
-from tasks.media import VideoWriter, iter_frames
-from tests.train_helpers import face_frames
+from storage.store import ArtifactStore
+from talkforge.candidates import plan_candidates
+from talkforge.config import load_config
+from talkforge.engine import Engine
+from talkforge.executors import LocalExecutor
+from talkforge.plan import RunOptions, StagePlan, select_stages
+from tasks.base import AggregateInputs, ItemContext, ItemInputs
+from tasks.evaluate import EvaluateStage, decode
+from tasks.evaluate_set import EvaluateSetStage
+from tasks.generate import GenerateStage
+from tasks.records import ClipMetrics, GeneratedClip
 
-FAMILIES = {
-    "pixel": ["psnr_db", "ssim"],
-    "lpips-alex": ["lpips_alex"],
-    "lpips-vgg": ["lpips_vgg"],
-    "inception-fid": ["fid"],
-    "i3d": ["fvd"],
-    "arcface": ["csim", "acd"],
-    "liveportrait-motion": ["apd_deg"],
-    "syncnet": ["sync_c", "sync_d", "av_offset_frames"],
-}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def upstream(engine: Engine, run_id: str) -> None:
+    """Run (or find cached) every stage before generate."""
+    for stage in select_stages(until="train"):
+        summary = engine.run_stage(run_id, stage, RunOptions(stages=[stage]))
+        print(f"  {stage:10s} ran {summary.done} cached {summary.cached} "
+              f"failed {summary.failed} {summary.blocked_reason}")  # fmt: skip
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--frames", type=int, default=50)
-    ap.add_argument("--size", type=int, default=256)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml")
+    ap.add_argument("--data-root", type=Path, default=None)
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    frames = face_frames(args.frames, args.size, seed=0)
-    video = work / "clip.mp4"
-    with VideoWriter(video, args.size, args.size, 25.0, crf=17) as vw:
-        vw.write(frames)
-    t0 = time.perf_counter()
-    decoded = np.concatenate(list(iter_frames(video, args.size, args.size)))
-    decode_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    gen = np.clip(decoded + rng.normal(0, 8, decoded.shape), 0, 255).astype(np.uint8)
-    samples = (0.2 * np.sin(np.arange(args.frames * 640) / 9.0)).astype(np.float64)
-    affines = np.tile(
-        np.array([[224 / args.size, 0, 0], [0, 224 / args.size, 0]]), (args.frames, 1, 1)
+    root = args.data_root or Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    out_dir = args.out or root
+    cfg = load_config(args.config, [f"project.data_root={root}", *args.overrides])
+    engine = Engine(cfg, executor=LocalExecutor(cfg.ray))
+    run_id = engine.start_run("bench_evaluate", RunOptions())
+    print(f"data root {root}")
+    upstream(engine, run_id)
+
+    env = engine.stage_env(run_id, "generate")
+    gen_stage = GenerateStage(cfg.stage("generate"), env)  # type: ignore[arg-type]
+    plan = StagePlan(run_id=run_id, stage="generate", env=env)
+    candidates = plan_candidates(
+        engine.catalog, GenerateStage, gen_stage.config, env, plan, RunOptions(), record=False
     )
-    paths = {}
-    for family in {m.network for m in METRICS.values() if m.network}:
-        spec = ModelSpec(family=family, source=f"models/{family}", tiny_random=True)
-        paths[family] = ensure_model(spec, work)
-    print(f"clip: {args.frames} frames at {args.size} px; decode {args.frames / decode_s:.0f} fps")
-    total = 0.0
-    for family, names in FAMILIES.items():
-        suite = MetricSuite(names, paths, device="cpu")
-        t0 = time.perf_counter()
-        truth = suite.describe(decoded, samples, 16000, 25.0, affines)
-        side = suite.describe(gen, samples, 16000, 25.0, affines)
-        suite.compare(side, truth, Setting.SELF)
-        dt = time.perf_counter() - t0
-        total += dt
-        print(f"{family:22s} {2 * args.frames / dt:8.1f} frames/s  ({dt:.2f} s for both videos)")
-    n = len(FAMILIES)
-    print(f"all metrics: {2 * args.frames / total:.1f} frames/s; decode share once: "
-          f"{2 * decode_s / (total + 2 * decode_s):.1%}; decoding per family would cost "
-          f"{n}x the decode time ({2 * n * decode_s:.2f} s vs {2 * decode_s:.2f} s)")  # fmt: skip
+    if not candidates:
+        raise SystemExit(f"no held-out clip to generate: {plan.blocked_reason}")
+    fresh = Path(tempfile.mkdtemp(prefix="bench-eval-store-", dir=root))
+    store = ArtifactStore(str(fresh))
+    inputs = [c.inputs() for c in candidates]
+
+    gen_stage.setup()
+    generated: list[tuple[ItemInputs, GeneratedClip]] = []
+    t0 = time.perf_counter()
+    for item in inputs:
+        ctx = ItemContext(store, "generate", item.item_id, "b" * 40)
+        generated.append((item, gen_stage.process(item, ctx)))
+        ctx.close()
+    generate_s = time.perf_counter() - t0
+    videos = [v for _, g in generated for v in g.videos]
+    gen_frames = sum(v.num_frames for v in videos)
+
+    ev = EvaluateStage(cfg.stage("evaluate"), engine.stage_env(run_id, "evaluate"))  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    ev.setup()
+    load_s = time.perf_counter() - t0
+    results: list[ClipMetrics] = []
+    t0 = time.perf_counter()
+    for item, rec in generated:
+        records = {k: item.records[k] for k in ("faces", "features")} | {"generate": rec}
+        ctx = ItemContext(store, "evaluate", item.item_id, "c" * 40)
+        results.append(ev.process(ItemInputs(item_id=item.item_id, records=records), ctx))
+        ctx.close()
+    evaluate_s = time.perf_counter() - t0
+    agg = EvaluateSetStage(cfg.stage("evaluate_set"), engine.stage_env(run_id, "evaluate_set"))  # type: ignore[arg-type]
+    items = [ItemInputs(item_id=r.clip_id, records={"evaluate": r}) for r in results]
+    t0 = time.perf_counter()
+    ctx = ItemContext(store, "evaluate_set", "evaluate_set", "d" * 40)
+    table = agg.process(AggregateInputs(item_id="evaluate_set", items=items), ctx)
+    ctx.close()
+    set_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    decoded = 0
+    for item, rec in generated:
+        decoded += len(decode(store.local_path(item.records["faces"].crops.uri, fresh), 16))
+        for v in rec.videos:
+            decoded += len(decode(store.local_path(v.video.uri, fresh), 16))
+    decode_s = time.perf_counter() - t0
+    assert ev.suite is not None
+    readers = [f for f in ev.suite.timings if f != "pixel"] + ["pixel"]
+    families = {
+        f: {
+            "seconds": round(s, 3),
+            "frames": int(n),
+            "frames_per_s": round(n / s, 1) if s else None,
+        }
+        for f, (s, n) in sorted(ev.suite.timings.items())
+    }
+    eval_total = evaluate_s + set_s
+    figures = {
+        "held_out_clips": len(generated),
+        "generated_videos": len(videos),
+        "generated_frames": gen_frames,
+        "generate_s": round(generate_s, 2),
+        "generate_frames_per_s": round(gen_frames / generate_s, 2),
+        "metric_networks_load_s": round(load_s, 2),
+        "evaluate_s": round(evaluate_s, 2),
+        "evaluate_set_s": round(set_s, 2),
+        "evaluation_over_generation": round(eval_total / generate_s, 3),
+        "evaluate_frames_per_s": round(gen_frames / evaluate_s, 2),
+        "per_family": families,
+        "decode_once_s": round(decode_s, 2),
+        "decoded_frames": decoded,
+        "decode_share_of_evaluation": round(decode_s / evaluate_s, 3),
+        "decode_per_family_would_be_s": round(decode_s * len(readers), 2),
+        "eval_summary_rows": len(table.summary),
+    }
+    print(f"held-out clips {len(generated)}, videos {len(videos)} ({gen_frames} frames)")
+    print(f"generate {generate_s:.1f} s ({gen_frames / generate_s:.1f} frames/s)")
+    print(f"evaluate {evaluate_s:.1f} s + set {set_s:.1f} s (+ network load {load_s:.1f} s) = "
+          f"{eval_total / generate_s:.2f}x generation time")  # fmt: skip
+    for f, d in families.items():
+        print(
+            f"  {f:22s} {d['frames_per_s']!s:>8} frames/s ({d['seconds']} s, {d['frames']} frames)"
+        )
+    print(f"decode once: {decode_s:.2f} s for {decoded} frames ({decode_s / evaluate_s:.1%} of "
+          f"evaluation); once per family ({len(readers)} families) would be "
+          f"{decode_s * len(readers):.2f} s")  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_evaluate.json").write_text(json.dumps(figures, indent=1))
+    engine.finish_run(run_id, "finished", RunOptions())
+    engine.close()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """CSIM and ACD from ArcFace embeddings of 112 px aligned faces (:mod:`models.arcface`).
 
-- :func:`aligned_faces`: the 112×112 ArcFace square inside a faces-stage crop. With
-  ``faces.align: landmarks`` the crop maps the 5 landmarks onto the ArcFace template scaled
-  so that its 112 px square fills ``crop_px / (1 + margin)`` around the crop centre; that
-  square, resized to 112 px, is the aligned face (in ``box`` mode it is a centred square,
-  unaligned in roll).
+- Alignment: ArcFace expects the face warped so that its 5 landmarks sit on the 112 px
+  template. The faces stage stores the per-frame landmarks and the source→crop map of every
+  crop; the caller turns them into crop→112 similarity maps (the faces stage's own
+  alignment code with the template at 112 px) and :func:`aligned_faces` warps generated and
+  ground-truth crops with the **same** map (the generated frame lives in the crop's pixel
+  space). :func:`centre_squares` is the fallback when a clip has no landmarks: the square
+  ``crop / (1 + margin)`` around the crop centre, which is exactly the template square for
+  ``faces.align: landmarks`` crops and an unrolled approximation for ``box`` crops.
 - **CSIM**: mean over frames of the cosine similarity between the generated frame's
   embedding and the reference identity: the paired ground-truth frame's embedding (so the
   ground truth scores exactly 1, as in MuseTalk's table), or one reference embedding for
@@ -25,8 +28,19 @@ from models.arcface import INPUT_PX, IResNet, arcface_input
 CURVE_LENGTHS = (32, 128, 256, 512)
 
 
-def aligned_faces(crops: np.ndarray, margin: float) -> np.ndarray:
-    """``(N, S, S, 3)`` face crops → ``(N, 112, 112, 3)`` ArcFace squares (see module doc)."""
+def aligned_faces(frames: np.ndarray, affines: np.ndarray) -> np.ndarray:
+    """``(N, S, S, 3)`` crops warped by per-frame ``(N, 2, 3)`` crop→112 maps."""
+    return np.stack(
+        [
+            cv2.warpAffine(np.ascontiguousarray(f), m, (INPUT_PX, INPUT_PX),
+                           flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            for f, m in zip(frames, affines, strict=True)
+        ]
+    )  # fmt: skip
+
+
+def centre_squares(crops: np.ndarray, margin: float) -> np.ndarray:
+    """``(N, S, S, 3)`` crops → the ``S / (1 + margin)`` centre square at 112 px."""
     size = crops.shape[1]
     side = size / (1.0 + margin)
     lo = round((size - side) / 2)
@@ -60,14 +74,19 @@ def csim(generated: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(np.sum(generated[:n] * ref, axis=-1)))
 
 
-def acd(embeddings: np.ndarray) -> float:
-    """Mean pairwise L2 distance between the unit embeddings of a clip's frames."""
+def acd(embeddings: np.ndarray, block: int = 1024) -> float:
+    """Mean pairwise L2 distance between the unit embeddings of a clip's frames (computed
+    in row blocks, so a long clip never holds an ``N × N`` matrix)."""
     n = len(embeddings)
     if n < 2:
         return 0.0
-    gram = np.clip(embeddings @ embeddings.T, -1.0, 1.0)
-    dist = np.sqrt(np.maximum(2.0 - 2.0 * gram, 0.0))
-    return float(dist[np.triu_indices(n, 1)].mean())
+    total = 0.0
+    for lo in range(0, n, block):
+        gram = np.clip(embeddings[lo : lo + block] @ embeddings.T, -1.0, 1.0)
+        dist = np.sqrt(np.maximum(2.0 - 2.0 * gram, 0.0))
+        rows = np.arange(lo, lo + len(gram))[:, None]
+        total += float(dist[rows < np.arange(n)[None, :]].sum())  # pairs i < j
+    return total / (n * (n - 1) / 2)
 
 
 def acd_curve(embeddings: np.ndarray) -> dict[int, float]:

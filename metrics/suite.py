@@ -3,15 +3,23 @@ decoded once by the caller and shared by every metric.
 
 :class:`MetricSuite` holds the networks of the enabled metrics (paths resolved by the
 caller through the model registry). :meth:`MetricSuite.describe` runs the networks once on
-one side of a comparison (generated or ground truth) — identity embeddings, pose, Inception
-and I3D features, SyncNet scores against the audio — and :meth:`MetricSuite.compare` turns a
-generated side and a ground-truth side into numbers. The ground-truth reference row is
-``compare(truth, truth)``: PSNR at its cap, SSIM 1, LPIPS 0, APD 0, CSIM 1, FID/FVD 0 at
-set level; its Sync-C/D are the real clip's.
+one side of a comparison (a generated video or the ground truth) — identity embeddings,
+pose, Inception and I3D features, SyncNet scores against the driving audio — and
+:meth:`MetricSuite.compare` turns a generated side and the ground-truth side into numbers
+(:func:`for_setting` keeps those that mean something in a setting). The ground-truth row is
+``compare(truth, truth)``: PSNR at its cap, SSIM 1, LPIPS 0, APD 0, CSIM 1 (FID/FVD 0 at set
+level); its Sync-C/D are the real clip's with its own audio.
+
+``timings`` accumulates, per metric family (``pixel`` for PSNR/SSIM, else the network
+family), the seconds spent and frames seen: what ``benchmarks/bench_evaluate.py`` reports.
 """
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +27,7 @@ import numpy as np
 
 from metrics.fid import inception_features
 from metrics.fvd import CURVE_LENGTHS, i3d_features, protocol_window, windows_upto
-from metrics.identity import acd, acd_curve, aligned_faces, csim, embed
+from metrics.identity import acd, acd_curve, aligned_faces, centre_squares, csim, embed
 from metrics.image import psnr_db, ssim
 from metrics.perceptual import lpips_per_frame
 from metrics.pose import apd_deg, head_pose_deg
@@ -31,11 +39,33 @@ from models.inception_fid import load_fid_inception
 from models.liveportrait import load_motion_extractor
 from models.lpips_net import load_lpips
 
-# network family → the metrics that need it
-NETWORK_METRICS: dict[str, list[str]] = {}
-for _m in METRICS.values():
-    if _m.network:
-        NETWORK_METRICS.setdefault(_m.network, []).append(_m.name)
+
+def base_metric(key: str) -> str:
+    """``acd_at_32`` → ``acd``; ``fvd_at_128`` → ``fvd``; others unchanged."""
+    return key.split("_at_")[0]
+
+
+def for_setting(values: dict[str, float], setting: Setting) -> dict[str, float]:
+    """The values of the metrics that mean something in ``setting`` (see the registry)."""
+    return {k: v for k, v in values.items() if setting in METRICS[base_metric(k)].settings}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Per-frame maps from crop pixels to the networks' inputs.
+
+    ``syncnet``: crop → SyncNet's 224 px square (``metrics.sync.syncnet_crop_affines``);
+    ``arcface``: crop → the 112 px ArcFace template (None: centre squares at ``face_margin``).
+    """
+
+    syncnet: np.ndarray | None = None
+    arcface: np.ndarray | None = None
+
+    def head(self, n: int) -> Geometry:
+        return Geometry(
+            None if self.syncnet is None else self.syncnet[:n],
+            None if self.arcface is None else self.arcface[:n],
+        )
 
 
 @dataclass
@@ -48,6 +78,13 @@ class Side:
     sync: dict[str, float] = field(default_factory=dict)
     inception: np.ndarray | None = None  # (N / stride, 2048)
     i3d: dict[str, np.ndarray] = field(default_factory=dict)  # "protocol" / "upto_<n>"
+
+    def set_features(self) -> dict[str, np.ndarray]:
+        """The features set-level metrics need, keyed as ``evaluate_set`` reads them."""
+        out = {f"i3d_{k}": v for k, v in self.i3d.items()}
+        if self.inception is not None:
+            out["inception"] = self.inception
+        return out
 
 
 class MetricSuite:
@@ -67,11 +104,8 @@ class MetricSuite:
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {sorted(METRICS)}")
         self.metrics = list(metrics)
-        self.face_margin, self.stride, self.batch = (
-            face_margin,
-            max(1, fid_frame_stride),
-            batch_size,
-        )
+        self.face_margin = face_margin
+        self.stride, self.batch = max(1, fid_frame_stride), batch_size
         need = {METRICS[m].network for m in metrics} - {None}
         missing = sorted(n for n in need if n not in paths)
         if missing:
@@ -91,6 +125,14 @@ class MetricSuite:
         self.syncnet = (
             SyncNetScorer(paths["syncnet"], device, batch_size) if "syncnet" in need else None
         )
+        self.timings: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+
+    @contextmanager
+    def _timed(self, family: str, frames: int) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.timings[family][0] += time.perf_counter() - start
+        self.timings[family][1] += frames
 
     def describe(
         self,
@@ -98,25 +140,32 @@ class MetricSuite:
         samples: np.ndarray | None,
         rate_hz: int,
         fps: float,
-        crop_affines: np.ndarray | None,
+        geometry: Geometry,
     ) -> Side:
+        """Run every network once on ``frames`` (``samples``: the audio that drove them)."""
         side = Side(frames)
+        n = len(frames)
         if self.arcface is not None:
-            side.identity = embed(self.arcface, aligned_faces(frames, self.face_margin), self.batch)
+            with self._timed("arcface", n):
+                faces = (
+                    centre_squares(frames, self.face_margin)
+                    if geometry.arcface is None
+                    else aligned_faces(frames, geometry.arcface)
+                )
+                side.identity = embed(self.arcface, faces, self.batch)
         if self.motion is not None:
-            side.pose_deg = head_pose_deg(self.motion, frames, self.batch)
+            with self._timed("liveportrait-motion", n):
+                side.pose_deg = head_pose_deg(self.motion, frames, self.batch)
         if self.inception is not None:
-            side.inception = inception_features(self.inception, frames[:: self.stride], self.batch)
+            picked = frames[:: self.stride]
+            with self._timed("inception-fid", len(picked)):
+                side.inception = inception_features(self.inception, picked, self.batch)
         if self.i3d is not None:
-            window = protocol_window(frames)
-            if window is not None:
-                side.i3d["protocol"] = i3d_features(self.i3d, [window])
-            for n in CURVE_LENGTHS:
-                windows = windows_upto(frames, n)
-                if windows:
-                    side.i3d[f"upto_{n}"] = i3d_features(self.i3d, windows)
-        if self.syncnet is not None and samples is not None and crop_affines is not None:
-            est = self.syncnet.measure(iter(frames), crop_affines, samples, rate_hz, fps)
+            with self._timed("i3d", n):
+                self._i3d(side)
+        if self.syncnet is not None and samples is not None and geometry.syncnet is not None:
+            with self._timed("syncnet", n):
+                est = self.syncnet.measure(iter(frames), geometry.syncnet, samples, rate_hz, fps)
             if not est.unmeasurable:
                 side.sync = {
                     "sync_c": est.confidence,
@@ -125,27 +174,39 @@ class MetricSuite:
                 }
         return side
 
-    def compare(self, gen: Side, truth: Side, setting: Setting) -> dict[str, float]:
-        """Clip-level values (means over frames) of the metrics that apply in ``setting``."""
+    def _i3d(self, side: Side) -> None:
+        assert self.i3d is not None
+        window = protocol_window(side.frames)
+        if window is not None:
+            side.i3d["protocol"] = i3d_features(self.i3d, [window])
+        for n in CURVE_LENGTHS:
+            windows = windows_upto(side.frames, n)
+            if windows:
+                side.i3d[f"upto_{n}"] = i3d_features(self.i3d, windows)
+
+    def compare(self, gen: Side, truth: Side) -> dict[str, float]:
+        """Clip-level values (means over frames) of every enabled metric, ``gen`` against the
+        first ``len(gen.frames)`` frames of ``truth``; filter with :func:`for_setting`."""
         want = set(self.metrics)
         out: dict[str, float] = {}
-        pairs = list(zip(gen.frames, truth.frames, strict=False))
-        n = len(pairs)
-        if "psnr_db" in want:
-            out["psnr_db"] = float(np.mean([psnr_db(g, t) for g, t in pairs]))
-        if "ssim" in want:
-            out["ssim"] = float(np.mean([ssim(g, t) for g, t in pairs]))
+        n = min(len(gen.frames), len(truth.frames))
+        g, t = gen.frames[:n], truth.frames[:n]
+        with self._timed("pixel", n):
+            if "psnr_db" in want:
+                out["psnr_db"] = float(np.mean([psnr_db(a, b) for a, b in zip(g, t, strict=True)]))
+            if "ssim" in want:
+                out["ssim"] = float(np.mean([ssim(a, b) for a, b in zip(g, t, strict=True)]))
         for net, model in self.lpips.items():
             if f"lpips_{net}" in want:
-                d = lpips_per_frame(model, gen.frames[:n], truth.frames[:n], self.batch)
-                out[f"lpips_{net}"] = float(d.mean())
+                with self._timed(f"lpips-{net}", n):
+                    out[f"lpips_{net}"] = float(lpips_per_frame(model, g, t, self.batch).mean())
         if gen.pose_deg is not None and truth.pose_deg is not None and "apd_deg" in want:
-            out["apd_deg"] = apd_deg(gen.pose_deg, truth.pose_deg)
+            out["apd_deg"] = apd_deg(gen.pose_deg[:n], truth.pose_deg[:n])
         if gen.identity is not None and truth.identity is not None:
             if "csim" in want:
-                out["csim"] = csim(gen.identity, truth.identity)
+                out["csim"] = csim(gen.identity[:n], truth.identity[:n])
             if "acd" in want:
                 out["acd"] = acd(gen.identity)
                 out.update({f"acd_at_{k}": v for k, v in acd_curve(gen.identity).items()})
         out.update({k: v for k, v in gen.sync.items() if k in want})
-        return {k: v for k, v in out.items() if setting in METRICS[k.split("_at_")[0]].settings}
+        return {k: float(v) for k, v in out.items() if np.isfinite(v)}

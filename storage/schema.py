@@ -149,6 +149,9 @@ MANIFEST_TABLES: dict[str, pa.Schema] = {
             pa.field("metadata_files", pa.list_(pa.string())),
             pa.field("metadata_sha256", pa.string()),
             pa.field("content_sha256", pa.string()),
+            # what the manifest was read from (files' bytes, dataset settings, reader code):
+            # equal on the next run -> the stored rows are used and nothing is parsed again
+            pa.field("source_sha256", pa.string()),
             pa.field("clips", pa.int64()),
             pa.field("problems", pa.int64()),
             pa.field("warnings", pa.list_(pa.string())),
@@ -186,6 +189,8 @@ MANIFEST_TABLES: dict[str, pa.Schema] = {
             pa.field("dover_score", pa.float64()),
             pa.field("cotracker_ratio", pa.float64()),
             pa.field("head_detail_json", pa.string()),
+            pa.field("record_sha256", pa.string()),  # the source stage's key material
+            pa.field("record_json", pa.string()),  # the whole record, for items that run
         ]
     ),
 }
@@ -229,6 +234,8 @@ STATS_TABLES: dict[str, pa.Schema] = {
         pa.field("hard", pa.bool_()),
         pa.field("reason", pa.string()),
         pa.field("accepted", pa.bool_()),
+        # False: the rule could not measure and passed by default (not a measured pass)
+        pa.field("measured", pa.bool_()),
     ),
     "features": _stats(
         pa.field("family", pa.string()),

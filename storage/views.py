@@ -98,27 +98,29 @@ _SUMMARY_VIEWS = [
     """CREATE VIEW quality_rules AS
        WITH q AS (
          SELECT q.*, coalesce(c.dataset, '') AS dataset,
+                -- rows written before the measured column: the reason tells
+                NOT coalesce(q.measured, NOT starts_with(q.reason, 'unmeasured')) AS unmeasured,
                 count(*) FILTER (WHERE q.hard AND NOT q.passed)
                   OVER (PARTITION BY q.item_id) AS hard_fails
          FROM current_quality q LEFT JOIN current_clips c USING (item_id))
        SELECT dataset, rule, bool_or(hard) AS hard, count(*) AS clips,
+              count(*) FILTER (WHERE passed AND NOT unmeasured) AS passed,
               count(*) FILTER (WHERE NOT passed) AS failed,
               round(100.0 * count(*) FILTER (WHERE NOT passed) / count(*), 1) AS failed_pct,
-              count(*) FILTER (WHERE passed AND starts_with(reason, 'unmeasured'))
-                AS unmeasured,
+              count(*) FILTER (WHERE unmeasured) AS unmeasured,
               count(*) FILTER (WHERE NOT passed AND hard) AS removed,
               count(*) FILTER (WHERE NOT passed AND hard AND hard_fails = 1) AS removed_only_here,
               any_value(threshold) AS threshold, round(avg(value), 3) AS mean_value,
               min(value) AS min, quantile_cont(value, 0.1) AS p10, median(value) AS p50,
               quantile_cont(value, 0.9) AS p90, max(value) AS max,
               CASE WHEN count(*) FILTER (WHERE NOT passed) = count(*) THEN 'fails EVERY clip'
-                   WHEN count(*) FILTER (WHERE starts_with(reason, 'unmeasured')) = count(*)
+                   WHEN count(*) FILTER (WHERE unmeasured) = count(*)
                      THEN 'unmeasured on EVERY clip'
                    WHEN count(*) FILTER (WHERE NOT passed) = 0 THEN 'fails no clip'
                    ELSE '' END AS attention
        FROM q GROUP BY dataset, rule ORDER BY dataset, rule""",
     """CREATE VIEW quality_summary AS
-       SELECT dataset, rule, clips, failed, unmeasured, mean_value, min AS min_value,
+       SELECT dataset, rule, clips, passed, failed, unmeasured, mean_value, min AS min_value,
               max AS max_value, threshold
        FROM quality_rules""",
     """CREATE VIEW current_split AS

@@ -109,7 +109,7 @@ def plan_candidates(
         if item_id in partner:
             for s in stage_cls.partner_inputs:
                 records[f"{s}@partner"] = upstream[s][partner[item_id]].record()
-        return ItemInputs(item_id=item_id, records=records, shared=shared)
+        return ItemInputs.model_construct(item_id=item_id, records=records, shared=shared)
 
     if not stage_cls.aggregate:
         return [Candidate(i, k, partial(item_inputs, i)) for i, k in zip(ids, keys, strict=True)]

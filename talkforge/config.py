@@ -112,20 +112,41 @@ class ConfigError(ValueError):
 def load_config(path: Path | None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load ``path`` (or the built-in defaults), apply ``key.path=value`` overrides, validate."""
     source = str(path) if path else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{source}: file not found") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections")
-        data = loaded or {}
+    data = _read_yaml(Path(path), ()) if path is not None else {}
     for item in overrides or []:
         _apply_override(data, item, source)
     return parse_config(data, source)
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """One config file as a dict; ``extends: other.yaml`` (relative to the file) is read
+    first and this file's keys are merged over it, section by section (mappings merge,
+    anything else replaces), so a training-stage config states only what differs."""
+    source = str(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{source}: file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    data = loaded or {}
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in chain:
+        raise ConfigError(f"{source}: extends {base} forms a cycle")
+    return _merge(_read_yaml(base_path, (*chain, path.resolve())), data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
 
 
 def parse_config(data: dict[str, Any], source: str) -> PipelineConfig:

@@ -18,10 +18,15 @@ run asked for, and ``talkforge status`` can say what is done, failed, pending or
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -58,6 +63,33 @@ from tasks.runner import Outcome, WorkItem
 log = logging.getLogger(__name__)
 
 DISCOVERY_WORKER = "discover"  # the worker of failures found while planning (bad manifest rows)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a plan builds ~10^5 acyclic objects: Python
+    would otherwise walk every live object again and again (a third of a 188 k plan)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def key_hasher(common: dict[str, Any]) -> Callable[[Any], str]:
+    """``keys -> stable_hash({**common, "inputs": keys})``, byte for byte, for many items.
+
+    The constant part is encoded once and only each item's key material per item: at
+    188 k items this halves the cost of keying a plan without changing any key.
+    """
+    dumps = partial(json.dumps, sort_keys=True, separators=(",", ":"), default=str)
+    before = dumps({k: v for k, v in common.items() if k < "inputs"})[:-1]
+    after = dumps({k: v for k, v in common.items() if k > "inputs"})[1:]
+    head = before + ("," if len(before) > 1 else "") + '"inputs":'
+    tail = ("," + after) if len(after) > 1 else "}"
+    return lambda keys: hashlib.sha256((head + dumps(keys) + tail).encode()).hexdigest()
 
 
 class Engine:
@@ -181,6 +213,10 @@ class Engine:
         """
         if not dry_run and stage not in self._leases:
             self._leases[stage] = lease_acquire(self.catalog, stage, run_id, options.force)
+        with gc_paused():
+            return self._plan(run_id, stage, options, dry_run)
+
+    def _plan(self, run_id: str, stage: str, options: RunOptions, dry_run: bool) -> StagePlan:
         stage_cls = STAGES[stage]
         cfg = self.config.stage(stage)
         env = self.stage_env(run_id, stage)
@@ -194,7 +230,8 @@ class Engine:
                 self._split.record(run_id)
             if not candidates and self._split.plan(run_id).problem():
                 plan.blocked_reason = self._split.plan(run_id).problem()
-        keyed = [(c, stable_hash({**common, "inputs": c.keys})) for c in candidates]
+        item_key = key_hasher(common)
+        keyed = [(c, item_key(c.keys)) for c in candidates]
         rejected = [
             (raw_id, f, stable_hash({**common, "raw_id": raw_id, "message": f.message}))
             for raw_id, f in plan.discovery_failures

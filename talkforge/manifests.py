@@ -23,9 +23,20 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
 from storage.catalog import Catalog, to_arrow
 from talkforge.plan import RunOptions, StagePlan, now_utc
-from tasks.base import ItemInputs, SourceManifest, SourceStage, StageEnv, stable_hash
+from tasks.base import (
+    FailureKind,
+    ItemFailure,
+    ItemInputs,
+    ManifestSource,
+    SourceManifest,
+    SourceStage,
+    StageEnv,
+    stable_hash,
+)
 from tasks.records import SourceClip
 
 if TYPE_CHECKING:
@@ -109,29 +120,36 @@ def record_manifests(
     manifests: list[SourceManifest],
     run_id: str = "",
     record_hashes: dict[str, list[str]] | None = None,
+    fingerprints: dict[str, str] | None = None,
 ) -> list[IngestResult]:
-    """Write each manifest whose content differs from its dataset's current ingest.
+    """Write each manifest whose content (or source fingerprint) differs from its dataset's
+    current ingest.
 
     One query reads every dataset's current ingest; a changed manifest is written as one
     transaction (``manifest`` rows in chunks of :data:`CHUNK_ROWS`, then its ``datasets``
     row), so memory holds one chunk of rows at a time and a crash leaves no partial ingest.
-    ``record_hashes`` (dataset -> per-record hashes) skips re-hashing records.
+    ``record_hashes`` (dataset -> per-record hashes) skips re-hashing records;
+    ``fingerprints`` (dataset -> :attr:`ManifestSource.fingerprint`) is stored so the next
+    plan can skip reading an unchanged manifest.
     """
-    current = {
-        r["dataset"]: r
-        for r in catalog.query(
-            "SELECT dataset, ingest_id, content_sha256 FROM current_datasets"
-        ).to_pylist()
-    }
+    current = _current_ingests(catalog)
     results = []
     for manifest in manifests:
-        digest = content_hash(manifest, (record_hashes or {}).get(manifest.dataset))
+        hashes = (record_hashes or {}).get(manifest.dataset)
+        if hashes is None:
+            hashes = [record_hash(r) for r in manifest.records]
+        digest = content_hash(manifest, hashes)
+        source = (fingerprints or {}).get(manifest.dataset, "")
         hours = sum(getattr(r, "duration_s", 0.0) for r in manifest.records) / 3600
         previous = current.get(manifest.dataset)
-        unchanged = previous is not None and previous["content_sha256"] == digest
+        unchanged = (
+            previous is not None
+            and previous["content_sha256"] == digest
+            and (previous["source_sha256"] or "") == source
+        )
         ingest_id = previous["ingest_id"] if unchanged else uuid.uuid4().hex
         if not unchanged:
-            _write_ingest(catalog, manifest, ingest_id, digest, run_id)
+            _write_ingest(catalog, manifest, hashes, ingest_id, digest, source, run_id)
         results.append(
             IngestResult(
                 manifest.dataset,
@@ -146,22 +164,46 @@ def record_manifests(
     return results
 
 
+def _current_ingests(catalog: Catalog) -> dict[str, dict[str, Any]]:
+    rows = catalog.query(
+        "SELECT dataset, ingest_id, content_sha256, source_sha256, kind, licence, "
+        "metadata_files, metadata_sha256, warnings FROM current_datasets"
+    ).to_pylist()
+    return {r["dataset"]: r for r in rows}
+
+
 CHUNK_ROWS = 20_000
 
 
 def _write_ingest(
-    catalog: Catalog, manifest: SourceManifest, ingest_id: str, digest: str, run_id: str
+    catalog: Catalog,
+    manifest: SourceManifest,
+    hashes: list[str],
+    ingest_id: str,
+    digest: str,
+    source: str,
+    run_id: str,
 ) -> None:
     with catalog.transaction(run_id) as tx:
         records = manifest.records
         for start in range(0, len(records), CHUNK_ROWS):
+            chunk = zip(
+                records[start : start + CHUNK_ROWS],
+                hashes[start : start + CHUNK_ROWS],
+                strict=True,
+            )
             tx.append(
                 "manifest",
                 to_arrow(
                     "manifest",
                     (
-                        {**clip_row(r), "ingest_id": ingest_id}
-                        for r in records[start : start + CHUNK_ROWS]
+                        {
+                            **clip_row(r),
+                            "ingest_id": ingest_id,
+                            "record_sha256": h,
+                            "record_json": r.model_dump_json(),
+                        }
+                        for r, h in chunk
                     ),
                 ),
             )
@@ -192,6 +234,7 @@ def _write_ingest(
                     "metadata_files": manifest.metadata_files,
                     "metadata_sha256": manifest.metadata_sha256,
                     "content_sha256": digest,
+                    "source_sha256": source,
                     "clips": len(manifest.records),
                     "problems": len(manifest.problems),
                     "warnings": manifest.warnings,
@@ -199,6 +242,106 @@ def _write_ingest(
                 }
             ],
         )
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A manifest record as the catalog stored it: parsed only if its item runs."""
+
+    clip_id: str
+    sha256: str
+    record_json: str
+
+    def record(self) -> SourceClip:
+        return SourceClip.model_validate_json(self.record_json)
+
+
+def read_sources(
+    catalog: Catalog, sources: list[ManifestSource], run_id: str, *, record: bool = True
+) -> tuple[list[SourceManifest], dict[str, list[str]], list[IngestResult]]:
+    """Every source's manifest, its records' hashes, and what was written.
+
+    A source whose fingerprint equals the one stored with its dataset's current ingest is
+    not read: its records come back from the catalog as :class:`StoredRecord` rows (one
+    query for all such sources). The others are read, hashed once, and recorded (unless
+    ``record`` is False: a dry run writes nothing).
+    """
+    current = _current_ingests(catalog)
+    stored_ids = {
+        s.dataset: current[s.dataset]["ingest_id"]
+        for s in sources
+        if s.fingerprint
+        and s.dataset in current
+        and current[s.dataset]["source_sha256"] == s.fingerprint
+    }
+    rows = _stored_rows(catalog, list(stored_ids.values()))
+    manifests, hashes, fingerprints = [], {}, {}
+    for source in sources:
+        if source.dataset in stored_ids:
+            manifest = _stored_manifest(current[source.dataset], rows.get(source.dataset, []))
+            hashes[source.dataset] = [r.sha256 for r in manifest.records]
+        else:
+            manifest = source.read()
+            hashes[manifest.dataset] = [record_hash(r) for r in manifest.records]
+            fingerprints[manifest.dataset] = source.fingerprint
+        manifests.append(manifest)
+    fresh = [m for m in manifests if m.dataset not in stored_ids]
+    results = []
+    if record and fresh:
+        results = record_manifests(catalog, fresh, run_id, hashes, fingerprints)
+    for m in manifests:
+        if m.dataset in stored_ids:
+            info = current[m.dataset]
+            hours = sum(r["duration_s"] or 0.0 for r in rows.get(m.dataset, [])) / 3600
+            result = IngestResult(
+                m.dataset,
+                info["ingest_id"],
+                False,
+                len(m.records),
+                len(m.problems),
+                hours,
+                m.licence,
+            )
+            results.append(result)
+    return manifests, hashes, results
+
+
+def _stored_rows(catalog: Catalog, ingest_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    if not ingest_ids:
+        return {}
+    table = catalog.query(
+        "SELECT dataset, clip_id, status, error_kind, error_message, duration_s, record_sha256, "
+        "record_json "
+        "FROM manifest SEMI JOIN wanted USING (ingest_id)",
+        tables={"wanted": pa.table({"ingest_id": pa.array(ingest_ids, pa.string())})},
+    )
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in table.to_pylist():
+        out.setdefault(row["dataset"], []).append(row)
+    return out
+
+
+def _stored_manifest(info: dict[str, Any], rows: list[dict[str, Any]]) -> SourceManifest:
+    records = [
+        StoredRecord(r["clip_id"], r["record_sha256"], r["record_json"])
+        for r in rows
+        if r["status"] == "ok"
+    ]
+    problems = [
+        (r["clip_id"], ItemFailure(FailureKind(r["error_kind"]), r["error_message"]))
+        for r in rows
+        if r["status"] != "ok"
+    ]
+    return SourceManifest(
+        dataset=info["dataset"],
+        kind=info["kind"],
+        licence=info["licence"],
+        metadata_files=list(info["metadata_files"] or []),
+        metadata_sha256=info["metadata_sha256"],
+        records=records,
+        problems=problems,
+        warnings=list(info["warnings"] or []),
+    )
 
 
 def source_candidates(
@@ -213,15 +356,14 @@ def source_candidates(
 ) -> list[Candidate]:
     """The source stage's items: its manifests' records, each keyed by its content hash.
 
-    Every record is hashed once; the same hashes identify the ingest (unchanged content:
-    nothing written) and key the items. ``record=False`` (a dry run) writes nothing.
+    An unchanged manifest (same fingerprint) is not read at all (:func:`read_sources`);
+    a changed one is read and every record hashed once, the same hashes identifying the
+    ingest and keying the items. ``record=False`` (a dry run) writes nothing.
     """
     from talkforge.candidates import Candidate
 
-    manifests = stage_cls.read_manifests(cfg, env)
-    hashes = {m.dataset: [record_hash(r) for r in m.records] for m in manifests}
-    if record:
-        record_manifests(catalog, manifests, env.run_id, hashes)
+    sources = stage_cls.manifest_sources(cfg, env)
+    manifests, hashes, _ = read_sources(catalog, sources, env.run_id, record=record)
     hash_of = {
         id(r): h for m in manifests for r, h in zip(m.records, hashes[m.dataset], strict=True)
     }
@@ -230,8 +372,11 @@ def source_candidates(
     found = sorted(records, key=lambda r: r.clip_id)
     found = found[: options.limit] if options.limit else found
     return [
-        Candidate(
-            r.clip_id, {"source": hash_of[id(r)]}, partial(ItemInputs, item_id=r.clip_id, source=r)
-        )
-        for r in found
+        Candidate(r.clip_id, {"source": hash_of[id(r)]}, partial(_source_inputs, r)) for r in found
     ]
+
+
+def _source_inputs(record: SourceClip | StoredRecord) -> ItemInputs:
+    source = record.record() if isinstance(record, StoredRecord) else record
+    # built from an already validated record: no second validation (188 k items)
+    return ItemInputs.model_construct(item_id=source.clip_id, source=source)

@@ -215,15 +215,21 @@ def versions(catalog: Catalog, stage: str) -> list[dict[str, Any]]:
 
 
 def ingest(config: Any, run_id: str = "ingest") -> list[Any]:
-    """Read every dataset of ``config.download`` and record what changed in the catalog."""
-    from talkforge.manifests import record_manifests
+    """Read every dataset of ``config.download`` and record what changed in the catalog.
+
+    A dataset whose metadata files, settings and reader are unchanged since its current
+    ingest is not even parsed (its fingerprint matches).
+    """
+    from talkforge.manifests import read_sources
     from tasks.base import StageEnv
     from tasks.download.stage import DownloadStage
 
     env = StageEnv(data_root=str(config.data_root), store_uri=config.store_uri, run_id=run_id)
-    manifests = DownloadStage.read_manifests(config.stage("download"), env)
-    results = record_manifests(Catalog(config.data_root / "catalog"), manifests, run_id)
+    sources = DownloadStage.manifest_sources(config.stage("download"), env)
+    catalog = Catalog(config.data_root / "catalog", config.catalog)
+    manifests, _, results = read_sources(catalog, sources, run_id)
     warnings = {m.dataset: len(m.warnings) for m in manifests}
+    order = {m.dataset: i for i, m in enumerate(manifests)}
     return [
         {
             "dataset": r.dataset,
@@ -234,7 +240,7 @@ def ingest(config: Any, run_id: str = "ingest") -> list[Any]:
             "ingest": "new version" if r.written else "unchanged",
             "licence": r.licence,
         }
-        for r in results
+        for r in sorted(results, key=lambda r: order[r.dataset])
     ]
 
 
@@ -267,11 +273,13 @@ def quality_rules(catalog: Catalog, dataset: str | None = None) -> list[dict[str
 def score_histogram(
     catalog: Catalog, rule: str, dataset: str | None = None, bins: int = 10
 ) -> list[dict[str, Any]]:
-    """Equal-width histogram of one rule's measured values (NaN = not measurable)."""
+    """Equal-width histogram of one rule's measured values; NaN values and values of rules
+    that passed unmeasured (an ``av_offset`` best guess) are counted apart as not measurable."""
     import numpy as np
 
     sql = (
-        "SELECT q.value, q.threshold FROM current_quality q "
+        "SELECT CASE WHEN coalesce(q.measured, true) THEN q.value ELSE 'NaN'::DOUBLE END "
+        "AS value, q.threshold FROM current_quality q "
         "LEFT JOIN current_clips c USING (item_id) WHERE q.rule = ?"
     )
     params: list[Any] = [rule]

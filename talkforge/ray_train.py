@@ -35,7 +35,8 @@ from tasks.train_data import CheckpointState, TrainManifest, load_checkpoint
 if TYPE_CHECKING:  # the workers import this module: keep it free of the pipeline config
     from talkforge.config import RayConfig
 
-FORWARDED_ENV_PREFIXES = ("HF_", "TORCH_", "TRANSFORMERS_", "OMP_", "CUDA_")
+FORWARDED_ENV_PREFIXES = ("HF_", "TORCH_", "TRANSFORMERS_", "OMP_", "CUDA_", "RAY_TRAIN_")
+HEALTH_CHECK_ENV, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"  # Ray's default: 2
 
 
 class RaySession:
@@ -64,6 +65,12 @@ class RaySession:
             None if checkpoint_dir is None else ray.train.Checkpoint.from_directory(checkpoint_dir)
         )
         ray.train.report(metrics, checkpoint=checkpoint)
+        # report() only queues the checkpoint for the controller; wait until it is committed
+        # (registered and in the run's snapshot) so a worker or driver lost during the next
+        # steps resumes from it, never from an older one
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+        )
 
 
 def train_worker_entry(config: dict[str, Any]) -> None:
@@ -152,6 +159,7 @@ class RayTrainLauncher:
         ray = _ensure_ray(self.ray_config)
         self._check_fits(ray, job)
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+        env.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)  # checkpoint commits wait for a poll
         driver = (
             ray.remote(TrainDriver)
             .options(num_cpus=0, max_restarts=0, runtime_env={"env_vars": {**env, **job.env}})

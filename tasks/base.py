@@ -22,6 +22,7 @@ import hashlib
 import json
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -345,8 +346,30 @@ class SourceManifest:
     summary: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ManifestSource:
+    """One dataset a source stage reads, before it is read.
+
+    ``fingerprint`` covers everything the manifest is made from (the metadata files'
+    bytes, the dataset's settings, the reader's code): the planner compares it with the
+    one stored with the dataset's current ingest and, when equal, uses the stored rows
+    instead of calling ``read``. An empty fingerprint means "unknown": always read.
+    """
+
+    dataset: str
+    fingerprint: str
+    read: Callable[[], SourceManifest]
+
+
 class SourceStage(Stage[C]):
     """The first stage: its items come from dataset metadata, not from an upstream stage."""
+
+    @classmethod
+    def manifest_sources(cls, config: C, env: StageEnv) -> list[ManifestSource]:
+        """The datasets to read, each with its fingerprint (default: read now, unknown)."""
+        return [
+            ManifestSource(m.dataset, "", lambda m=m: m) for m in cls.read_manifests(config, env)
+        ]
 
     @classmethod
     @abstractmethod

@@ -111,6 +111,7 @@ class EngramStage(Stage[EngramConfig]):
     requires: ClassVar[tuple[str, ...]] = ("features",)
     aggregate: ClassVar[bool] = True
     config_type: ClassVar[type[StageConfig]] = EngramConfig
+    uses_split: ClassVar[bool] = True  # held-out clips never train (tasks.split)
 
     def accepts(self, item_id: str, shared: dict[str, Record]) -> bool:
         return not is_heldout(item_id, self.env)

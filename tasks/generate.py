@@ -141,9 +141,9 @@ class GenerateStage(Stage[GenerateConfig]):
         return is_heldout(item_id, self.env)
 
     def partners(self, item_ids: list[str]) -> dict[str, str]:
-        return (
-            cross_partners(item_ids, self.env.split_seed) if "cross" in self.config.settings else {}
-        )
+        if "cross" not in self.config.settings:
+            return {}
+        return cross_partners(item_ids, self.env.split_seed)
 
     def model_specs(self) -> list[Any]:
         return [b.weights for b in self.config.baselines]
@@ -332,7 +332,7 @@ class GenerateStage(Stage[GenerateConfig]):
              "bank": bank_rec.bank.sha256 if bank_rec else ""}
         )  # fmt: skip
         name = f"{setting}-{gen.sha256[:16]}.mp4"
-        audio = ctx.record_existing(driver.audio) if driver is not feats else feats.audio
+        audio = driver.audio
         ref = ctx.store.describe(self.name, feats.clip_id, video_key, name, "video")
         if ref is not None:
             ctx.record_existing(ref)

@@ -227,6 +227,7 @@ class QualityVerdict(Record):
                     "passed": r.passed,
                     "hard": r.hard,
                     "reason": r.reason,
+                    "measured": r.measured,
                     "accepted": self.accepted,
                 }
                 for r in self.rules

@@ -125,6 +125,7 @@ class TrainStage(Stage[TrainStageConfig]):
     requires: ClassVar[tuple[str, ...]] = ("quality", "features", "engram")
     aggregate: ClassVar[bool] = True
     config_type: ClassVar[type[StageConfig]] = TrainStageConfig  # merged with a family's
+    uses_split: ClassVar[bool] = True  # held-out clips never train (tasks.split)
 
     @classmethod
     def actor_resources(cls, config: TrainStageConfig) -> Resources:

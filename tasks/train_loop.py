@@ -281,6 +281,7 @@ def run_worker(manifest: TrainManifest, session: TrainSession) -> dict:
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
             samples += bs
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]  # what this step used
         scheduler.step()
         keys = sorted(sums)
         means = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="mean")
@@ -291,8 +292,8 @@ def run_worker(manifest: TrainManifest, session: TrainSession) -> dict:
                 TrainStep(
                     step=step,
                     loss=values.pop("loss"),
-                    lr=scheduler.get_last_lr()[0],
-                    lrs=list(scheduler.get_last_lr()),
+                    lr=lrs[0],
+                    lrs=lrs,
                     terms=values,
                     grad_norm=float(norm),
                     samples_per_s=bs * world * accum / elapsed,
@@ -302,9 +303,7 @@ def run_worker(manifest: TrainManifest, session: TrainSession) -> dict:
         if step % s.checkpoint_every == 0 or step == s.steps:
             _checkpoint(manifest, session, model, optimizer, scheduler, step, fingerprint)
 
-    full, _ = get_state_dict(
-        model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    replica = accelerator.unwrap_model(model).state_dict() if s.strategy == "ddp" else {}
     summary = {
         "rank": rank,
         "world_size": world,
@@ -316,8 +315,8 @@ def run_worker(manifest: TrainManifest, session: TrainSession) -> dict:
         "steps_run": s.steps - start,
         "samples_seen": samples,
         "transfer": transfer,
-        # FSDP gathers full weights on worker 0 only; DDP replicas must all agree
-        "state_sha256": state_sha256(full) if full else "",
+        # DDP replicas must all agree (FSDP shards are not comparable)
+        "state_sha256": state_sha256(replica) if replica else "",
     }
     _write_json(work / RANKS_DIR / f"rank-{rank}.json", summary)
     if logger is not None:

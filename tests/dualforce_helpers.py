@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -15,6 +16,16 @@ from generators.family import DataLayout, FeatureClip
 LATENT = (4, 8, 8)  # C, h, w of the test latents
 AUDIO_DIM = 16
 REF_TOKENS, REF_DIM = 16, 12  # a 4x4 DINOv2 grid
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run on one intra-op thread: thread hand-offs cost more than the ops (and
+    far more on a loaded machine); use with ``from tests.dualforce_helpers import one_thread``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def layout() -> DataLayout:

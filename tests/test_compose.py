@@ -19,7 +19,6 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-import click
 import pytest
 import typer
 import yaml
@@ -65,9 +64,7 @@ def talkforge_services(stack: dict[str, Any]) -> dict[str, dict]:
 
 def test_the_file_parses_and_the_core_services_are_health_checked(stack: dict) -> None:
     services = stack["services"]
-    assert {"postgres", "prefect", "ray-head", "ray-worker", "serve", "dashboard"} <= set(
-        services
-    )
+    assert {"postgres", "prefect", "ray-head", "ray-worker", "serve", "dashboard"} <= set(services)
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
         for target in service.get("depends_on", {}):
@@ -117,8 +114,7 @@ def _argv(service: dict) -> list[str]:
 def _check_talkforge_argv(argv: list[str]) -> None:
     """``talkforge ARGS`` must parse as a real command with real options and configs."""
     group = typer.main.get_command(app)
-    assert isinstance(group, click.Group)
-    sub = group.get_command(click.Context(group), argv[0])
+    sub = group.get_command(group.context_class(group), argv[0])
     assert sub is not None, f"no talkforge command {argv[0]!r}"
     ctx = sub.make_context(argv[0], list(argv[1:]), resilient_parsing=False)
     config = ctx.params.get("config")
@@ -149,9 +145,11 @@ def test_cluster_config_matches_the_stack(stack: dict) -> None:
     services = stack["services"]
     serve = services["serve"]
     assert cfg.data_root == Path("/data")
-    mounts = {v["target"] for v in serve["volumes"]} if isinstance(
-        serve["volumes"][0], dict
-    ) else {str(v).split(":")[1] for v in serve["volumes"]}
+    mounts = (
+        {v["target"] for v in serve["volumes"]}
+        if isinstance(serve["volumes"][0], dict)
+        else {str(v).split(":")[1] for v in serve["volumes"]}
+    )
     assert "/data" in mounts
     uri = cfg.catalog.uri or ""
     assert uri.startswith("ducklake:postgres:")

@@ -135,8 +135,8 @@ class Browser:
         while True:
             text = self.js("document.body ? document.body.innerText : ''") or ""
             busy = self.js(
-                "!!document.querySelector('[data-testid=\"stStatusWidget\"],"
-                " [data-testid=\"stSkeleton\"]')"
+                '!!document.querySelector(\'[data-testid="stStatusWidget"],'
+                ' [data-testid="stSkeleton"]\')'
             )
             if ready_text in text and not busy:
                 idle_since = idle_since or time.monotonic()

@@ -104,9 +104,7 @@ def wait_final(flow_run_id: UUID, timeout_s: float = 300) -> object:
 
 def test_serve_offers_every_deployment_with_a_validated_form(served: tuple) -> None:
     with get_client(sync_client=True) as client:
-        names = {
-            f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()
-        }
+        names = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
         expected = {
             "talkforge-run/pipeline",
             *(f"talkforge-run/stage-{s}" for s in STAGE_ORDER),
@@ -116,9 +114,7 @@ def test_serve_offers_every_deployment_with_a_validated_form(served: tuple) -> N
         assert expected <= names
         pipeline = client.read_deployment_by_name("talkforge-run/pipeline")
         props = pipeline.parameter_openapi_schema["properties"]
-        assert {"config", "overrides", "stages", "from_stage", "until_stage", "limit"} <= set(
-            props
-        )
+        assert {"config", "overrides", "stages", "from_stage", "until_stage", "limit"} <= set(props)
         assert STAGE_ORDER in [
             v["enum"] for v in _walk(props["stages"]) if isinstance(v, dict) and "enum" in v
         ]  # a choice list in the UI form

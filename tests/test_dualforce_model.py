@@ -11,9 +11,10 @@ from generators.dualforce.blocks import DualForceBlock, StreamState
 from generators.dualforce.config import SamplerConfig
 from generators.dualforce.model import DualForceInputs, DualForceTransformer
 from generators.dualforce.sampler import GenerationSession
-from tests.dualforce_helpers import active_model, random_inputs, tiny_arch
+from tests.dualforce_helpers import active_model, one_thread, random_inputs, tiny_arch
 
 ARCH = tiny_arch()  # 3 blocks: 0, 1 shallow (fusion), 2 deep
+__all__ = ["one_thread"]  # autouse fixture
 
 
 def frames(inp: DualForceInputs, sl: slice) -> DualForceInputs:
@@ -180,9 +181,10 @@ def test_cached_steps_equal_the_full_causal_forward():
 
 
 def test_cached_generation_equals_recomputing_the_causal_forward_in_fp32():
-    model = active_model(ARCH, open_gates=True).float()
-    inp = random_inputs(ARCH, b=1, t=ARCH.window_frames + 3)
-    cfg = SamplerConfig(steps_per_frame=3, audio_guidance=2.0)
+    arch = tiny_arch(window_frames=3)
+    model = active_model(arch, open_gates=True).float()
+    inp = random_inputs(arch, b=1, t=arch.window_frames + 3)
+    cfg = SamplerConfig(steps_per_frame=2, audio_guidance=2.0)
     out = {}
     for use_cache in (True, False):
         session = GenerationSession(
@@ -197,8 +199,9 @@ def test_cached_generation_equals_recomputing_the_causal_forward_in_fp32():
 
 
 def test_cache_memory_stops_growing_after_the_window():
-    model = active_model(ARCH, open_gates=True).float()
-    inp = random_inputs(ARCH, b=1, t=3 * ARCH.window_frames)
+    arch = tiny_arch(window_frames=3)
+    model = active_model(arch, open_gates=True).float()
+    inp = random_inputs(arch, b=1, t=3 * arch.window_frames)
     session = GenerationSession(
         model, SamplerConfig(steps_per_frame=1), inp.reference_tokens.float(),
         inp.reference_latent.float(), inp.audio.float(), torch.Generator().manual_seed(0),
@@ -208,7 +211,7 @@ def test_cache_memory_stops_growing_after_the_window():
         session.next_frame()
         sizes.append(sum(session.cache.nbytes().values()))
         filled.append(session.cache.video[-1].filled)
-    w = ARCH.window_frames
+    w = arch.window_frames
     assert len(set(sizes)) == 1 and sizes[0] > 0  # preallocated once, never grows
     assert filled == [min(i + 1, w - 1) for i in range(len(filled))]
 

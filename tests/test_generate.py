@@ -1,4 +1,5 @@
-"""Generate stage: held-out clips → generated.mp4 (right frames, fps, audio), cached models."""
+"""Generate stage: every committed checkpoint × {self, cross} per held-out clip; the right
+frames, fps and driving audio; cached videos; deterministic audio partners; typed failures."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import torch
 from generators import registry
 from generators.musetalk15.model import make_spec
 from models.vae import decode_latents
+from storage.store import ArtifactStore
 from tasks.base import FailureKind, ItemContext, ItemFailure, ItemInputs
-from tasks.evaluate import EvaluateConfig, EvaluateStage
-from tasks.generate import GenerateConfig, GenerateStage
+from tasks.generate import BaselineWeights, GenerateConfig, GenerateStage, cross_partners
 from tasks.media import VideoWriter, count_frames, iter_frames, probe, read_wav, write_wav
-from tasks.records import ClipMetrics, GeneratedClip, TrainedCheckpoint
+from tasks.records import (
+    CommittedHistory,
+    CommittedVersion,
+    GeneratedClip,
+    TrainedCheckpoint,
+)
 from tests.train_helpers import (
     AUDIO_DIM,
     build_bank,
@@ -25,8 +31,8 @@ from tests.train_helpers import (
     tiny_vae,
 )
 
-T = 16
 SIZE = 64  # 8×8 latents
+FRAMES = (16, 12)  # the two held-out clips differ in length: cross-audio cuts to the shorter
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +42,20 @@ def world(tmp_path_factory):
     vae, vae_fp = tiny_vae(tmp)
     train_ids, held_ids = split_ids(2, 2)
     train = [
-        commit_clip(tmp, env, vae, vae_fp, c, T, SIZE, seed=i) for i, c in enumerate(train_ids)
+        commit_clip(tmp, env, vae, vae_fp, c, 16, SIZE, seed=i) for i, c in enumerate(train_ids)
     ]
     held = [
-        commit_clip(tmp, env, vae, vae_fp, c, T, SIZE, seed=10 + i) for i, c in enumerate(held_ids)
+        commit_clip(tmp, env, vae, vae_fp, c, n, SIZE, seed=10 + i)
+        for i, (c, n) in enumerate(zip(held_ids, FRAMES, strict=True))
     ]
     bank = build_bank(env, train)
     return {"tmp": tmp, "env": env, "vae": vae, "train": train, "held": held, "bank": bank}
 
 
-def _checkpoint(world, name: str, zero_output: bool = False) -> TrainedCheckpoint:
+def _checkpoint(world, name: str, zero_output: bool = False, seed: int = 0) -> TrainedCheckpoint:
     family = registry.get("musetalk15")()
     spec = make_spec(16, AUDIO_DIM, SIZE // 8, tiny=True)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     unet = family.build(spec)
     if zero_output:
         torch.nn.init.zeros_(unet.conv_out.weight)
@@ -60,7 +67,7 @@ def _checkpoint(world, name: str, zero_output: bool = False) -> TrainedCheckpoin
         family="musetalk15",
         checkpoint=ctx.commit(path, "model.safetensors", "checkpoint"),
         model_config_json=spec.to_json(),
-        steps=0,
+        steps=seed,
         num_processes=1,
         train_clips=[c.clip_id for c in world["train"]],
         resumed_from_step=0,
@@ -68,95 +75,40 @@ def _checkpoint(world, name: str, zero_output: bool = False) -> TrainedCheckpoin
     )
 
 
-def _inputs(world, clip, ckpt) -> ItemInputs:
+def _history(*ckpts: TrainedCheckpoint) -> CommittedHistory:
+    versions = [
+        CommittedVersion(item_key=f"k{i}", record_type="TrainedCheckpoint",
+                         record_json=c.model_dump_json())
+        for i, c in enumerate(ckpts)
+    ]  # fmt: skip
+    return CommittedHistory(stage="train", versions=versions)
+
+
+def _inputs(world, clip, ckpts, partner=None, features=None) -> ItemInputs:
+    records = dict(clip.inputs.records)
+    if features is not None:
+        records["features"] = features
+    if partner is not None:
+        records["features@partner"] = partner.inputs.records["features"]
     return ItemInputs(
         item_id=clip.clip_id,
-        records=dict(clip.inputs.records),
-        shared={"engram": world["bank"], "train": ckpt},
+        records=records,
+        shared={"engram": world["bank"], "train": ckpts[-1], "train@history": _history(*ckpts)},
     )
 
 
-def _generate(stage, world, clip, ckpt) -> GeneratedClip:
-    ctx = ItemContext(world["env"].store(), "generate", clip.clip_id, "g" * 40)
+def _generate(stage, world, clip, ckpts, partner=None, key="g", features=None) -> GeneratedClip:
+    ctx = ItemContext(world["env"].store(), "generate", clip.clip_id, key * 40)
     try:
-        return stage.process(_inputs(world, clip, ckpt), ctx)
+        return stage.process(_inputs(world, clip, ckpts, partner, features), ctx)
     finally:
         ctx.close()
 
 
-def test_generate_writes_mp4_with_frames_fps_and_audio_and_caches_models(world):
-    ckpt = _checkpoint(world, "rand")
-    stage = GenerateStage(GenerateConfig(batch_size=8), world["env"])
+def _stage(world, **cfg) -> GenerateStage:
+    stage = GenerateStage(GenerateConfig(batch_size=8, **cfg), world["env"])
     stage.setup()
-    assert all(stage.accepts(c.clip_id, {}) for c in world["held"])
-    assert not any(stage.accepts(c.clip_id, {}) for c in world["train"])
-
-    recs = [_generate(stage, world, clip, ckpt) for clip in world["held"]]
-    for clip, rec in zip(world["held"], recs, strict=True):
-        assert isinstance(rec, GeneratedClip)
-        path = world["env"].store().local_path(rec.video.uri, world["tmp"])
-        info = probe(path)
-        assert (rec.num_frames, rec.fps, rec.crop_size_px) == (T, 25.0, SIZE)
-        assert count_frames(path) == T
-        assert info.fps == pytest.approx(25.0)
-        assert (info.width, info.height) == (SIZE, SIZE)
-        assert info.has_audio and info.audio_sample_rate_hz is not None
-        assert rec.clip_id == clip.clip_id
-    # one model, one VAE, one bank loaded for both clips
-    assert len(stage._models) == len(stage._vaes) == len(stage._banks) == 1
-
-    # generate → evaluate end to end on the first clip
-    clip, rec = world["held"][0], recs[0]
-    ev = EvaluateStage(EvaluateConfig(metrics=["psnr_db", "ssim"]), world["env"])
-    ctx = ItemContext(world["env"].store(), "evaluate", clip.clip_id, "e" * 40)
-    metrics = ev.process(
-        ItemInputs(
-            item_id=clip.clip_id,
-            records={
-                "faces": clip.inputs.records["faces"],
-                "features": clip.inputs.records["features"],
-                "generate": rec,
-            },
-            shared={"train": ckpt},
-        ),
-        ctx,
-    )
-    assert isinstance(metrics, ClipMetrics) and metrics.num_frames == T
-    assert np.isfinite(metrics.psnr_db) and 0.0 < metrics.psnr_db < 60.0
-    assert -1.0 <= metrics.ssim <= 1.0
-
-
-def test_generated_frames_are_the_vae_decode_of_the_prediction(world):
-    """A UNet whose output layer is zero predicts zero latents: every frame is decode(0)."""
-    stage = GenerateStage(GenerateConfig(batch_size=8), world["env"])
-    stage.setup()
-    clip = world["held"][0]
-    rec = _generate(stage, world, clip, _checkpoint(world, "zero", zero_output=True))
-    path = world["env"].store().local_path(rec.video.uri, world["tmp"])
-    frames = np.concatenate(list(iter_frames(path, SIZE, SIZE)))
-    expected = decode_latents(world["vae"], torch.zeros(1, 16, SIZE // 8, SIZE // 8))
-    # the same frames through the same encoder settings, without the model in between
-    ref_path = world["tmp"] / "decode-of-zero.mp4"
-    with VideoWriter(ref_path, SIZE, SIZE, 25.0) as vw:
-        vw.write(np.repeat(expected, T, axis=0))
-    ref = np.concatenate(list(iter_frames(ref_path, SIZE, SIZE)))
-    assert frames.shape == ref.shape == (T, SIZE, SIZE, 3)
-    assert np.abs(frames.astype(np.int16) - ref.astype(np.int16)).mean() < 1.0
-    # and it is not just any image: a real face crop is far from it
-    face = clip.frames.astype(np.int16)
-    assert np.abs(frames.astype(np.int16) - face).mean() > 10.0
-
-
-def test_features_that_do_not_fit_the_checkpoint_fail_typed(world, tmp_path):
-    vae, vae_fp = tiny_vae(world["tmp"])
-    _, held = split_ids(0, 3)
-    big = commit_clip(world["tmp"], world["env"], vae, vae_fp, held[2], 12, 2 * SIZE, seed=5)
-    stage = GenerateStage(GenerateConfig(), world["env"])
-    stage.setup()
-    with pytest.raises(ItemFailure) as exc:
-        _generate(stage, world, big, _checkpoint(world, "rand"))
-    assert exc.value.kind == FailureKind.MODEL
-    assert "do not fit" in exc.value.message
+    return stage
 
 
 def _decoded_audio(path) -> np.ndarray:
@@ -179,42 +131,159 @@ def _best_correlation(a: np.ndarray, b: np.ndarray, max_lag: int = 800) -> float
     return best
 
 
-def test_generated_video_carries_the_audio_its_features_were_computed_from(world, tmp_path):
+def _path(world, ref):
+    return world["env"].store().local_path(ref.uri, world["tmp"])
+
+
+def test_both_settings_per_checkpoint_with_frames_fps_and_the_driving_audio(world):
+    a, b = world["held"]
+    ckpts = [_checkpoint(world, "one", seed=1), _checkpoint(world, "two", seed=2)]
+    stage = _stage(world)
+    assert all(stage.accepts(c.clip_id, {}) for c in world["held"])
+    assert not any(stage.accepts(c.clip_id, {}) for c in world["train"])
+    assert stage.partners([a.clip_id, b.clip_id]) == {a.clip_id: b.clip_id, b.clip_id: a.clip_id}
+
+    rec = _generate(stage, world, a, ckpts, partner=b)
+    assert isinstance(rec, GeneratedClip) and rec.clip_id == a.clip_id and not rec.notes
+    got = {(v.checkpoint, v.setting) for v in rec.videos}
+    labels = {f"main-step{c.steps}-{c.checkpoint.sha256[:12]}" for c in ckpts}
+    assert got == {(label, s) for label in labels for s in ("self", "cross")}
+    store = world["env"].store()
+    for v in rec.videos:
+        path = _path(world, v.video)
+        info = probe(path)
+        expected = FRAMES[0] if v.setting == "self" else min(FRAMES)
+        assert v.num_frames == count_frames(path) == expected
+        assert info.fps == pytest.approx(25.0) and (info.width, info.height) == (SIZE, SIZE)
+        assert info.has_audio and v.generator_origin == "trained" and v.family == "musetalk15"
+        driver = a if v.setting == "self" else b
+        assert v.audio_clip_id == driver.clip_id
+        assert v.audio == driver.inputs.records["features"].audio
+        wav, _ = read_wav(store.local_path(v.audio.uri, world["tmp"]))
+        muxed = _decoded_audio(path)
+        assert _best_correlation(muxed, wav[: len(muxed)]) > 0.8
+    # one load per model and VAE on this worker
+    assert len(stage._models) == 2 and len(stage._vaes) == 1
+
+
+def test_videos_already_in_the_store_are_reused_not_regenerated(world, monkeypatch):
+    a, b = world["held"]
+    ckpt = _checkpoint(world, "one", seed=1)
+    first = _generate(_stage(world), world, a, [ckpt], partner=b, key="p")
+    again = _stage(world)
+    monkeypatch.setattr(again, "_render", lambda *a, **k: pytest.fail("regenerated"))
+    second = _generate(again, world, a, [ckpt], partner=b, key="q")  # another item key
+    assert [v.video for v in second.videos] == [v.video for v in first.videos]
+    # a new checkpoint adds videos; the known ones still come from the store
+    monkeypatch.undo()
+    third = _generate(
+        _stage(world), world, a, [ckpt, _checkpoint(world, "three", seed=3)], partner=b, key="r"
+    )
+    assert {v.video.artifact_id for v in first.videos} < {v.video.artifact_id for v in third.videos}
+
+
+def test_same_weights_committed_twice_generate_once(world):
+    a, b = world["held"]
+    ckpt = _checkpoint(world, "one", seed=1)
+    rec = _generate(_stage(world, settings=["self"]), world, a, [ckpt, ckpt], partner=b)
+    assert [v.setting for v in rec.videos] == ["self"]
+
+
+def test_cross_without_another_heldout_clip_is_a_note(world):
+    rec = _generate(_stage(world), world, world["held"][0], [_checkpoint(world, "one", seed=1)])
+    assert [v.setting for v in rec.videos] == ["self"]
+    assert any("cross: no other held-out clip" in n for n in rec.notes)
+
+
+def test_partners_are_deterministic_never_self_and_stable_when_clips_are_added():
+    ids = [f"c{i:02d}" for i in range(12)]
+    pairs = cross_partners(ids, seed=3)
+    assert pairs == cross_partners(list(reversed(ids)), seed=3)
+    assert set(pairs) == set(ids) and all(p != c and p in ids for c, p in pairs.items())
+    more = cross_partners([*ids, "new"], seed=3)
+    # a clip's partner changes only to the new clip (when it hashes lower)
+    assert all(more[c] in (pairs[c], "new") for c in ids)
+    assert cross_partners(["only"], seed=3) == {}
+    assert cross_partners(ids, seed=4) != pairs
+
+
+def test_generated_frames_are_the_vae_decode_of_the_prediction(world):
+    """A UNet whose output layer is zero predicts zero latents: every frame is decode(0)."""
+    clip = world["held"][0]
+    ckpt = _checkpoint(world, "zero", zero_output=True)
+    rec = _generate(_stage(world, settings=["self"]), world, clip, [ckpt])
+    frames = np.concatenate(list(iter_frames(_path(world, rec.videos[0].video), SIZE, SIZE)))
+    expected = decode_latents(world["vae"], torch.zeros(1, 16, SIZE // 8, SIZE // 8))
+    # the same frames through the same encoder settings, without the model in between
+    ref_path = world["tmp"] / "decode-of-zero.mp4"
+    with VideoWriter(ref_path, SIZE, SIZE, 25.0) as vw:
+        vw.write(np.repeat(expected, FRAMES[0], axis=0))
+    ref = np.concatenate(list(iter_frames(ref_path, SIZE, SIZE)))
+    assert frames.shape == ref.shape == (FRAMES[0], SIZE, SIZE, 3)
+    assert np.abs(frames.astype(np.int16) - ref.astype(np.int16)).mean() < 1.0
+    # and it is not just any image: a real face crop is far from it
+    assert np.abs(frames.astype(np.int16) - clip.frames.astype(np.int16)).mean() > 10.0
+
+
+def test_features_that_do_not_fit_the_checkpoint_fail_typed(world):
+    vae, vae_fp = tiny_vae(world["tmp"])
+    _, held = split_ids(0, 3)
+    big = commit_clip(world["tmp"], world["env"], vae, vae_fp, held[2], 12, 2 * SIZE, seed=5)
+    with pytest.raises(ItemFailure) as exc:
+        _generate(_stage(world), world, big, [_checkpoint(world, "one", seed=1)])
+    assert exc.value.kind == FailureKind.MODEL
+    assert "do not fit" in exc.value.message
+
+
+def test_the_audio_the_features_were_computed_from_is_muxed(world, tmp_path):
     """The quality stage re-aligned this clip (audio delayed by 200 ms): the features record
     names the re-aligned wav, and generate must mux that one, not the clip's original."""
     clip = world["held"][0]
     store = world["env"].store()
-    original_ref = clip.inputs.records["download"].audio
-    original, rate = read_wav(store.local_path(original_ref.uri, tmp_path))
+    original, rate = read_wav(store.local_path(clip.inputs.records["download"].audio.uri, tmp_path))
     shift = rate // 5
     aligned = np.concatenate([np.zeros(shift), original[:-shift]])
     wav = tmp_path / "audio_aligned.wav"
     write_wav(wav, aligned, rate)
-    qctx = ItemContext(store, "quality", clip.clip_id, "q" * 40)
-    aligned_ref = qctx.commit(wav, "audio_aligned.wav", "audio")
+    aligned_ref = ItemContext(store, "quality", clip.clip_id, "q" * 40).commit(
+        wav, "audio_aligned.wav", "audio"
+    )
     feats = clip.inputs.records["features"].model_copy(
         update={"audio": aligned_ref, "audio_source": "aligned"}
     )
-    records = {**clip.inputs.records, "features": feats}
-    stage = GenerateStage(GenerateConfig(batch_size=8), world["env"])
-    stage.setup()
-    ctx = ItemContext(store, "generate", clip.clip_id, "h" * 40)
-    inputs = ItemInputs(
-        item_id=clip.clip_id,
-        records=records,
-        shared={"engram": world["bank"], "train": _checkpoint(world, "rand")},
-    )
-    rec = stage.process(inputs, ctx)
-    muxed = _decoded_audio(store.local_path(rec.video.uri, tmp_path))
+    stage = _stage(world, settings=["self"])
+    rec = _generate(stage, world, clip, [_checkpoint(world, "one", seed=1)], features=feats)
+    muxed = _decoded_audio(_path(world, rec.videos[0].video))
     assert _best_correlation(muxed, aligned) > 0.8
     assert _best_correlation(muxed, original) < 0.3
 
 
-def test_checkpoint_of_an_unregistered_family_fails_typed(world):
-    ckpt = _checkpoint(world, "rand").model_copy(update={"family": "nope"})
-    stage = GenerateStage(GenerateConfig(), world["env"])
-    stage.setup()
+def test_unusable_models_fail_typed_or_become_notes(world):
+    clip = world["held"][0]
+    good = _checkpoint(world, "one", seed=1)
+    nope = good.model_copy(update={"family": "nope"})
     with pytest.raises(ItemFailure) as exc:
-        _generate(stage, world, world["held"][0], ckpt)
+        _generate(_stage(world, settings=["self"]), world, clip, [nope])
     assert exc.value.kind == FailureKind.MODEL
     assert "unknown model family 'nope'" in exc.value.message
+    # beside a usable checkpoint, an unusable one is a note and the clip still succeeds
+    gone_path = world["tmp"] / "gone.safetensors"
+    gone_path.write_bytes(b"x")
+    gone_ref = ItemContext(world["env"].store(), "train", "train", "z" * 40).commit(
+        gone_path, "model.safetensors", "checkpoint"
+    )
+    ArtifactStore(world["env"].store_uri).fs.rm(
+        world["env"].store().local_path(gone_ref.uri, world["tmp"]).as_posix()
+    )
+    gone = good.model_copy(update={"checkpoint": gone_ref})
+    rec = _generate(_stage(world, settings=["self"]), world, clip, [good, gone])
+    assert len(rec.videos) == 1 and any("checkpoint file of" in n for n in rec.notes)
+
+
+def test_baseline_weights_are_fingerprinted_for_preflight(world):
+    from models.registry import ModelSpec
+
+    spec = ModelSpec(family="musetalk15-official", source="models/mt15", tiny_random=True)
+    stage = _stage(world, baselines=[BaselineWeights(name="mt15", family="musetalk15",
+                                                      weights=spec)])  # fmt: skip
+    assert stage.model_specs() == [spec]

@@ -10,7 +10,13 @@ from scipy import linalg
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from metrics import METRICS, Level, Setting, metrics_for
-from metrics.frechet import GaussianStats, frechet_distance, frechet_of_features, gaussian_stats
+from metrics.frechet import (
+    GaussianStats,
+    frechet_distance,
+    frechet_from_samples,
+    frechet_of_features,
+    gaussian_stats,
+)
 from metrics.image import PSNR_CAP_DB, psnr_db, ssim
 
 
@@ -62,6 +68,20 @@ def test_frechet_of_a_set_with_itself_is_zero_and_grows_with_noise():
     assert values == sorted(values) and values[0] > 0
     with pytest.raises(ValueError, match="N >= 2"):
         gaussian_stats(x[:1])
+
+
+def test_sample_space_path_equals_the_feature_space_path():
+    rng = np.random.default_rng(4)
+    for n1, n2, dim in ((200, 150, 6), (7, 9, 64), (3, 40, 30)):
+        a = rng.normal(size=(n1, dim)) * rng.uniform(0.5, 2, dim)
+        b = rng.normal(size=(n2, dim)) + 0.3
+        feature_space = frechet_distance(gaussian_stats(a), gaussian_stats(b))
+        assert frechet_from_samples(a, b) == pytest.approx(feature_space, rel=1e-7, abs=1e-9)
+        assert frechet_of_features(a, b) == pytest.approx(feature_space, rel=1e-7, abs=1e-9)
+    # 2048-d features of a few frames (FID on a short clip): the sample path, exact and fast
+    a, b = rng.normal(size=(12, 2048)), rng.normal(size=(10, 2048)) + 0.1
+    assert frechet_of_features(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_of_features(a, b) > 0
 
 
 def test_frechet_of_rank_deficient_sets_stays_finite():

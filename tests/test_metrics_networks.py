@@ -19,7 +19,15 @@ from skimage.transform import resize
 
 from metrics.fid import fid, inception_features
 from metrics.fvd import fvd, i3d_features, protocol_window, windows_upto
-from metrics.identity import acd, acd_curve, aligned_faces, csim, embed, identity_reference
+from metrics.identity import (
+    acd,
+    acd_curve,
+    aligned_faces,
+    centre_squares,
+    csim,
+    embed,
+    identity_reference,
+)
 from metrics.perceptual import lpips_per_frame
 from metrics.pose import apd_deg, head_pose_deg
 from models.arcface import IResNet, arch_from_state, load_arcface
@@ -150,12 +158,16 @@ def test_acd_grows_on_a_sequence_drifting_towards_another_face(root):
     assert set(acd_curve(e)) == {32}
 
 
-def test_aligned_faces_cut_the_arcface_square_of_a_crop():
+def test_centre_squares_and_aligned_faces_cut_the_arcface_square_of_a_crop():
     crop = np.zeros((1, 240, 240, 3), np.uint8)
     crop[:, 40:200, 40:200] = 255  # the template square at margin 0.5: 160 px centred
-    faces = aligned_faces(crop, margin=0.5)
-    assert faces.shape == (1, 112, 112, 3)
-    assert faces.min() == 255
+    faces = centre_squares(crop, margin=0.5)
+    assert faces.shape == (1, 112, 112, 3) and faces.min() == 255
+    # the same square through a crop→112 map (scale 112/160, shift by the square's corner)
+    k = 112 / 160
+    m = np.array([[[k, 0, -40 * k], [0, k, -40 * k]]])
+    warped = aligned_faces(crop, m)
+    assert warped.shape == (1, 112, 112, 3) and warped[:, 1:-1, 1:-1].min() == 255
 
 
 def test_arcface_loader_reads_depth_and_widths_from_the_file(tmp_path):

@@ -8,6 +8,8 @@ faces are ~90-100 px.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pyarrow as pa
@@ -237,3 +239,62 @@ def test_helpers_paint_a_real_face():
     assert closed.shape == (100, 100, 3) and np.abs(closed.astype(int) - opened).sum() > 0
     f = paste(canvas(), closed, 300, 200)  # clipped at the corner, no error
     assert (f[200:, 300:] == closed[:40, :20]).all()
+
+
+def test_unmeasured_is_a_verdict_of_its_own_in_the_catalog(tmp_path):
+    """The quality table stores ``measured``; ``quality_rules`` (``talkforge quality``,
+    dashboards/03) counts unmeasured clips apart from passes; the histogram leaves their
+    best guesses out of the measured values."""
+    from datetime import UTC, datetime
+
+    from storage.catalog import Catalog
+    from talkforge.ops import quality_rules, score_histogram
+    from tasks.records import RuleResult
+
+    def rule(value: float, measured: bool) -> RuleResult:
+        reason = "" if measured else "unmeasured offset (confidence 1.20 < 3.00)"
+        return RuleResult(
+            rule="av_offset", value=value, threshold=100.0, passed=True, measured=measured,
+            reason=reason,
+        )  # fmt: skip
+
+    verdicts = {
+        "a": [rule(40.0, True), rule(20.0, True)],
+        "b": [rule(-300.0, False)],
+        "c": [RuleResult(rule="av_offset", value=250.0, threshold=100.0, passed=False)],
+    }
+    now = datetime.now(UTC)
+    rows: dict[str, list[dict]] = {"plans": [], "items": [], "clips": [], "quality": []}
+    for clip, rules in verdicts.items():
+        base = {"run_id": "r", "item_id": clip, "item_key": "k", "created_at": now}
+        rows["plans"] += [
+            {"run_id": "r", "stage": stage, "item_id": clip, "item_key": "k", "planned_at": now}
+            for stage in ("download", "quality")
+        ]
+        rows["items"] += [
+            {**base, "stage": stage, "status": "done", "attempt": 1}
+            for stage in ("download", "quality")
+        ]
+        rows["clips"].append({**base, "stage": "download", "dataset": "d"})
+        verdict = QualityVerdict(clip_id=clip, accepted=True, rules=rules[-1:])
+        rows["quality"] += [{**base, "stage": "quality", **r} for r in verdict.stats_rows()["quality"]]
+    catalog = Catalog(tmp_path / "catalog")
+    catalog.append_many(rows)
+    stored = catalog.query("SELECT item_id, passed, measured FROM current_quality ORDER BY 1")
+    assert stored.to_pylist() == [
+        {"item_id": "a", "passed": True, "measured": True},
+        {"item_id": "b", "passed": True, "measured": False},
+        {"item_id": "c", "passed": False, "measured": True},
+    ]
+    (summary,) = quality_rules(catalog)
+    assert (summary["clips"], summary["passed"], summary["failed"], summary["unmeasured"]) == (
+        3, 1, 1, 1
+    )  # fmt: skip
+    dashboard = Path(__file__).parents[1] / "dashboards" / "03_quality_rules.sql"
+    (row,) = catalog.query_readonly(dashboard.read_text()).to_pylist()
+    assert (row["passed"], row["unmeasured"], row["attention"]) == (1, 1, "")
+    histogram = score_histogram(catalog, "av_offset", bins=2)
+    assert sum(b["clips"] for b in histogram if b["from"] is not None) == 2  # 20 and 250 ms
+    assert histogram[-1] == {
+        "from": None, "to": None, "clips": 1, "bar": "not measurable", "threshold_here": False
+    }  # fmt: skip

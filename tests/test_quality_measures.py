@@ -68,3 +68,60 @@ def test_speech_stats_share_and_snr():
     assert speech_stats(np.ones(20), speech, window, rate).snr_db > 10
     assert speech_stats(np.zeros(20), speech, window, rate).snr_db == 0.0
     assert speech_stats(np.zeros(0), speech[:0], window, rate).speech_fraction == 0.0
+
+
+def _crop_video(tmp_path, name: str, face_px: int, kind: str, contrast: float = 1.0):
+    """50 frames of the astronaut's face at ``face_px`` in the source, cut and upscaled to a
+    256 px crop as the faces stage does: ``talk`` (mouth opening and closing), ``sway``
+    (a still photo shifting by sub-pixel amounts, filmed: shifted at 4x, then sampled down)
+    or ``frozen``. Returns (crops, roi, mouth width) in crop pixels."""
+    import cv2
+
+    from tasks.media import VideoWriter
+    from tests.faces_helpers import astronaut_face
+
+    crop = 256
+    frames = []
+    for i in range(50):
+        face = astronaut_face(face_px, abs(np.sin(np.pi * i / 8)) if kind == "talk" else 0.0)
+        if kind == "sway":
+            big = astronaut_face(4 * face_px)
+            dx, dy = 0.08 * face_px * np.sin(i / 5), 0.04 * face_px * np.cos(i / 7)
+            shift = np.float32([[1, 0, dx], [0, 1, dy]])
+            big = cv2.warpAffine(big, shift, big.shape[1::-1], borderMode=cv2.BORDER_REFLECT)
+            face = cv2.resize(big, (face_px, face_px), interpolation=cv2.INTER_AREA)
+        face = np.clip(128 + (face.astype(np.float32) - 128) * contrast, 0, 255).astype(np.uint8)
+        frames.append(cv2.resize(face, (crop, crop), interpolation=cv2.INTER_LINEAR))
+    path = tmp_path / f"{name}.mp4"
+    with VideoWriter(path, crop, crop, 25.0) as writer:
+        writer.write(np.stack(frames))
+    # astronaut_face's patch is 170 px of the photo; its mouth corners sit at (63, 107), (106, 110)
+    k = crop / 170
+    mx, my, width = 84.5 * k, 108.5 * k, 43.1 * k
+    roi = Roi(
+        round(mx - 0.75 * width), round(my - 0.5 * width), round(mx + 0.75 * width),
+        round(my + 0.6 * width),
+    )  # fmt: skip
+    return path, roi, width
+
+
+def test_lip_motion_ignores_face_size_and_contrast_and_separates_still_mouths(tmp_path):
+    """The same talking face from 80 to 170 source pixels (upscaled 1.5-3.2x into the crop),
+    and at half contrast, measures alike and above the threshold; swaying and frozen
+    stills stay well below it. (Below ~64 px sampling noise lifts a swaying still towards
+    the threshold: such faces fail ``face_size`` long before.)"""
+    from tasks.quality import QualityConfig
+    from tasks.quality_measures import scan_crops
+
+    def lip(name: str, face_px: int, kind: str, contrast: float = 1.0) -> float:
+        crops, roi, width = _crop_video(tmp_path, name, face_px, kind, contrast)
+        return scan_crops(crops, 256, 50, 4, 0.6, roi, width).lip_motion
+
+    threshold = QualityConfig().min_lip_motion
+    talking = {px: lip(f"talk{px}", px, "talk") for px in (80, 120, 170)}
+    assert min(talking.values()) > threshold
+    assert max(talking.values()) / min(talking.values()) < 1.3, talking
+    assert lip("dim", 120, "talk", contrast=0.5) == pytest.approx(talking[120], rel=0.15)
+    for px in (80, 120, 170):
+        assert lip(f"sway{px}", px, "sway") < threshold / 2
+        assert lip(f"frozen{px}", px, "frozen") < threshold / 4

@@ -1,20 +1,24 @@
 """No process of a killed run outlives it; one trainer owns a training work dir.
 
 The end-to-end test SIGKILLs a real training driver's whole process group mid-training
-(the accelerate launcher and both torchrun ranks run below it, the ranks in their own
-sessions), asserts that no process of that training is left a few seconds later, and
-resumes: the resumed history holds every step exactly once. The lock tests use plain
-``sleep``-like Python children carrying a run token.
+(the driver runs the train stage on Ray Train over a local Ray it started: Ray's own
+processes, the driver actor, Ray Train's controller, two training workers and their loader
+processes), asserts that no process of that run is left a few seconds later, and resumes:
+the resumed run starts from its last checkpoint and its history holds every step exactly
+once. Every process of the run is found by a marker in its environment, which all of them
+inherit from the driver. The lock and watchdog tests use plain sleeping Python children.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,10 +26,12 @@ import pytest
 from tasks.lifetime import (
     MARK_ENV,
     OWNER_NAME,
+    OWNER_PID_ENV,
+    OWNER_START_ENV,
     WorkDirBusy,
     WorkDirLock,
     alive,
-    guarded_command,
+    process_start_ticks,
     processes_with_token,
 )
 from tasks.train import work_dir_for
@@ -35,29 +41,36 @@ from tests.lifetime_driver import KEY
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 GONE_WITHIN_S = 5.0
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+TEST_MARK = "TALKFORGE_LIFETIME_TEST"
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains ``text`` (the training's manifest path)."""
+def _marked(mark: str) -> list[int]:
+    """Pids of live processes whose environment carries ``TEST_MARK=mark``."""
+    needle = f"{TEST_MARK}={mark}".encode()
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if text in cmdline and alive(int(entry.name)):
+        if needle in env.split(b"\0") and alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
 
-def _wait_gone(text: str, timeout_s: float) -> list[int]:
+def _wait_gone(mark: str, timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        left = _processes_mentioning(text)
-        if not left:
+        if not _marked(mark):
             return []
         time.sleep(0.1)
-    return _processes_mentioning(text)
+    return _marked(mark)
+
+
+def _reap(pids: list[int]) -> None:
+    for pid in pids:  # do not leak them into the rest of the session
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -65,49 +78,80 @@ def test_sigkilled_training_leaves_no_process_and_resumes_each_step_once(tmp_pat
     root, steps = tmp_path / "data", 60
     work = work_dir_for(root, KEY)
     history = work / "history.jsonl"
+    mark = uuid.uuid4().hex
     driver = [sys.executable, "-m", "tests.lifetime_driver", str(root), str(steps)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", TEST_MARK: mark}
+    env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(driver, cwd=REPO, env=env, start_new_session=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None:
         if history.exists() and len(history.read_text().splitlines()) >= 5:
             break
         time.sleep(0.1)
     assert proc.poll() is None, "training ended before it could be killed"
-    marker = str(work / "manifest.json")
-    assert len(_processes_mentioning(marker)) >= 3  # launcher + two ranks
+    workers = [json.loads(p.read_text())["pid"] for p in (work / "ranks").glob("worker-*.json")]
+    assert len(workers) == 2 and set(workers) <= set(_marked(mark))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    left = _wait_gone(marker, GONE_WITHIN_S)
-    for pid in left:  # do not leak them into the rest of the session
-        os.kill(pid, signal.SIGKILL)
+    left = _wait_gone(mark, GONE_WITHIN_S)
+    _reap(left)
     assert left == [], f"processes of the killed training still alive: {left}"
 
-    done = subprocess.run(driver, cwd=REPO, env=env, capture_output=True, timeout=300)
+    done = subprocess.run(driver, cwd=REPO, env=env, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     resumed = int(done.stdout.decode().rsplit("resumed_from_step=", 1)[1])
-    assert 0 < resumed < steps
+    assert 0 < resumed < steps and resumed % 2 == 0  # a checkpoint (every 2 steps)
     logged = [json.loads(line)["step"] for line in history.read_text().splitlines()]
     assert logged == list(range(1, steps + 1))
-    assert _processes_mentioning(marker) == []
+    left = _wait_gone(mark, GONE_WITHIN_S)
+    _reap(left)
+    assert left == []
 
 
-def test_guarded_command_dies_with_its_parent(tmp_path: Path):
-    """A child started through ``guarded_command`` by a SIGKILLed parent is gone at once."""
+def test_a_watched_process_dies_with_its_owner(tmp_path: Path):
+    """A training process whose owner (the stage process) dies is gone within a second,
+    whoever its parent is (a Ray worker's parent is the raylet)."""
+    owner = subprocess.Popen(SLEEPER)
+    code = "from tasks.lifetime import guard_current_process as g; g(); import time; time.sleep(60)"
+    env = {
+        **os.environ,
+        OWNER_PID_ENV: str(owner.pid),
+        OWNER_START_ENV: str(process_start_ticks(owner.pid)),
+    }
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
+    try:
+        time.sleep(1.0)
+        assert child.poll() is None
+        owner.kill()
+        owner.wait()
+        assert child.wait(timeout=GONE_WITHIN_S) == -signal.SIGKILL
+    finally:
+        for p in (owner, child):
+            if p.poll() is None:
+                p.kill()
+
+
+def test_a_loader_process_dies_with_its_training_worker(tmp_path: Path):
+    """Loader processes (forked by the DataLoader) get the parent-death signal."""
     pid_file = tmp_path / "child.pid"
     parent_code = (
-        "import subprocess, sys, time, pathlib\n"
-        f"p = subprocess.Popen({guarded_command(SLEEPER)!r}, start_new_session=True)\n"
+        "import multiprocessing as mp, pathlib, time\n"
+        "from tasks.train_loop import _loader_init\n"
+        "def body():\n"
+        "    _loader_init(0)\n"
+        "    time.sleep(120)\n"
+        "p = mp.get_context('fork').Process(target=body)\n"
+        "p.start()\n"
         f"pathlib.Path({str(pid_file)!r}).write_text(str(p.pid))\n"
         "time.sleep(120)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=REPO)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while not pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int(pid_file.read_text())
-    time.sleep(0.5)  # let the child exec past the wrapper
+    time.sleep(0.5)
     assert alive(child)
     parent.kill()
     parent.wait()

@@ -12,11 +12,12 @@ Conventions (MeanFlow, Geng et al. 2505.13447; pMF 2601.22158, official ``Lyy-ii
   weight ``w(l) = l / sg(l + eps)^p``;
 - one-step sampling: ``x̂ = z_1 - u(z_1, r=0, t=1)``, i.e. the u-head at ``(t, r) = (1, 0)``.
 
-Cost trade-off: ``v_c`` needs a no-grad forward before the JVP; the JVP itself (primal +
-tangent) runs only on the rows with ``r < t`` (for ``r = t`` the ``(t - r)·du/dt`` term is
-exactly zero), and the primal of the JVP is the differentiated forward, so no forward runs
-twice with a graph. ``torch.func.jvp`` needs forward-mode AD through every op: fused SDPA
-kernels (flash / memory-efficient) have no forward-AD formula, so the JVP pass runs under
+Cost trade-off: ``v_c`` needs a no-grad forward before the JVP; it and the JVP itself
+(primal + tangent) run only on the rows with ``r < t`` (for ``r = t`` the ``(t - r)·du/dt``
+term is exactly zero, so those rows take one plain forward), and the primal of the JVP is
+the differentiated forward, so no forward runs twice with a graph. ``torch.func.jvp`` needs
+forward-mode AD through every op: fused SDPA kernels (flash / memory-efficient) have no
+forward-AD formula, so the JVP pass runs under
 the math SDPA backend (see :func:`jvp_attention_backend`).
 """
 
@@ -125,9 +126,6 @@ def pmf_objective(
     z_t = (1.0 - tb) * x + tb * eps
     v_t = velocity(z_t, x, t, cfg.t_min)  # = ε - x where t ≥ t_min
     everything = torch.arange(x.shape[0], device=x.device)
-    with torch.no_grad():
-        v_c = velocity(z_t, _split(fn(z_t, t, r, everything))[1], t, cfg.t_min)
-
     gap = (t - r) > 0
     jvp_rows, flat_rows = everything[gap], everything[~gap]
 
@@ -139,11 +137,13 @@ def pmf_objective(
     aux = x.new_zeros(())
     if len(jvp_rows):
         z_g, t_g, r_g = z_t[jvp_rows], t[jvp_rows], r[jvp_rows]
+        with torch.no_grad():
+            v_c = velocity(z_g, _split(fn(z_g, t_g, r_g, jvp_rows))[1], t_g, cfg.t_min)
         with jvp_attention_backend():
             (u_g, v_g), (du_g, _), aux_g = torch.func.jvp(
                 lambda z, tt, rr: u_fn(z, tt, rr, jvp_rows),
                 (z_g, t_g, r_g),
-                (v_c[jvp_rows], torch.ones_like(t_g), torch.zeros_like(r_g)),
+                (v_c, torch.ones_like(t_g), torch.zeros_like(r_g)),
                 has_aux=True,
             )
         parts.append((jvp_rows, u_g, v_g, du_g.detach()))

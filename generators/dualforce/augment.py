@@ -13,9 +13,9 @@ brightness/contrast/colour shifts move the VAE's latent channels, approximately;
 reference latent gets the same jitter, it is a frame of the same video) and the horizontal
 flip mirrors the latent grid (the convolutional VAE is close to, not exactly,
 flip-equivariant); the DINOv2 patch grid is mirrored column-wise (the tokens themselves are
-not flip-equivariant, so this is approximate too). Background noise works on the waveform
-(:func:`add_noise_at_snr`; HuBERT is computed from it). The random reference frame is drawn
-by :mod:`generators.dualforce.data`, which sees the whole clip.
+not flip-equivariant, so this is approximate too). The random reference frame is drawn by
+:mod:`generators.dualforce.data`, which sees the whole clip. Background noise at 15 dB SNR is
+not here: it needs HuBERT re-run on the noisy waveform (see the train config's docs).
 
 Structure flip (x → −x in the image): LivePortrait keypoints and expression offsets negate
 their x coordinate, yaw and roll negate, pitch stays, translation tx negates; FLAME's
@@ -136,17 +136,6 @@ def color_jitter(latents: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor
     std = latents.float().std(dim=dims, keepdim=True)
     shape = (-1, 1, 1)
     return (latents * (1 + gain.view(shape)) + offset.view(shape) * std).to(latents.dtype)
-
-
-def add_noise_at_snr(waveform: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
-    """``waveform + a·noise`` with ``a`` such that the signal-to-noise ratio is ``snr_db``."""
-    noise = np.resize(noise, waveform.shape).astype(np.float64)
-    p_signal = float(np.mean(waveform.astype(np.float64) ** 2))
-    p_noise = float(np.mean(noise**2))
-    if p_noise == 0:
-        raise ValueError("noise has zero power")
-    scale = np.sqrt(p_signal / (p_noise * 10 ** (snr_db / 10)))
-    return (waveform + scale * noise).astype(waveform.dtype)
 
 
 def augment(clip: ClipWindow, cfg: AugmentConfig, rng: np.random.Generator) -> ClipWindow:

@@ -20,6 +20,7 @@ invalidate clips already cut; each clip's own metadata is part of its input.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -31,13 +32,14 @@ from tasks.base import (
     ItemContext,
     ItemFailure,
     ItemInputs,
+    ManifestSource,
     SourceManifest,
     SourceStage,
     StageConfig,
     StageEnv,
     stable_hash,
 )
-from tasks.download.datasets import DatasetSource, read_dataset
+from tasks.download.datasets import DatasetSource, read_dataset, source_fingerprint
 from tasks.download.errors import RetryPolicy
 from tasks.download.fetch import (
     RESERVED_YTDLP_OPTIONS,
@@ -155,19 +157,32 @@ class DownloadStage(SourceStage[DownloadConfig]):
 
     @classmethod
     def read_manifests(cls, config: DownloadConfig, env: StageEnv) -> list[SourceManifest]:
-        manifests = [read_dataset(source) for source in config.datasets]
+        return [read_dataset(source) for source in cls.dataset_sources(config, env)]
+
+    @classmethod
+    def manifest_sources(cls, config: DownloadConfig, env: StageEnv) -> list[ManifestSource]:
+        return [
+            ManifestSource(s.dataset, source_fingerprint(s), partial(read_dataset, s))
+            for s in cls.dataset_sources(config, env)
+        ]
+
+    @classmethod
+    def dataset_sources(cls, config: DownloadConfig, env: StageEnv) -> list[DatasetSource]:
+        """The configured datasets, then the offline sample (built on first use) if enabled."""
+        sources = list(config.datasets)
         if config.sample.enabled:
             root = build_sample_dataset(Path(env.data_root) / config.sample.dir, config.sample.seed)
-            sample = DatasetSource(
-                kind="hdtf",
-                name="sample",
-                metadata=str(sample_metadata_dir(root)),
-                subsets=[SAMPLE_SUBSET],
-                url_template=sample_url_template(sample_videos_dir(root)),
-                licence=SAMPLE_LICENCE,
+            sources.append(
+                DatasetSource(
+                    kind="hdtf",
+                    name="sample",
+                    metadata=str(sample_metadata_dir(root)),
+                    subsets=[SAMPLE_SUBSET],
+                    url_template=sample_url_template(sample_videos_dir(root)),
+                    licence=SAMPLE_LICENCE,
+                )
             )
-            manifests.append(read_dataset(sample))
-        return manifests
+        return sources
 
     def process(self, inputs: ItemInputs, ctx: ItemContext) -> NormalizedClip:
         clip = inputs.source
