@@ -1,142 +1,203 @@
-"""Catalog at dataset scale: the DuckLake catalog vs the old parquet-part catalog.
+"""Catalog at dataset scale: the DuckLake catalog vs the old parquet-part catalog, one run.
 
-For each size (items per stage) a synthetic catalog of eight stages with ``--runs`` runs of
-history is built (bulk-loaded, then compacted, as the pipeline's auto-compaction leaves
-it), and measured: commit latency (one batch of 4 items: stats + artifacts + items rows),
-``status`` (ops.stage_status), a no-op plan of one stage (the engine's planning queries),
-and three dashboard queries. The old format is rebuilt beside it with one part per table
-per commit of ``--old-batch`` items, read the way the old code read it (duckdb views over
-``read_parquet`` globs; the reader lives only here). Figures are ratios within one run.
-Then a 188k-record TalkVid-format manifest is ingested and the download stage planned.
+    .venv/bin/python benchmarks/bench_catalog.py [--sizes 10000,50000,200000] [--runs 3]
+        [--old-sizes 200,800] [--manifest 188000] [--out bench-out]
 
-    .venv/bin/python benchmarks/bench_catalog.py --sizes 10000,50000 [--old-max 10000]
+**New catalog**, per size N (items per stage): a synthetic history of ``--runs`` runs over
+eight stages, written as the engine writes it — run 0 plans and processes every item of
+every stage; each later run plans every stage again and re-runs ``quality`` (a changed
+threshold), the rest cached — each (run, stage) one transaction, then compacted (as the
+pipeline's auto-compaction leaves it). Measured: commit latency (a 4-item batch: stats +
+artifact + item rows, one transaction; median of 20), ``status`` of the last run
+(``ops.stage_status``), a no-op plan of ``faces`` through the real ``Engine.plan`` (lease,
+candidates, key states, dropped items, the plan's commit: every item cached) and three
+dashboard queries.
+
+**Old catalog** (one parquet part per table per commit): the code of commit ``3c6e47d``
+(``storage/catalog.py``, ``storage/schema.py``, ``talkforge/ops.py``) is loaded from git
+history into temporary modules — nothing of it is kept in the tree — and writes the same
+history with one part per commit of ``--old-batch`` items, as its engine did; its
+``status``, its engine's three planning queries and the same dashboards are timed. It is
+measured at ``--old-sizes`` only (at 1 ms per file and ~0.8 files per item it takes minutes
+per query beyond that); the per-file cost measured there is extrapolated to each N and
+printed as such.
+
+**Manifest**: a generated TalkVid-format manifest of ``--manifest`` records is ingested and
+the download stage planned by the real engine, twice (new manifest; unchanged manifest),
+with the breakdown and peak RSS of a fresh process. Figures go to ``<out>/bench_catalog.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
 import resource
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+import types
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from storage.catalog import Catalog
-from storage.schema import ALL_TABLES
-from storage.views import view_statements
-from talkforge import ops
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-STAGES = ["download", "faces", "quality", "features", "engram", "train", "generate", "evaluate"]
+from storage.schema import ALL_TABLES  # noqa: E402
+from talkforge import ops  # noqa: E402
+from talkforge.config import load_config  # noqa: E402
+from talkforge.engine import Engine, key_hasher  # noqa: E402
+from talkforge.plan import RunOptions, StageSummary  # noqa: E402
+from talkforge.stages import STAGE_ORDER  # noqa: E402
 
+STAGES = STAGE_ORDER[:8]
+OLD_COMMIT = "3c6e47d"
 DASHBOARDS = {
-    "failures_by_kind": "SELECT stage, error_kind, count(*) FROM current_failures GROUP BY ALL",
+    "failures_by_kind": "SELECT stage, error_kind, count(*) AS n FROM current_failures "
+    "GROUP BY ALL",
     "hours_per_dataset": "SELECT * FROM dataset_summary",
     "quality_rules": "SELECT * FROM quality_rules",
 }
+OLD_PLAN_QUERIES = [  # the old engine's no-op plan of faces (3c6e47d talkforge/engine.py)
+    (
+        "SELECT stage, item_id, item_key, record_type, record_json FROM current_items "
+        "WHERE status = 'done' AND stage IN (?)",
+        ["download"],
+    ),
+    (
+        "SELECT item_key, arg_max(status, created_at) AS status, arg_max(retryable, created_at) "
+        "AS retryable, count(*) AS attempts FROM items WHERE stage = ? GROUP BY item_key",
+        ["faces"],
+    ),
+    ("SELECT DISTINCT item_id FROM current_plans WHERE stage = ? AND item_key <> ''", ["faces"]),
+]
 
 
-def _tables(n: int, runs: int) -> dict[str, pa.Table]:
-    now = datetime.now(UTC)
-    items, plans, clips, quality = [], [], [], []
+# ---------------------------------------------------------------------- synthetic history
+def history(n: int, runs: int, faces_key: Callable[[Any], str]) -> Iterator[dict[str, Any]]:
+    """One entry per (run, stage) commit: table -> rows (dict of columns), in commit order."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    ids = [f"c{i:07d}" for i in range(n)]
+    dl_keys = [f"dl-{i:07d}" for i in range(n)]
     for r in range(runs):
         run = f"run-{r}"
-        rows_run = []
-        for stage in STAGES:
-            for i in range(n):
-                key = f"{stage}-{i}-v{r if stage == 'quality' else 0}"
-                status = "failed" if i % 50 == 0 else "done"
-                base = {"run_id": run, "stage": stage, "item_id": f"c{i}", "item_key": key}
-                plans.append({**base, "action": "run", "planned_at": now})
-                if r == 0 or stage == "quality":
-                    rows_run.append(
-                        {
-                            **base,
-                            "created_at": now,
-                            "status": status,
-                            "attempt": 1,
-                            "retryable": False,
-                            "error_kind": "network" if status == "failed" else "",
-                        }
-                    )
-                    if stage == "download":
-                        clips.append(
-                            {
-                                **base,
-                                "created_at": now,
-                                "dataset": f"d{i % 3}",
-                                "duration_s": 5.0,
-                                "fps": 25.0,
-                            }
-                        )
-                    if stage == "quality":
-                        quality.append(
-                            {
-                                **base,
-                                "created_at": now,
-                                "rule": "blur",
-                                "value": i % 97,
-                                "threshold": 15.0,
-                                "passed": i % 7 != 0,
-                                "hard": True,
-                            }
-                        )
-        items += rows_run
-    runs_rows = [
-        {"run_id": f"run-{r}", "event": "started", "event_at": now, "stages": STAGES}
-        for r in range(runs)
-    ]
-    out = {"items": items, "plans": plans, "clips": clips, "quality": quality, "runs": runs_rows}
-    return {t: pa.Table.from_pylist(rows, schema=ALL_TABLES[t]) for t, rows in out.items()}
-
-
-class OldCatalog:
-    """The old parquet-part reader: views over every part of every table."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def query(self, sql: str, params: list | None = None) -> pa.Table:
-        con = duckdb.connect()
-        for t, schema in ALL_TABLES.items():
-            if any((self.root / t).glob("part-*.parquet")):
-                con.execute(
-                    f"CREATE VIEW {t} AS SELECT * FROM read_parquet("
-                    f"'{self.root / t}/part-*.parquet', union_by_name=true)"
-                )
+        for s, stage in enumerate(STAGES):
+            at = start + timedelta(hours=r, minutes=s)
+            rerun = r == 0 or stage == "quality"
+            if stage == "download":
+                keys = dl_keys
+            elif stage == "faces":
+                keys = [faces_key({"download": k}) for k in dl_keys]
             else:
-                con.register(f"_e_{t}", schema.empty_table())
-                con.execute(f"CREATE VIEW {t} AS SELECT * FROM _e_{t}")
-        con.execute("CREATE SCHEMA lake")
-        for t in ALL_TABLES:
-            con.execute(f"CREATE VIEW lake.{t} AS SELECT * FROM main.{t}")
-        for s in view_statements()[len(ALL_TABLES) :]:
-            if "run_snapshots" in s:
-                continue
-            con.execute(s)
-        return con.execute(sql, params or []).fetch_arrow_table()
+                keys = [f"{stage}-{i:07d}-v{r if stage == 'quality' else 0}" for i in range(n)]
+            failed = [i % 50 == 0 for i in range(n)]
+            tables: dict[str, dict[str, list[Any]]] = {
+                "plans": {
+                    "run_id": [run] * n,
+                    "stage": [stage] * n,
+                    "item_id": ids,
+                    "item_key": keys,
+                    "action": ["run" if rerun else "cached"] * n,
+                    "planned_at": [at] * n,
+                },
+                "stage_runs": {
+                    "run_id": [run],
+                    "stage": [stage],
+                    "planned_at": [at],
+                    "complete": [True],
+                    "items": [n],
+                    "to_run": [n if rerun else 0],
+                    "retried": [0],
+                    "cached_done": [0 if rerun else n - sum(failed)],
+                    "cached_filtered": [0],
+                    "skip_failed": [0 if rerun else sum(failed)],
+                    "dropped": [0],
+                    "blocked_reason": [""],
+                },
+            }
+            if rerun:
+                item = {
+                    "run_id": [run] * n,
+                    "stage": [stage] * n,
+                    "item_id": ids,
+                    "item_key": keys,
+                    "created_at": [at + timedelta(seconds=30)] * n,
+                }
+                tables["items"] = {
+                    **item,
+                    "status": ["failed" if f else "done" for f in failed],
+                    "error_kind": ["network" if f else "" for f in failed],
+                    "retryable": [False] * n,
+                    "attempt": [1] * n,
+                    "artifact_ids": [[f"a-{k}"] for k in keys],
+                }
+                tables["artifacts"] = {**item, "artifact_id": [f"a-{k}" for k in keys]}
+                if stage == "download":
+                    tables["clips"] = {
+                        **item,
+                        "dataset": [f"d{i % 3}" for i in range(n)],
+                        "duration_s": [5.0] * n,
+                        "fps": [25.0] * n,
+                    }
+                if stage == "quality":
+                    tables["quality"] = {
+                        **item,
+                        "rule": ["blur"] * n,
+                        "value": [float(i % 97) for i in range(n)],
+                        "threshold": [15.0 + r] * n,
+                        "passed": [i % 7 != 0 for i in range(n)],
+                        "hard": [True] * n,
+                        "reason": [""] * n,
+                    }
+            yield tables
+        yield (
+            {
+                "runs": {
+                    "run_id": [run],
+                    "event": ["started"],
+                    "event_at": [start],
+                    "stages": [STAGES],
+                }
+            }
+        )
 
 
-def _write_old(root: Path, tables: dict[str, pa.Table], batch: int) -> int:
-    files = 0
-    for t, data in tables.items():
-        (root / t).mkdir(parents=True, exist_ok=True)
-        step = {"runs": 1, "plans": n_per_plan(data)}.get(t, batch)
-        for k, start in enumerate(range(0, data.num_rows, step)):
-            pq.write_table(data.slice(start, step), root / t / f"part-{k:09d}.parquet")
-            files += 1
-    return files
+def as_arrow(table: str, columns: dict[str, list[Any]]) -> pa.Table:
+    schema = ALL_TABLES[table]
+    rows = len(next(iter(columns.values())))
+    return pa.table(
+        {
+            f.name: pa.array(columns[f.name], f.type)
+            if f.name in columns
+            else pa.nulls(rows, f.type)
+            for f in schema
+        },
+        schema=schema,
+    )
 
 
-def n_per_plan(plans: pa.Table) -> int:
-    """The old engine wrote one plans part per (run, stage)."""
-    return max(1, plans.num_rows // (len(STAGES) * len(set(plans.column("run_id").to_pylist()))))
+def batch(k: int) -> dict[str, list[dict[str, Any]]]:
+    now = datetime.now(UTC)
+    base = [
+        {"run_id": "bench", "stage": "faces", "item_id": f"new-{k}-{i}", "item_key": f"nk-{k}-{i}"}
+        | {"created_at": now}
+        for i in range(4)
+    ]
+    return {
+        "faces": [{**b, "num_frames": 10} for b in base],
+        "artifacts": [{**b, "artifact_id": f"a{k}-{i}"} for i, b in enumerate(base)],
+        "items": [{**b, "status": "done", "attempt": 1} for b in base],
+    }
 
 
-def _timed(fn, repeat: int = 3) -> float:
+def timed(fn: Callable[[], Any], repeat: int = 3) -> float:
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
@@ -145,153 +206,237 @@ def _timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def _plan_queries(cat) -> None:
-    """The engine's no-op plan of 'faces': key states, upstream outputs, current plans."""
-    cat.query(
-        "SELECT item_key, arg_max(status, created_at), arg_max(retryable, created_at), "
-        "count(*) FROM items WHERE stage = ? GROUP BY item_key",
-        ["faces"],
+# ---------------------------------------------------------------------- new catalog
+def bench_new(n: int, runs: int, work: Path) -> dict[str, Any]:
+    root = work / f"new-{n}"
+    cfg = load_config(
+        None,
+        [f"project.data_root={root}", "download.sample.enabled=false", "execution.executor=local"],
     )
-    cat.query(
-        "SELECT stage, item_id, item_key, record_type, record_json FROM current_items "
-        "WHERE status = 'done' AND stage IN (?)",
-        ["download"],
-    )
-    cat.query(
-        "SELECT DISTINCT item_id FROM current_plans WHERE stage = ? AND item_key <> ''", ["faces"]
-    )
-
-
-def _commit_batch(cat: Catalog, k: int) -> None:
-    now = datetime.now(UTC)
-    base = [
-        {
-            "run_id": "bench",
-            "stage": "faces",
-            "item_id": f"new-{k}-{i}",
-            "item_key": f"nk-{k}-{i}",
-            "created_at": now,
-        }
-        for i in range(4)
-    ]
-    cat.append_many(
-        {
-            "faces": [{**b, "num_frames": 10} for b in base],
-            "artifacts": [{**b, "artifact_id": f"a{k}-{i}"} for i, b in enumerate(base)],
-            "items": [{**b, "status": "done", "attempt": 1} for b in base],
-        }
-    )
-
-
-def bench_size(n: int, runs: int, old: bool, old_batch: int, work: Path) -> dict:
-    tables = _tables(n, runs)
-    cat = Catalog(work / f"new-{n}")
+    engine = Engine(cfg)
+    cat = engine.catalog
+    faces_key = key_hasher(engine.stage_version("faces"))
     t = time.perf_counter()
-    with cat.transaction("bench load") as tx:
-        for name, data in tables.items():
-            tx.append(name, data)
+    for tables in history(n, runs, faces_key):
+        with cat.transaction(
+            tables.get("runs", tables.get("plans", {})).get("run_id", [""])[0]
+        ) as tx:
+            for name, cols in tables.items():
+                tx.append(name, as_arrow(name, cols))
     load_s = time.perf_counter() - t
+    t = time.perf_counter()
     cat.compact()
+    compact_s = time.perf_counter() - t
     commit = []
-    for k in range(10):
+    for k in range(20):
         t = time.perf_counter()
-        _commit_batch(cat, k)
+        cat.append_many(batch(k))
         commit.append(time.perf_counter() - t)
-    row = {
+    last = f"run-{runs - 1}"
+    status = ops.stage_status(cat, last)
+    assert status and status[0]["items"] == n, status
+
+    def noop_plan() -> None:
+        plan = engine.plan(f"noop-{time.time_ns()}", "faces", RunOptions(stages=["faces"]))
+        assert not plan.to_run, f"{len(plan.to_run)} of {n} would run"
+        engine.summarize(plan, StageSummary("faces"))
+
+    row: dict[str, Any] = {
         "items_per_stage": n,
-        "rows_items": tables["items"].num_rows,
+        "item_rows": cat.query("SELECT count(*) AS n FROM items").to_pylist()[0]["n"],
+        "plan_rows": cat.query("SELECT count(*) AS n FROM plans").to_pylist()[0]["n"],
+        "data_files": cat.file_stats()["files"],
         "load_s": load_s,
-        "commit_ms_median": 1000 * sorted(commit)[5],
-        "status_s": _timed(lambda: ops.stage_status(cat, "run-0")),
-        "noop_plan_s": _timed(lambda: _plan_queries(cat)),
+        "compact_s": compact_s,
+        "commit_ms": 1000 * statistics.median(commit),
+        "status_s": timed(lambda: ops.stage_status(cat, last)),
+        "noop_plan_s": timed(noop_plan, 2),
     }
     for name, sql in DASHBOARDS.items():
-        row[f"{name}_s"] = _timed(lambda sql=sql: cat.query(sql))
-    if old:
-        root = work / f"old-{n}"
-        row["old_files"] = _write_old(root, tables, old_batch)
-        oc = OldCatalog(root)
-        row["old_status_s"] = _timed(lambda: ops.stage_status(oc, "run-0"), 1)
-        row["old_noop_plan_s"] = _timed(lambda: _plan_queries(oc), 1)
-        for name, sql in DASHBOARDS.items():
-            row[f"old_{name}_s"] = _timed(lambda sql=sql: oc.query(sql), 1)
+        row[f"{name}_s"] = timed(lambda sql=sql: cat.query(sql))
+    engine.close()
     return row
 
 
-def bench_manifest(records: int, work: Path) -> dict:
-    import json
+# ---------------------------------------------------------------------- old catalog
+def load_old(work: Path) -> tuple[type, types.ModuleType]:
+    """The parquet-part Catalog class and ops module of ``OLD_COMMIT``, from git history."""
+    folder = work / "old_code"
+    folder.mkdir(exist_ok=True)
+    modules = {}
+    for name, path in (
+        ("old_schema", "storage/schema.py"),
+        ("old_catalog", "storage/catalog.py"),
+        ("old_ops", "talkforge/ops.py"),
+    ):
+        text = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:{path}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        text = text.replace("from storage.schema import", "from old_schema import")
+        text = text.replace("from storage.catalog import", "from old_catalog import")
+        file = folder / f"{name}.py"
+        file.write_text(text)
+        spec = importlib.util.spec_from_file_location(name, file)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        modules[name] = module
+    return modules["old_catalog"].Catalog, modules["old_ops"]
 
-    from talkforge.config import load_config
-    from talkforge.engine import Engine
-    from talkforge.plan import RunOptions, StageSummary
 
-    meta = work / "talkvid.json"
-    with open(meta, "w") as f:
-        f.write("[")
-        for i in range(records):
-            record = {
-                "id": f"vid{i:07d}_{i % 5}",
-                "height": 1080,
-                "width": 1920,
-                "fps": 25.0,
-                "start-time": 1.0,
-                "end-time": 9.0,
-                "info": {
-                    "Video Link": f"https://www.youtube.com/watch?v=v{i:09d}",
-                    "Person ID": str(i // 3),
-                    "Language": "English",
-                },
-                "dover_scores": 8.0,
-                "cotracker_ratio": 0.9,
-            }
-            f.write(("," if i else "") + json.dumps(record))
-        f.write("]")
-    cfg = load_config(
-        None,
-        [
-            f"project.data_root={work / 'tv'}",
-            "download.sample.enabled=false",
-            f"download.datasets=[{{kind: talkvid, metadata: {meta}}}]",
-            "execution.executor=local",
-        ],
-    )
-    engine = Engine(cfg)
-    out = {}
-    for label in ("ingest+plan", "unchanged re-plan"):
+def write_old(catalog: Any, commits: Iterator[dict[str, Any]], per_part: int) -> None:
+    """The same history through the old writer: a part per table per commit of items
+    (``per_part`` items, the engine's ``commit_every``); plans one part per (run, stage)."""
+    schema = sys.modules["old_schema"].ALL_TABLES
+    for tables in commits:
+        for name, cols in tables.items():
+            if name not in schema:
+                continue  # stage_runs did not exist
+            rows = as_arrow(name, cols).select(
+                [c for c in schema[name].names if c in ALL_TABLES[name].names]
+            )
+            step = rows.num_rows if name in ("plans", "runs") else per_part
+            for start in range(0, rows.num_rows, step):
+                catalog.append(name, rows.slice(start, step).to_pylist())
+
+
+def bench_old(n: int, runs: int, per_part: int, work: Path) -> dict[str, Any]:
+    old_catalog, old_ops = load_old(work)
+    root = work / f"old-{n}"
+    cat = old_catalog(root)
+    t = time.perf_counter()
+    write_old(cat, history(n, runs, lambda k: f"faces-{k['download']}"), per_part)
+    files = sum(1 for _ in root.rglob("part-*.parquet"))
+    row: dict[str, Any] = {"items_per_stage": n, "files": files, "write_s": time.perf_counter() - t}
+    row["status_s"] = timed(lambda: old_ops.stage_status(cat, f"run-{runs - 1}"), 1)
+    row["noop_plan_s"] = timed(lambda: [cat.query(q, p) for q, p in OLD_PLAN_QUERIES], 1)
+    for name, sql in DASHBOARDS.items():
+        row[f"{name}_s"] = timed(lambda sql=sql: cat.query(sql), 1)
+    return row
+
+
+# ---------------------------------------------------------------------- manifest
+def bench_manifest(records: int, work: Path) -> dict[str, Any]:
+    """Ingest + plan of the download stage in a fresh process (its own peak RSS)."""
+    from tests.catalog_helpers import write_talkvid_manifest
+
+    meta = write_talkvid_manifest(work / "talkvid.json", records)
+    code = f"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from talkforge.config import load_config
+from talkforge.engine import Engine
+from talkforge.plan import RunOptions, StageSummary
+import talkforge.manifests as m
+import_s = time.perf_counter() - t0
+rss_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+parts = {{}}
+def timed(name, fn):
+    def wrapper(*a, **k):
         t = time.perf_counter()
-        plan = engine.plan(f"bench-{label[:2]}", "download", RunOptions(stages=["download"]))
-        engine.summarize(plan, StageSummary("download"))
-        out[f"{label}_s"] = time.perf_counter() - t
-    out["planned"] = len(plan.items)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    engine.close()
-    return out
+        try:
+            return fn(*a, **k)
+        finally:
+            parts[name] = parts.get(name, 0.0) + time.perf_counter() - t
+    return wrapper
+import talkforge.engine as e
+import tasks.download.datasets as d
+m.record_manifests = timed("record_s", m.record_manifests)
+m._stored_rows = timed("stored_rows_s", m._stored_rows)
+m.record_hash = timed("record_hash_s", m.record_hash)
+d._read = timed("parse_s", d._read)
+d.fingerprint_files = timed("file_sha256_s", d.fingerprint_files)
+e.Engine._item_state = timed("item_states_s", e.Engine._item_state)
+e.Engine._dropped = timed("dropped_s", e.Engine._dropped)
+cfg = load_config(None, ["project.data_root={work / "tv"}", "download.sample.enabled=false",
+    "download.datasets=[{{kind: talkvid, metadata: {meta}}}]", "execution.executor=local"])
+engine = Engine(cfg)
+out = {{"import_s": import_s, "rss_after_imports_mb": rss_import}}
+for label in ("new", "unchanged"):
+    parts.clear()
+    t = time.perf_counter()
+    plan = engine.plan("bench-" + label, "download", RunOptions(stages=["download"]))
+    engine.summarize(plan, StageSummary("download"))
+    out[label] = {{"total_s": time.perf_counter() - t, **parts, "items": len(plan.items),
+                  "to_run": len(plan.to_run)}}
+out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+engine.close()
+print(json.dumps(out))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["records"] = records
+    result["json_mb"] = meta.stat().st_size / 1e6
+    return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="10000,50000")
+# ---------------------------------------------------------------------- main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10000,50000,200000")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--old-max", type=int, default=10000, help="old format only up to this size")
-    ap.add_argument("--old-batch", type=int, default=4, help="rows per old part (commit_every)")
+    ap.add_argument("--old-sizes", default="200,800")
+    ap.add_argument("--old-batch", type=int, default=4, help="items per old commit")
     ap.add_argument("--manifest", type=int, default=188_000)
+    ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"runs": args.runs, "stages": STAGES, "cpus": os.cpu_count()}
+
+    def show(label: str, row: dict[str, Any]) -> None:
+        fmt = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+        print(label, json.dumps(fmt), flush=True)
+
     with tempfile.TemporaryDirectory(prefix="bench-catalog-") as tmp:
         work = Path(tmp)
-        rows = [
-            bench_size(int(n), args.runs, int(n) <= args.old_max, args.old_batch, work)
-            for n in args.sizes.split(",")
-        ]
-        for r in rows:
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
-        if len(rows) > 1:
-            print(
-                "commit latency ratio largest/smallest:",
-                round(rows[-1]["commit_ms_median"] / rows[0]["commit_ms_median"], 2),
-            )
+        result["old"] = []
+        for n in [int(x) for x in args.old_sizes.split(",") if x and int(x)]:
+            result["old"].append(bench_old(n, args.runs, args.old_batch, work))
+            show("old", result["old"][-1])
+        result["new"] = []
+        for n in [int(x) for x in args.sizes.split(",") if x]:
+            result["new"].append(bench_new(n, args.runs, work))
+            show("new", result["new"][-1])
         if args.manifest:
-            print("manifest", args.manifest, bench_manifest(args.manifest, work))
+            result["manifest"] = bench_manifest(args.manifest, work)
+            show("manifest", result["manifest"])
+    new, old = result["new"], result["old"]
+    summary: dict[str, Any] = {}
+    if len(new) > 1:
+        summary["commit_ratio_largest_smallest"] = new[-1]["commit_ms"] / new[0]["commit_ms"]
+        for key in ("status_s", "noop_plan_s", *(f"{d}_s" for d in DASHBOARDS)):
+            summary[f"{key}_growth_vs_rows"] = (new[-1][key] / new[0][key]) / (
+                new[-1]["items_per_stage"] / new[0]["items_per_stage"]
+            )
+    if old:
+        per_file = {
+            key: old[-1][key] / old[-1]["files"]
+            for key in ("status_s", "noop_plan_s", *(f"{d}_s" for d in DASHBOARDS))
+        }
+        files_per_item = old[-1]["files"] / old[-1]["items_per_stage"]
+        for row in new:
+            files = files_per_item * row["items_per_stage"]
+            for key, cost in per_file.items():
+                summary[f"old_extrapolated_{key}@{row['items_per_stage']}"] = cost * files
+                summary[f"new_{key}@{row['items_per_stage']}"] = row[key]
+    result["summary"] = summary
+    show("summary", summary)
+    (out / "bench_catalog.json").write_text(json.dumps(result, indent=1, default=str))
+    print(
+        "peak RSS of this process (MB):", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

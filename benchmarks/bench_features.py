@@ -16,8 +16,9 @@ VAE, LivePortrait motion extractor, EMOCA, DINOv2, HuBERT, built once before tim
   reported separately).
 - **stage, own pools**: the same stage with ``pools.placement: own_pools``: one stage
   worker (decode, dispatch, write; 0.5 CPU) and one Ray actor pool per extractor (6 × 0.25
-  CPU), frames shared through the object store. This is the GPU-cluster layout; on a
-  CPU-only machine it shows what the process hops cost against ``in_worker``.
+  CPU), each extractor sent its own frames (the crops, or its framing of the clip). This
+  is the GPU-cluster layout; on a CPU-only machine it shows what the process hops cost
+  against ``in_worker``.
 
 Figures: clips/s of each, stage(2 workers)/naive (target ≥ 4 on 2 cores),
 2 workers / 1 worker (target ≥ 1.7) and own pools / 2 in-worker workers. Written to
@@ -68,22 +69,30 @@ def naive_step(step: str, data_root: Path, crops: Path, wav: Path, out: Path) ->
         result = encode_frames(load_vae(ensure_model(cfg.vae, data_root)), frames, 8)
     elif step == "motion":
         from models.liveportrait import extract_motion, load_motion_extractor
-        from tasks.features_video import resize_frames
 
         model = load_motion_extractor(ensure_model(cfg.motion, data_root))
-        result = torch.from_numpy(extract_motion(model, resize_frames(frames, 256)))
+        result = torch.from_numpy(extract_motion(model, _resized(frames, 256)))
     elif step == "flame":
         from models.emoca import extract_flame, load_emoca
-        from tasks.features_video import resize_frames
 
         model = load_emoca(ensure_model(cfg.flame, data_root))
-        result = torch.from_numpy(extract_flame(model, resize_frames(frames, 224, 0.83)))
+        result = torch.from_numpy(extract_flame(model, _resized(frames, 224)))
     else:
         from models.dinov2 import embed_reference, load_dinov2
 
         encoder = load_dinov2(ensure_model(cfg.reference, data_root))
         result = embed_reference(encoder, frames[len(frames) // 2])["patch_tokens"]
     save_file({"x": result.contiguous()}, str(out))
+
+
+def _resized(frames, size_px: int):
+    """Crops at an extractor's input size (the stage cuts them from the clip; the model
+    cost measured here is the same)."""
+    import cv2
+    import numpy as np
+
+    size = (size_px, size_px)
+    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
 
 
 def make_clips(root: Path, clips: int, frames: int, size: int) -> list:

@@ -1,10 +1,13 @@
--- Every model behind a current number, random-init (a stand-in built from its config:
--- the numbers it produced mean nothing) or pretrained (real weights): feature extractors
--- (SenseVoice among them) and the evaluation's metric networks.
-SELECT 'features' AS used_by, family AS role, model_name AS model, model_origin AS origin,
+-- Every model behind a current result, by stage: random-init (a stand-in built from its
+-- config: what it produced means nothing) or pretrained (real weights), with the first
+-- characters of its weights' sha256, from the fingerprints recorded with every item.
+WITH m AS (
+  SELECT stage, item_id, model_fingerprints_json AS fp,
+         unnest(json_keys(model_fingerprints_json)) AS model
+  FROM current_items
+  WHERE status = 'done' AND coalesce(model_fingerprints_json, '{}') <> '{}')
+SELECT stage AS used_by, model,
+       json_extract_string(fp, '$."' || model || '".origin') AS origin,
+       left(json_extract_string(fp, '$."' || model || '".sha256'), 12) AS weights_sha256,
        count(DISTINCT item_id) AS items
-FROM current_features GROUP BY ALL
-UNION ALL
-SELECT 'evaluation', metric, 'network of ' || metric, model_origin, count(DISTINCT item_id)
-FROM current_eval_metrics WHERE row = 'generated' GROUP BY ALL
-ORDER BY used_by, role
+FROM m GROUP BY ALL ORDER BY used_by, model

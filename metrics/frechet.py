@@ -84,6 +84,8 @@ def frechet_from_samples(a: np.ndarray, b: np.ndarray) -> float:
 
 def frechet_of_features(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance of two ``(N, D)`` feature sets, by the cheaper exact path."""
+    if np.shape(a) == np.shape(b) and np.array_equal(a, b):
+        return 0.0  # exact; the trace terms below cancel only to rounding of their size
     n1, n2, dim = len(a), len(b), np.shape(a)[-1]
     if n1 * n2 < dim * dim:
         return frechet_from_samples(a, b)

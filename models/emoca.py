@@ -21,9 +21,11 @@ Linears ``layers.0`` and ``layers.2`` (the ReLU at index 1 has no parameters). T
 hidden width is 1024 as in DECA's published regressor (``models.md`` §4); a checkpoint
 with another width fails strict loading with the shapes in the message.
 
-Input: ``(B, 3, 224, 224)`` RGB float in [0, 1], no mean/std normalisation. The expected
-crop (DECA/EMOCA demos, constants unverified) is a square around the FAN face box,
-side ≈ 1.25 × the box size, resized to 224²; the caller supplies such crops.
+Input: ``(B, 3, 224, 224)`` RGB float in [0, 1], no mean/std normalisation. Framing
+(:func:`crop_affine`, DECA/EMOCA's ``TestData``: ``bbox2point(..., type="kpt68")`` on the
+axis-aligned box of the 68 FAN landmarks, then ``scale=1.25``): a square of side
+``int(1.1 · 1.25 · (w + h) / 2)`` (≈ 1.375 × the box) centred on the box, not rotated,
+mapped onto pixel centres 0 … 223.
 
 Output per frame (:data:`FLAME_LAYOUT`, 159 floats): shape 100 | expression 50 (from
 E_expression) | pose 6 (global rotation 3 + jaw 3, axis-angle) | cam 3 (weak-perspective
@@ -48,6 +50,8 @@ from models.checkpoints import check_fit, load_into, read_dropping_objects, read
 from models.registry import ModelUnavailableError, register_tiny_builder
 
 INPUT_SIZE = 224
+KPT68_BOX_FACTOR = 1.1  # bbox2point(type="kpt68")
+CROP_SCALE = 1.25  # TestData(scale=1.25)
 FEATURE_DIM = 2048  # ResNet Bottleneck output: 512 planes × expansion 4, whatever the width
 E_FLAME_LAYOUT: tuple[tuple[str, int], ...] = (
     ("shape", 100),
@@ -275,6 +279,20 @@ def convert_for_import(source: Path, out: Path) -> dict[str, Any] | None:
         "tensors_kept": len(state),
         "tensors_left_out": len(raw) - len(state),
     }
+
+
+def crop_affine(left: np.ndarray, top: np.ndarray, right: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """``(N, 2, 3)`` source→crop affines of EMOCA's framing for per-frame axis-aligned
+    68-landmark boxes (source pixels): side ``int(1.1 · 1.25 · (w + h) / 2)`` around the
+    box centre, its corners on the output's first and last pixel centres (``0``, ``223``)
+    as the similarity ``TestData`` estimates from three corners."""
+    size = np.floor(KPT68_BOX_FACTOR * CROP_SCALE * ((right - left) + (bottom - top)) / 2)
+    k = (INPUT_SIZE - 1) / size
+    m = np.zeros((len(size), 2, 3))
+    m[:, 0, 0] = m[:, 1, 1] = k
+    m[:, 0, 2] = -k * ((left + right) / 2 - size / 2)
+    m[:, 1, 2] = -k * ((top + bottom) / 2 - size / 2)
+    return m
 
 
 @register_tiny_builder("emoca")

@@ -129,9 +129,9 @@ def build_random_fid_inception(directory: Path, seed: int) -> None:
     """A random-init, full-size network in the official file layout (tests, smoke runs)."""
     torch.manual_seed(seed)
     net = FidInception().net
-    for m in net.modules():
+    for m in net.modules():  # He init: with identity batch norms, activations stay O(1)
         if isinstance(m, nn.Conv2d | nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.1)
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), directory / WEIGHTS_FILE)
 

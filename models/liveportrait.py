@@ -9,6 +9,15 @@ loaded here with ``load_state_dict(strict=True)`` exactly as the official loader
 Input contract: ``(B, 3, 256, 256)`` RGB float in ``[0, 1]`` (uint8 / 255, no mean/std
 normalisation), i.e. a face crop in LivePortrait's framing resized to 256.
 
+Framing (:func:`crop_affine`, LivePortrait's ``parse_rect_from_landmark`` +
+``_estimate_similar_transform_from_pts`` with its default crop arguments ``scale 2.3,
+vx_ratio 0, vy_ratio -0.125``): the face's dense-landmark box is measured in the face's own
+axes (``uy`` from the eye centre to the lip centre, ``ux`` perpendicular), made square
+(``max(w, h)``) and scaled by :data:`CROP_SCALE`; its centre moves by
+:data:`CROP_VY_RATIO` × the scaled side along ``uy`` (up, to take in the forehead); the crop
+is rotated with the face so the eyes are level. (Its driving-video cropper uses 2.2 and
+-0.1; the source framing is the one the motion extractor was trained on.)
+
 Per-frame motion vector (:data:`MOTION_LAYOUT`, 133 float32 columns, in this order):
 
 - ``kp`` (63): canonical implicit keypoints, 21 × (x, y, z) row-major (column ``3i + j``).
@@ -48,6 +57,8 @@ NUM_KP = 21
 NUM_BINS = 66
 BIN_DEGREES = 3.0
 MAX_DEGREES = 97.5  # (NUM_BINS - 1) * BIN_DEGREES / 2
+CROP_SCALE = 2.3  # LivePortrait's crop arguments (src/config/argument_config.py)
+CROP_VY_RATIO = -0.125
 
 MOTION_LAYOUT: tuple[tuple[str, int], ...] = (
     ("kp", 3 * NUM_KP),
@@ -270,6 +281,27 @@ def load_motion_extractor(
         f"its {CONFIG_FILE} beside the weights.",
     )
     return model.to(device).eval()
+
+
+def crop_affine(
+    centre: np.ndarray, ux: np.ndarray, uy: np.ndarray, width: np.ndarray, height: np.ndarray
+) -> np.ndarray:
+    """``(N, 2, 3)`` source→crop affines of LivePortrait's framing, at :data:`INPUT_SIZE`.
+
+    Inputs per frame: the dense-landmark box's centre ``(N, 2)``, its unit axes ``ux``
+    (across the face) and ``uy`` (eyes → lips) ``(N, 2)``, and its extent along each
+    ``(N,)``, all in source pixels. The crop of side ``2.3 · max(width, height)`` is
+    centred ``-0.125`` sides along ``uy`` from the box centre, rotated so ``ux`` is the
+    crop's x axis, and scaled to :data:`INPUT_SIZE` pixels with the official target centre
+    (``size / 2``).
+    """
+    side = CROP_SCALE * np.maximum(width, height)
+    centre = centre + uy * (CROP_VY_RATIO * side)[:, None]
+    k = (INPUT_SIZE / side)[:, None]
+    m = np.zeros((len(side), 2, 3))
+    m[:, 0, :2], m[:, 1, :2] = k * ux, k * uy
+    m[:, :, 2] = INPUT_SIZE / 2 - np.einsum("nij,nj->ni", m[:, :, :2], centre)
+    return m
 
 
 @torch.inference_mode()

@@ -126,6 +126,7 @@ def _load_builder(family: str) -> TinyBuilder:
             "vae-sd": "models.vae",
             "vae-flux2": "models.vae",
             "hubert": "models.hubert",
+            "whisper": "models.whisper",
             "syncnet": "models.syncnet",
             "liveportrait-motion": "models.liveportrait",
             "emoca": "models.emoca",

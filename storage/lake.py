@@ -162,17 +162,30 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.Error) and any(m in str(exc).lower() for m in _RETRYABLE)
 
 
-def retrying(fn: Callable[[], T], attempts: int, on_retry: Callable[[], None] | None = None) -> T:
-    """Call ``fn`` until it succeeds; retry only conflicts, with jittered backoff."""
+def retrying(
+    fn: Callable[[], T],
+    attempts: int,
+    on_retry: Callable[[], None] | None = None,
+    patience_s: float = 60.0,
+) -> T:
+    """Call ``fn`` until it succeeds; retry only conflicts, with jittered backoff.
+
+    Gives up after ``attempts`` tries *and* ``patience_s`` seconds, whichever is later: a
+    SQLite metadata database has no busy timeout through duckdb, so a long compaction in
+    another process shows up as "database is locked" until it commits.
+    """
     delay = 0.005
-    for attempt in range(attempts):
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except duckdb.Error as exc:
-            if not is_retryable(exc) or attempt == attempts - 1:
+            late = attempt >= attempts and time.monotonic() - started >= patience_s
+            if not is_retryable(exc) or late:
                 raise
             if on_retry is not None:
                 on_retry()
             time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
             delay = min(delay * 2, 0.5)
-    raise AssertionError("unreachable")

@@ -44,9 +44,15 @@ _VIEWS = [
        SELECT * FROM items
        QUALIFY row_number() OVER (
          PARTITION BY stage, item_id, item_key ORDER BY created_at DESC, attempt DESC) = 1""",
+    # a complete plan (no --limit) lists every item its stage holds, so plans older than a
+    # stage's latest complete plan never decide what is current: only newer rows are ranked
     """CREATE VIEW current_plans AS
-       SELECT * FROM plans
-       QUALIFY row_number() OVER (PARTITION BY stage, item_id ORDER BY planned_at DESC) = 1""",
+       WITH since AS (SELECT stage, max(planned_at) AS planned_at FROM stage_runs
+                      WHERE complete GROUP BY stage)
+       SELECT p.* FROM plans p LEFT JOIN since s ON s.stage = p.stage
+       WHERE s.planned_at IS NULL OR p.planned_at >= s.planned_at
+       QUALIFY row_number() OVER (PARTITION BY p.stage, p.item_id
+                                  ORDER BY p.planned_at DESC) = 1""",
     """CREATE VIEW current_items AS
        SELECT v.* FROM item_versions v
        JOIN current_plans p USING (stage, item_id, item_key)""",

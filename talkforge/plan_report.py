@@ -18,7 +18,6 @@ import yaml
 
 from talkforge.engine import Engine
 from talkforge.plan import RunOptions, new_run_id
-from talkforge.stages import STAGES
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -37,11 +36,7 @@ def dry_run(engine: Engine, options: RunOptions) -> list[dict[str, Any]]:
     for stage in options.stages:
         plan = engine.plan(run_id, stage, options, dry_run=True)
         cfg = engine.config.stage(stage)
-        new = {
-            "code_version": STAGES[stage].code_version,
-            "config_hash": cfg.params_hash(),
-            "models": {k: v.sha256 for k, v in plan.env.model_fingerprints.items()},
-        }
+        new = engine.stage_version(stage)
         current = {
             r["item_id"]: r
             for r in engine.catalog.query(

@@ -75,11 +75,6 @@ class RayPool(ModelPool):
     def __reduce__(self) -> tuple[Any, ...]:
         return (RayPool, (self.name, self.actors))
 
-    def share(self, value: Any) -> Any:
-        import ray
-
-        return ray.put(value)
-
     def submit(self, method: str, *args: Any) -> PoolTask:
         actor = self.actors[next(self._turn) % len(self.actors)]
         return _RayTask(actor.call.remote(method, *args), self.name)

@@ -1,6 +1,6 @@
-"""Training on Ray Train (the Ray side of :mod:`tasks.train`'s ``TrainLauncher``).
+"""Training on Ray Train (the Ray side of :class:`tasks.train_data.TrainLauncher`).
 
-The train stage calls :meth:`RayTrainLauncher.fit` with a :class:`~tasks.train.TrainJob`.
+The train stage calls :meth:`RayTrainLauncher.fit` with a :class:`~tasks.train_data.TrainJob`.
 The launcher joins the Ray the stage runs on (a stage actor's cluster, or the local
 instance the local executor starts on demand) and starts a small **driver actor** whose
 ``runtime_env`` carries the work-dir lock's run token and owner (:mod:`tasks.lifetime`).
@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.base import FailureKind, ItemFailure
-from tasks.train import TrainJob, TrainResult
-from tasks.train_data import CheckpointState, TrainManifest, load_checkpoint
+from tasks.train_data import CheckpointState, TrainJob, TrainManifest, TrainResult, load_checkpoint
 
 if TYPE_CHECKING:  # the workers import this module: keep it free of the pipeline config
     from talkforge.config import RayConfig
@@ -150,7 +149,7 @@ def _failure(exc: BaseException) -> ItemFailure:
 
 
 class RayTrainLauncher:
-    """``tasks.train.TrainLauncher`` on Ray Train (see module docstring)."""
+    """``tasks.train_data.TrainLauncher`` on Ray Train (see module docstring)."""
 
     def __init__(self, ray_config: RayConfig | None = None):  # None: join / start default
         self.ray_config = ray_config

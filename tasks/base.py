@@ -275,7 +275,7 @@ class Stage(ABC, Generic[C]):
         # name -> tasks.pools.ModelPool; remote pools are attached by the executor before
         # setup(), which builds local ones for the rest (see tasks.pools)
         self.pools: dict[str, Any] = {}
-        # the distributed-training launcher (tasks.train.TrainLauncher), attached by the
+        # the distributed-training launcher (tasks.train_data.TrainLauncher), attached by the
         # executor like the pools; only stages that train use it
         self.trainer: Any = None
 

@@ -8,8 +8,9 @@ artifact carrying shape, dtype and the fingerprint of the weights that made it:
   decoded face-crop frame;
 - ``liveportrait_motion.safetensors``: tensor ``motion`` ``(T, 133)`` (``motion: null``
   disables it) and ``emoca_flame.safetensors``: tensor ``flame`` ``(T, 159)`` (``flame:
-  null`` disables it); both computed from the same decoded crop frames as the latents
-  (see :mod:`tasks.features_video`);
+  null`` disables it); each from its own official crop of the clip's frames, framed from
+  the faces stage's landmarks (see :mod:`tasks.features_video`,
+  :mod:`tasks.features_framing`);
 - ``reference.safetensors``: DINOv2 ``cls`` ``(D,)``, ``patch_tokens`` ``(N, D)`` and the
   ``image`` of the clip's middle frame (``reference: null`` disables it);
 - ``hubert.safetensors``: tensor ``features`` ``(T, 2, D)``, two HuBERT steps per video frame;
@@ -17,6 +18,9 @@ artifact carrying shape, dtype and the fingerprint of the weights that made it:
   and ``frame_index`` ``(T,)``: two SenseVoice steps per three video frames (rule in
   :mod:`tasks.features_audio`); language / emotion / event tags and the transcript go to
   the ``speech`` catalog table (``sensevoice: null`` disables it).
+- ``whisper.safetensors`` (only with ``whisper:`` set: MuseTalk 1.5's audio input):
+  ``features`` ``(T, 2, L+1, D)``, every Whisper encoder hidden state, two 50 Hz steps per
+  video frame by the HuBERT rule below (see :mod:`models.whisper`).
 
 **Alignment rule.** HuBERT emits ``T_a = floor((N - 400) / 320) + 1`` steps for ``N`` samples
 at 16 kHz; step ``k`` sees samples ``[320k, 320k + 400)`` (50 Hz). Video frame ``i`` of a
@@ -61,7 +65,8 @@ from tasks.base import (
     StageConfig,
     stable_hash,
 )
-from tasks.features_audio import SenseVoiceResult
+from tasks.features_audio import SenseVoiceResult, align_audio_steps
+from tasks.features_framing import framing_affines
 from tasks.features_video import extract_video
 from tasks.features_workers import (
     FlameWorker,
@@ -70,15 +75,16 @@ from tasks.features_workers import (
     ReferenceWorker,
     SenseVoiceWorker,
     VaeWorker,
+    WhisperWorker,
 )
 from tasks.media import read_wav
 from tasks.pools import PoolSpec, complete_pools
+from tasks.quality_measures import landmarks, read_boxes
 from tasks.records import ClipFeatures, FaceTrack, FeatureFile, NormalizedClip, SpeechTags
 
 VAE_FAMILIES = ("vae-flux1", "vae-sd", "vae-flux2")
 # feature families computed from the clip's audio (cross-audio generation swaps exactly these)
 AUDIO_FEATURES = frozenset({"hubert", "sensevoice", "whisper"})
-STEPS_PER_FRAME = 2
 
 
 class ExtractorPools(BaseModel):
@@ -101,6 +107,7 @@ class ExtractorPools(BaseModel):
     reference: Resources = Resources(batch_size=1)
     hubert: Resources = Resources(batch_size=4)
     sensevoice: Resources = Resources(batch_size=1)
+    whisper: Resources = Resources(batch_size=1)
 
 
 class FeaturesConfig(StageConfig):
@@ -124,8 +131,11 @@ class FeaturesConfig(StageConfig):
     reference: ModelSpec | None = ModelSpec(
         family="dinov2", source="models/dinov2-tiny", tiny_random=True
     )
-    emoca_crop_fraction: float = Field(
-        0.83, gt=0.2, le=1.0, description="central share of the face crop EMOCA sees"
+    whisper: ModelSpec | None = Field(
+        None, description="Whisper encoder (MuseTalk 1.5's audio input; e.g. openai/whisper-tiny)"
+    )
+    framing_window_frames: int = Field(
+        9, ge=1, description="odd; moving average over the LivePortrait / EMOCA crop boxes"
     )
     amp_dtype: Literal["bfloat16", "float16", "none"] = Field(
         "bfloat16", description="autocast dtype on CUDA (mixed precision); CPU runs float32"
@@ -155,37 +165,34 @@ class FeaturesConfig(StageConfig):
             raise ValueError(f"hubert.family must be 'hubert', got {v.family!r}")
         return v
 
+    @field_validator("framing_window_frames")
+    @classmethod
+    def _odd_window(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("framing_window_frames must be odd (centred window)")
+        return v
 
-def align_audio_steps(
-    feats: np.ndarray, num_frames: int, fps: float, steps_per_frame: int = STEPS_PER_FRAME
-) -> np.ndarray:
-    """``(T_a, D)`` 50 Hz features → ``(num_frames, steps_per_frame, D)`` per video frame.
-
-    See the module docstring for the rule; indices past the last step repeat it.
-    """
-    if feats.shape[0] == 0:
-        raise ValueError("no audio steps to align")
-    pos = np.arange(num_frames * steps_per_frame, dtype=np.float64)
-    pos *= FRAME_RATE_HZ / (steps_per_frame * fps)
-    pos = np.minimum(pos, feats.shape[0] - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, feats.shape[0] - 1)
-    w = (pos - lo).astype(np.float32)[:, None]
-    out = feats[lo] * (1.0 - w) + feats[hi] * w if np.any(w) else feats[lo]
-    return out.reshape(num_frames, steps_per_frame, feats.shape[1]).astype(np.float32)
+    @field_validator("whisper")
+    @classmethod
+    def _whisper_family(cls, v: ModelSpec | None) -> ModelSpec | None:
+        if v is not None and v.family != "whisper":
+            raise ValueError(f"whisper.family must be 'whisper', got {v.family!r}")
+        return v
 
 
 class FeaturesStage(Stage[FeaturesConfig]):
     """Face-crop VAE latents + frame-aligned HuBERT features for each accepted clip."""
 
     name: ClassVar[str] = "features"
-    code_version: ClassVar[str] = "3"  # 3: the record names its audio
+    # 3: the record names its audio; 4: LivePortrait and EMOCA on their official framing
+    code_version: ClassVar[str] = "4"
     requires: ClassVar[tuple[str, ...]] = ("download", "faces", "quality")
     config_type: ClassVar[type[StageConfig]] = FeaturesConfig
 
     def model_specs(self) -> list[Any]:
         cfg = self.config
-        specs = (cfg.vae, cfg.hubert, cfg.motion, cfg.flame, cfg.reference, cfg.sensevoice)
+        specs = (cfg.vae, cfg.hubert, cfg.motion, cfg.flame, cfg.reference, cfg.sensevoice,
+                 cfg.whisper)  # fmt: skip
         return [s for s in specs if s is not None]
 
     def pool_specs(self) -> list[PoolSpec]:
@@ -211,13 +218,13 @@ class FeaturesStage(Stage[FeaturesConfig]):
         if cfg.motion is not None:
             specs.append(spec("liveportrait_motion", MotionWorker, cfg.motion))
         if cfg.flame is not None:
-            specs.append(
-                spec("emoca_flame", FlameWorker, cfg.flame, crop_fraction=cfg.emoca_crop_fraction)
-            )
+            specs.append(spec("emoca_flame", FlameWorker, cfg.flame))
         if cfg.reference is not None:
             specs.append(spec("reference", ReferenceWorker, cfg.reference))
         if cfg.sensevoice is not None:
             specs.append(spec("sensevoice", SenseVoiceWorker, cfg.sensevoice))
+        if cfg.whisper is not None:
+            specs.append(spec("whisper", WhisperWorker, cfg.whisper))
         return specs
 
     def setup(self) -> None:
@@ -246,6 +253,9 @@ class FeaturesStage(Stage[FeaturesConfig]):
         if hubert_num_frames(len(wave)) == 0:
             raise ItemFailure(FailureKind.FORMAT, f"audio of {len(wave)} samples is too short")
         hubert_task = self.pools["hubert"].submit("extract", wave)  # overlaps the video
+        whisper_task = (
+            self.pools["whisper"].submit("extract", wave) if self.config.whisper else None
+        )
         reference_index = face.num_frames // 2
         video = extract_video(
             ctx.local_path(face.crops),
@@ -254,6 +264,8 @@ class FeaturesStage(Stage[FeaturesConfig]):
             self.config.resources.batch_size,
             reference_index,
             self.config.max_inflight_chunks,
+            clip=ctx.local_path(clip.video),
+            framing=self._framing(ctx.local_path(face.boxes)),
         )
         t = video["vae_latents"].shape[0]
         if abs(t - face.num_frames) > self.config.max_misalignment_frames:
@@ -266,7 +278,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
             sv_task = self.pools["sensevoice"].submit(
                 "extract", wave, t, fps, self.config.max_misalignment_frames
             )
-        aligned = self._align_hubert(hubert_task.result(), len(wave), t, fps)
+        aligned = self._align_50hz("HuBERT", hubert_task.result(), len(wave), t, fps)
         cfg, prints = self.config, self.fingerprints
         common = {"clip_id": clip.clip_id, "fps": repr(fps), "num_frames": str(t)}
         latents = torch.from_numpy(video["vae_latents"]).to(getattr(torch, cfg.latent_dtype))
@@ -282,6 +294,16 @@ class FeaturesStage(Stage[FeaturesConfig]):
                  "alignment": "frame i <- 50 Hz steps (2i, 2i+1) at 25 fps; tail repeats last"},
             ),
         ]  # fmt: skip
+        if cfg.whisper is not None and whisper_task is not None:
+            states = whisper_task.result()  # (T_a, L + 1, D)
+            flat = self._align_50hz("Whisper", states.reshape(len(states), -1), len(wave), t, fps)
+            files.append(self._save_tensors(
+                ctx, "whisper",
+                {"features": torch.from_numpy(flat.reshape(t, 2, *states.shape[1:])).half()},
+                prints[cfg.whisper.family], common, fps,
+                {"layout": "T,2,L+1,D: every encoder hidden state (embeddings first)",
+                 "alignment": "frame i <- 50 Hz steps (2i, 2i+1) at 25 fps; tail repeats last"},
+            ))  # fmt: skip
         if cfg.motion is not None:
             layout = ",".join(f"{name}:{size}" for name, size in MOTION_LAYOUT)
             files.append(
@@ -290,7 +312,8 @@ class FeaturesStage(Stage[FeaturesConfig]):
                     {"motion": torch.from_numpy(video["liveportrait_motion"])},
                     prints[cfg.motion.family], common, fps,
                     {"layout": f"T,133 ({layout}); angles in degrees",
-                     "input": "face crop resized to 256x256 RGB in [0, 1]"},
+                     "input": "LivePortrait's official crop (2.3 x landmark square, vy -0.125, "
+                              "rotated upright), 256x256 RGB in [0, 1]"},
                 )
             )  # fmt: skip
         if cfg.flame is not None:
@@ -300,7 +323,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
                     ctx, "emoca_flame", {"flame": torch.from_numpy(video["emoca_flame"])},
                     prints[cfg.flame.family], common, fps,
                     {"layout": f"T,159 ({layout}); pose axis-angle",
-                     "input": f"central {cfg.emoca_crop_fraction:g} of the face crop, "
+                     "input": "EMOCA's official crop (1.1 x 1.25 x 68-landmark box), "
                               "224x224 RGB in [0, 1]"},
                 )
             )  # fmt: skip
@@ -348,6 +371,15 @@ class FeaturesStage(Stage[FeaturesConfig]):
             speech=speech,
         )
 
+    def _framing(self, boxes: Path) -> dict[str, np.ndarray]:
+        """Per-frame crop affines of the enabled framed extractors, from the face track."""
+        try:
+            return framing_affines(
+                landmarks(read_boxes(boxes)), list(self.pools), self.config.framing_window_frames
+            )
+        except ValueError as exc:  # no frame of the track has landmarks
+            raise ItemFailure(FailureKind.NO_FACE, f"cannot frame the face crops: {exc}") from exc
+
     def _save_tensors(
         self,
         ctx: ItemContext,
@@ -373,16 +405,16 @@ class FeaturesStage(Stage[FeaturesConfig]):
             model=fp,
         )
 
-    def _align_hubert(
-        self, feats: np.ndarray, num_samples: int, num_frames: int, fps: float
+    def _align_50hz(
+        self, what: str, feats: np.ndarray, num_samples: int, num_frames: int, fps: float
     ) -> np.ndarray:
-        """HuBERT steps → two per video frame; MISALIGNED beyond the tolerance."""
+        """50 Hz steps (HuBERT, Whisper) → two per video frame; MISALIGNED beyond tolerance."""
         steps = feats.shape[0]
         audio_frames = steps * fps / FRAME_RATE_HZ
         if abs(audio_frames - num_frames) > self.config.max_misalignment_frames:
             raise ItemFailure(
                 FailureKind.MISALIGNED,
-                f"audio gives {steps} HuBERT steps (~{audio_frames:.1f} frames at {fps:g} fps) "
+                f"audio gives {steps} {what} steps (~{audio_frames:.1f} frames at {fps:g} fps) "
                 f"for {num_frames} video frames ({num_samples} samples)",
             )
         return align_audio_steps(feats, num_frames, fps)

@@ -1,29 +1,27 @@
-"""Per-frame video features from the face crops, all from one streamed decode.
+"""Per-frame video features: the face crops for the VAE, official framings for the rest.
 
 The faces stage's ``crops.mp4`` is decoded once, in chunks of ``batch_size`` frames, and
-every chunk is submitted to each enabled extractor's pool (:mod:`tasks.pools`; the
-workers are in :mod:`tasks.features_workers`). In-process pools run each chunk before the
-next is decoded; remote pools (their own Ray actors, on GPUs) infer while the next chunk
-decodes:
+every chunk goes to the VAE's pool (:mod:`tasks.pools`; the workers are in
+:mod:`tasks.features_workers`). LivePortrait and EMOCA get their own framing instead (see
+:mod:`tasks.features_framing`): when either is enabled the clip itself is decoded in step
+with the crops and each frame is cut with that extractor's official crop, from the landmarks
+the faces stage stored. In-process pools run each chunk before the next is decoded; remote
+pools (their own Ray actors, on GPUs) infer while the next chunk decodes:
 
-- ``vae_latents``: the VAE (see :mod:`models.vae`) on the crop at its own size;
+- ``vae_latents``: the VAE (see :mod:`models.vae`) on the face crop at its own size (the
+  training crop the generators learn to inpaint);
 - ``liveportrait_motion``: LivePortrait's motion extractor (:mod:`models.liveportrait`) on
-  the crop resized to 256×256 → 133 floats per frame (``MOTION_LAYOUT``);
-- ``emoca_flame``: the EMOCA encoder (:mod:`models.emoca`) on the central
-  ``emoca_crop_fraction`` of the crop resized to 224×224 → 159 floats per frame
+  its official 256 px crop (2.3 × the landmark square, moved up 0.125, rotated upright) →
+  133 floats per frame (``MOTION_LAYOUT``);
+- ``emoca_flame``: the EMOCA encoder (:mod:`models.emoca`) on its official 224 px crop
+  (1.1 × 1.25 × the 68-landmark box, axis-aligned) → 159 floats per frame
   (``FLAME_LAYOUT``);
 - ``reference``: DINOv2 (:mod:`models.dinov2`) on one reference frame per clip, the
   middle frame (a frame well inside the shot, away from fades and the cut points of the
   annotation), kept with the frame itself for the DualForce reference branch.
 
-Crop geometry is a trade-off, recorded in each file's metadata: the faces stage cuts
-a square of ``(1 + margin)`` × the face box (1.5 by default). EMOCA was trained on
-about 1.25 × a landmark box, so its input is the central 1.25 / 1.5 ≈ 0.83 of the crop.
-LivePortrait's own cropper frames the face more loosely (about 2.3 × the face); pixels
-outside our crop do not exist, so motion is computed on the whole crop, and ops who need
-LivePortrait's framing raise ``faces.margin``. Resizing uses OpenCV's area filter
-(downscaling) or bicubic (upscaling), on the CPU of the extractor's worker, while the
-models run on that worker's device.
+Cutting the framed crops (bilinear, with an area pre-shrink for large downscales) runs on
+the CPU of the stage's worker, while the models run on their pools' devices.
 """
 
 from __future__ import annotations
@@ -31,15 +29,14 @@ from __future__ import annotations
 from collections import deque
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from tasks.base import FailureKind, ItemFailure
+from tasks.features_framing import FRAMED_SIZES_PX, cut_crops
 from tasks.media import iter_frames, probe
 from tasks.pools import ModelPool, PoolTask
 
-EMOCA_SIZE = 224
-# family -> worker method called on every chunk of decoded crop frames
+# family -> worker method called on every chunk of frames
 FRAME_FAMILIES = {
     "vae_latents": "encode",
     "liveportrait_motion": "extract",
@@ -47,19 +44,29 @@ FRAME_FAMILIES = {
 }
 
 
-def resize_frames(frames: np.ndarray, size_px: int, center_fraction: float = 1.0) -> np.ndarray:
-    """``(N, H, W, 3)`` uint8 → ``(N, size, size, 3)``: central square ``fraction``, resized."""
-    n, h, w, _ = frames.shape
-    side = max(1, round(min(h, w) * center_fraction))
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    crop = frames[:, y0 : y0 + side, x0 : x0 + side]
-    if side == size_px:
-        return np.ascontiguousarray(crop)
-    interp = cv2.INTER_AREA if side > size_px else cv2.INTER_CUBIC
-    out = np.empty((n, size_px, size_px, 3), np.uint8)
-    for i in range(n):
-        out[i] = cv2.resize(crop[i], (size_px, size_px), interpolation=interp)
-    return out
+class _FrameSource:
+    """The clip's frames in step with the crops: ``take(n)`` returns the next ``n``."""
+
+    def __init__(self, video: Path, chunk_frames: int):
+        info = probe(video)
+        self._chunks = iter_frames(video, info.width, info.height, chunk=chunk_frames)
+        self._buffer: list[np.ndarray] = []
+        self._video = video
+
+    def take(self, n: int) -> np.ndarray:
+        while sum(len(b) for b in self._buffer) < n:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                raise ItemFailure(
+                    FailureKind.MISALIGNED, f"{self._video.name} has fewer frames than the crops"
+                )
+            self._buffer.append(chunk)
+        frames = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        self._buffer = [frames[n:]] if len(frames) > n else []
+        return frames[:n]
+
+    def close(self) -> None:
+        self._chunks.close()
 
 
 def extract_video(
@@ -69,16 +76,23 @@ def extract_video(
     chunk_frames: int,
     reference_index: int = 0,
     max_inflight_chunks: int = 4,
+    clip: Path | None = None,
+    framing: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode ``crops`` once and run every video pool present on each chunk.
+    """Decode ``crops`` (and ``clip``, for the framed extractors) once; run every video pool
+    present on each chunk.
 
     ``pools`` holds ``vae_latents`` (required) and optionally ``liveportrait_motion``,
     ``emoca_flame`` and ``reference``; crops must be a multiple of ``latent_stride`` (the
-    VAE's). Each chunk is shared once and submitted to every frame pool; with remote pools
-    the next chunk decodes while they infer, and at most ``max_inflight_chunks`` chunks are
-    outstanding (memory stays bounded). The reference pool gets frame ``reference_index``
-    (clamped to the clip). Returns float32 arrays per family (``reference_cls`` /
-    ``reference_patch_tokens`` / ``reference_image`` for the reference), in frame order.
+    VAE's). ``framing`` gives, per framed extractor in ``pools``, one source→crop affine
+    per frame of ``clip`` (see :func:`tasks.features_framing.framing_affines`). Each chunk
+    of crops is shared once and submitted to the VAE; the same frames of the clip are cut
+    into each framed extractor's crop and submitted to it. With remote pools the next
+    chunk decodes while they infer, and at most ``max_inflight_chunks`` chunks are
+    outstanding (memory stays bounded). The reference pool gets crop frame
+    ``reference_index`` (clamped to the clip). Returns float32 arrays per family
+    (``reference_cls`` / ``reference_patch_tokens`` / ``reference_image`` for the
+    reference), in frame order.
     """
     info = probe(crops)
     if info.width % latent_stride or info.height % latent_stride:
@@ -86,31 +100,43 @@ def extract_video(
             FailureKind.FORMAT,
             f"crop size {info.width}x{info.height} is not a multiple of {latent_stride}",
         )
-    frame_pools = {
-        family: (pools[family], method)
-        for family, method in FRAME_FAMILIES.items()
-        if family in pools
-    }
-    parts: dict[str, list[np.ndarray]] = {family: [] for family in frame_pools}
+    framed = {f: m for f, m in (framing or {}).items() if f in pools and f in FRAMED_SIZES_PX}
+    if set(pools) & set(FRAMED_SIZES_PX) - set(framed) or (framed and clip is None):
+        raise ValueError("the framed extractors need the clip and their framing affines")
+    parts: dict[str, list[np.ndarray]] = {f: [] for f in FRAME_FAMILIES if f in pools}
     inflight: deque[dict[str, PoolTask]] = deque()
 
     def collect_oldest() -> None:
         for family, task in inflight.popleft().items():
             parts[family].append(task.result())
 
+    source = _FrameSource(clip, chunk_frames) if framed and clip is not None else None
     seen, reference_frame = 0, None
-    for frames in iter_frames(crops, info.width, info.height, chunk=chunk_frames):
-        if seen <= reference_index < seen + len(frames) or reference_frame is None:
-            reference_frame = frames[min(reference_index - seen, len(frames) - 1)].copy()
-        seen += len(frames)
-        shared = pools["vae_latents"].share(frames)
-        inflight.append(
-            {family: pool.submit(method, shared) for family, (pool, method) in frame_pools.items()}
-        )
-        if len(inflight) >= max_inflight_chunks:
+    try:
+        for frames in iter_frames(crops, info.width, info.height, chunk=chunk_frames):
+            if seen <= reference_index < seen + len(frames) or reference_frame is None:
+                reference_frame = frames[min(reference_index - seen, len(frames) - 1)].copy()
+            tasks = {"vae_latents": pools["vae_latents"].submit("encode", frames)}
+            if source is not None:
+                full = source.take(len(frames))
+                for family, affines in framed.items():
+                    window = affines[seen : seen + len(frames)]
+                    if len(window) < len(frames):
+                        raise ItemFailure(
+                            FailureKind.MISALIGNED,
+                            f"the face track has {len(affines)} frames, the crops more",
+                        )
+                    cut = cut_crops(full, window, FRAMED_SIZES_PX[family])
+                    tasks[family] = pools[family].submit(FRAME_FAMILIES[family], cut)
+            seen += len(frames)
+            inflight.append(tasks)
+            if len(inflight) >= max_inflight_chunks:
+                collect_oldest()
+        while inflight:
             collect_oldest()
-    while inflight:
-        collect_oldest()
+    finally:
+        if source is not None:
+            source.close()
     if not parts["vae_latents"]:
         raise ItemFailure(FailureKind.FORMAT, f"{crops.name}: no decodable frames")
     out = {family: np.concatenate(chunks) for family, chunks in parts.items()}

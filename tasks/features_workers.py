@@ -30,14 +30,13 @@ from models.hubert import (
     load_hubert,
     make_feature_extractor,
 )
-from models.liveportrait import INPUT_SIZE as MOTION_SIZE
 from models.liveportrait import MOTION_DIM, extract_motion, load_motion_extractor
 from models.registry import ModelSpec, ensure_model
 from models.sensevoice import load_sensevoice
 from models.vae import encode_frames, is_flux2, latent_factors, latent_stride, load_vae
+from models.whisper import extract_whisper, load_whisper
 from tasks.base import FailureKind, ItemFailure
 from tasks.features_audio import SenseVoiceResult, run_sensevoice
-from tasks.features_video import EMOCA_SIZE, resize_frames
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
 
@@ -103,29 +102,26 @@ class VaeWorker(ExtractorWorker):
 
 
 class MotionWorker(ExtractorWorker):
-    """Face crops → LivePortrait motion ``(T, 133)`` on 256×256 RGB in [0, 1]."""
+    """LivePortrait-framed 256 px crops → motion ``(T, 133)`` (RGB in [0, 1])."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.model = load_motion_extractor(self.source, device=self.device)
 
     def extract(self, frames: np.ndarray) -> np.ndarray:
-        x = resize_frames(frames, MOTION_SIZE)
-        out = extract_motion(self.model, x, self.batch_size, amp_dtype=self.amp_dtype)
+        out = extract_motion(self.model, frames, self.batch_size, amp_dtype=self.amp_dtype)
         return _check_dim(out, MOTION_DIM, "liveportrait_motion")
 
 
 class FlameWorker(ExtractorWorker):
-    """Face crops → EMOCA FLAME ``(T, 159)`` from the central ``crop_fraction``."""
+    """EMOCA-framed 224 px crops → FLAME ``(T, 159)``."""
 
-    def __init__(self, *args: Any, crop_fraction: float, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.crop_fraction = crop_fraction
         self.model = load_emoca(self.source, device=self.device)
 
     def extract(self, frames: np.ndarray) -> np.ndarray:
-        x = resize_frames(frames, EMOCA_SIZE, self.crop_fraction)
-        out = extract_flame(self.model, x, self.batch_size, amp_dtype=self.amp_dtype)
+        out = extract_flame(self.model, frames, self.batch_size, amp_dtype=self.amp_dtype)
         return _check_dim(out, FLAME_DIM, "emoca_flame")
 
 
@@ -170,6 +166,20 @@ class HubertWorker(ExtractorWorker):
                 batch_size=self.batch_size,
             )
         return np.asarray(feats, dtype=np.float32)
+
+
+class WhisperWorker(ExtractorWorker):
+    """16 kHz wave → every Whisper encoder hidden state ``(T_a, L + 1, D)`` at 50 Hz."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.model, self.extractor = load_whisper(
+            self.source, self.spec.subfolder, self.device, revision=self.spec.revision
+        )
+
+    def extract(self, wave: np.ndarray) -> np.ndarray:
+        with self.autocast():
+            return extract_whisper(self.model, self.extractor, wave, self.batch_size)
 
 
 class SenseVoiceWorker(ExtractorWorker):

@@ -11,8 +11,7 @@ batch size) and whether it gets an actor pool of its own (``remote``).
 - ``remote=True`` with the Ray executor: ``talkforge.executors`` starts
   ``resources.num_workers`` actors for the spec, each building the worker once, and hands
   the stage a pool client with the same interface. Calls return at once; the stage decodes
-  the next chunk while the actors infer (CPU decoding overlaps GPU inference), and
-  :meth:`ModelPool.share` puts a chunk in the object store once for several pools.
+  the next chunk while the actors infer (CPU decoding overlaps GPU inference).
 
 Stage code is the same in both cases: ``handle = pool.submit("method", *args)`` then
 ``handle.result()``. Exceptions raised by the worker (``ItemFailure`` included) surface at
@@ -54,10 +53,6 @@ class ModelPool(ABC):
     """Where calls to one model go."""
 
     name: str
-
-    def share(self, value: Any) -> Any:
-        """A handle to ``value`` that several :meth:`submit` calls can pass without copying."""
-        return value
 
     @abstractmethod
     def submit(self, method: str, *args: Any) -> PoolTask:

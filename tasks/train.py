@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from generators import registry
 from generators.family import DataLayout, TrainingAssets
@@ -76,41 +75,18 @@ from tasks.train_data import (
     RANKS_DIR,
     ClipEntry,
     InitSource,
+    TrainJob,
     TrainManifest,
+    TrainResult,
     load_checkpoint,
     read_history,
 )
 from tasks.train_loop import ATTEMPTS_NAME
 
-__all__ = ["TrainConfig", "TrainJob", "TrainLauncher", "TrainResult", "TrainStage", "train_config"]
+__all__ = ["TrainConfig", "TrainStage", "train_config"]  # TrainConfig: the pipeline config's
 
 WEIGHTS_NAME = "model.safetensors"
 INIT_INPUT = "init"  # the shared input holding the parent checkpoint
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """What a launcher needs to run one training (picklable: it travels to Ray)."""
-
-    manifest_path: Path
-    work_dir: Path
-    run_name: str  # one per manifest fingerprint: the same name resumes
-    world_size: int
-    num_cpus: float  # per worker
-    num_gpus: float  # per worker; 0 = CPU workers with gloo
-    max_failures: int
-    env: dict[str, str]  # the lock's run token and owner: every training process carries it
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    checkpoint_dir: Path  # the run's last checkpoint (model, optimizer, scheduler, sampler)
-
-
-class TrainLauncher(Protocol):
-    def fit(self, job: TrainJob) -> TrainResult:
-        """Run the job to its last step (resuming from its checkpoints); ``ItemFailure``
-        when it fails."""
 
 
 def work_dir_for(data_root: str | Path, item_key: str) -> Path:
@@ -333,7 +309,8 @@ class TrainStage(Stage[TrainStageConfig]):
     # ------------------------------------------------------------------ run
 
     def run_training(self, manifest: TrainManifest) -> TrainResult:
-        """Hold the work dir, hand the job to the launcher, return its last checkpoint."""
+        """Hold the work dir, hand the job to the attached launcher (a
+        :class:`~tasks.train_data.TrainLauncher`), return its last checkpoint."""
         if self.trainer is None:
             raise ItemFailure(FailureKind.INTERNAL, "train: no training launcher attached")
         work = Path(manifest.work_dir)

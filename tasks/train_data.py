@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -113,6 +113,34 @@ class TrainManifest(BaseModel):
     @classmethod
     def read(cls, path: Path) -> TrainManifest:
         return cls.model_validate_json(path.read_text())
+
+
+# ---------------------------------------------------------------------------- launcher
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What a launcher needs to run one training (picklable: it travels to Ray)."""
+
+    manifest_path: Path
+    work_dir: Path
+    run_name: str  # one per manifest fingerprint: the same name resumes
+    world_size: int
+    num_cpus: float  # per worker
+    num_gpus: float  # per worker; 0 = CPU workers with gloo
+    max_failures: int
+    env: dict[str, str]  # the lock's run token and owner: every training process carries it
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint_dir: Path  # the run's last checkpoint (model, optimizer, scheduler, sampler)
+
+
+class TrainLauncher(Protocol):
+    def fit(self, job: TrainJob) -> TrainResult:
+        """Run the job to its last step (resuming from its checkpoints); ``ItemFailure``
+        when it fails."""
 
 
 # ---------------------------------------------------------------------------- checkpoints

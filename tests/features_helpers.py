@@ -81,6 +81,22 @@ def commit_clip(
     return commit_media(tmp_path, clip_id, crops, wav, num_frames, fps, size_px)
 
 
+def face_track_columns(num_frames: int, size_px: int) -> dict[str, np.ndarray]:
+    """``boxes.parquet`` columns of a centred face (see :func:`commit_media`)."""
+    from tasks.faces_align import ARCFACE_TEMPLATE_112
+    from tasks.quality_measures import LANDMARK_COLUMNS
+
+    side, centre = 0.55 * size_px, size_px / 2
+    points = ((ARCFACE_TEMPLATE_112 - 56.0) * side / 112 + centre).ravel()
+    lm = np.tile(points, (num_frames, 1))
+    lm[1::2] = np.nan  # landmarks only where the detector ran
+    cols = {"frame": np.arange(num_frames)}
+    for name, value in zip(("x1", "y1", "x2", "y2"), (-1, -1, 1, 1), strict=True):
+        cols[name] = np.full(num_frames, centre + value * side / 2)
+    cols.update({c: lm[:, i] for i, c in enumerate(LANDMARK_COLUMNS)})
+    return cols
+
+
 def commit_media(
     tmp_path: Path,
     clip_id: str,
@@ -90,10 +106,14 @@ def commit_media(
     fps: float,
     size_px: int,
 ) -> ItemInputs:
-    """Commit an existing crops mp4 and 16 kHz wav as download/faces/quality outputs."""
+    """Commit an existing crops mp4 and 16 kHz wav as download/faces/quality outputs.
+
+    The crops double as the clip's video; the face track places a face of 0.55 × the frame
+    at its centre with the ArcFace template's 5 landmarks, detected on every other frame.
+    """
     store = ArtifactStore(str(tmp_path / "store"))
     boxes = crops.with_name(f"{clip_id}-boxes.parquet")
-    pq.write_table(pa.table({"frame": list(range(num_frames))}), boxes)
+    pq.write_table(pa.table(face_track_columns(num_frames, size_px)), boxes)
     dl = ItemContext(store, "download", clip_id, "d" * 40)
     clip = NormalizedClip(
         clip_id=clip_id,

@@ -24,9 +24,9 @@ KEY = "d" * 40
 
 
 def main(root: Path, steps: int) -> None:
-    torch.manual_seed(0)  # the VAE samples its latents: same seed, same clips, same manifest
     env = make_env(root)
-    vae, vae_fp = tiny_vae(root)
+    vae, vae_fp = tiny_vae(root)  # built on the first call only: seed after it
+    torch.manual_seed(0)  # the VAE samples its latents: same seed, same clips, same manifest
     clips = [
         commit_clip(root, env, vae, vae_fp, c, 12, 64, seed=i)
         for i, c in enumerate(split_ids(2, 0)[0])

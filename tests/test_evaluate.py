@@ -136,7 +136,7 @@ def _pixel_stage(tmp: Path) -> EvaluateStage:
 def full(tmp_path_factory):
     """Every metric's random-init network, loaded once for the module."""
     tmp = tmp_path_factory.mktemp("eval-full")
-    stage = EvaluateStage(EvaluateConfig(chunk_frames=8, fid_frame_stride=4), _env(tmp))
+    stage = EvaluateStage(EvaluateConfig(chunk_frames=8, fid_frame_stride=8), _env(tmp))
     stage.setup()
     return tmp, stage
 
@@ -230,6 +230,7 @@ def test_arcface_maps_put_the_landmarks_on_the_template(tmp_path):
     assert arcface_affines(boxes) is None and ARCFACE_PX == 112
 
 
+@pytest.mark.slow  # full-size random-init Inception, I3D, VGG on CPU
 def test_every_metric_both_settings_the_ground_truth_row_and_caching(full, monkeypatch):
     tmp, stage = full
     frames = face_frames(40, 64, seed=3)

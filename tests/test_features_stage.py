@@ -13,7 +13,6 @@ from models.vae import decode_latents
 from storage.store import ArtifactStore
 from tasks.base import FailureKind, ItemFailure
 from tasks.features import align_audio_steps
-from tasks.features_video import resize_frames
 from tests.features_helpers import commit_clip, commit_media, make_features_stage, run_item
 
 
@@ -81,12 +80,14 @@ def test_features_stage_writes_aligned_latents_and_hubert(stage, tmp_path):
     }
 
 
-def test_motion_and_flame_come_from_the_same_decoded_crops(stage, tmp_path):
-    """Stored motion / FLAME rows equal direct model calls on the decoded, resized crops."""
+def test_motion_and_flame_come_from_their_official_crops_of_the_clip(stage, tmp_path):
+    """Stored motion / FLAME rows equal direct model calls on the clip's frames cut with each
+    extractor's framing of the face track (chunked decoding keeps frames and affines in step)."""
     from models.emoca import extract_flame
     from models.liveportrait import extract_motion
-    from tasks.features_video import resize_frames
+    from tasks.features_framing import cut_crops, framing_affines
     from tasks.media import iter_frames
+    from tasks.quality_measures import landmarks, read_boxes
 
     inputs = commit_clip(tmp_path, "clip-m", num_frames=10, size_px=64, seed=5)
     rec, _ = run_item(stage, tmp_path, inputs)
@@ -98,22 +99,38 @@ def test_motion_and_flame_come_from_the_same_decoded_crops(stage, tmp_path):
     assert mmeta["model_sha256"] == stage.env.model_fingerprints["liveportrait-motion"].sha256
     assert fmeta["model_sha256"] == stage.env.model_fingerprints["emoca"].sha256
     assert "pitch:1" in mmeta["layout"] and "expression:50" in fmeta["layout"]
-    crops = Path(store._path(inputs.records["faces"].crops.uri))
-    frames = np.concatenate(list(iter_frames(crops, 64, 64)))
+    assert "official crop" in mmeta["input"] and "official crop" in fmeta["input"]
+    clip = Path(store._path(inputs.records["download"].video.uri))
+    frames = np.concatenate(list(iter_frames(clip, 64, 64)))
+    boxes = read_boxes(Path(store._path(inputs.records["faces"].boxes.uri)))
+    window = stage.config.framing_window_frames
+    affines = framing_affines(landmarks(boxes), ["liveportrait_motion", "emoca_flame"], window)
     motion_model = stage.pools["liveportrait_motion"].worker.model
-    direct = extract_motion(motion_model, resize_frames(frames, 256))
+    direct = extract_motion(motion_model, cut_crops(frames, affines["liveportrait_motion"], 256))
     np.testing.assert_allclose(motion.numpy(), direct, atol=1e-5)
     flame_model = stage.pools["emoca_flame"].worker.model
-    direct = extract_flame(flame_model, resize_frames(frames, 224, 0.83))
+    direct = extract_flame(flame_model, cut_crops(frames, affines["emoca_flame"], 224))
     np.testing.assert_allclose(flame.numpy(), direct, atol=1e-4)
 
 
-def test_resize_frames_takes_the_central_square():
-    frames = np.zeros((2, 100, 100, 3), np.uint8)
-    frames[:, 25:75, 25:75] = 255  # a white central square of half the side
-    out = resize_frames(frames, 50, center_fraction=0.5)
-    assert out.shape == (2, 50, 50, 3) and out.min() == 255
-    assert resize_frames(frames, 100).tobytes() == frames.tobytes()
+def test_a_track_without_landmarks_cannot_be_framed(stage, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.base import ItemContext
+    from tests.features_helpers import face_track_columns
+
+    inputs = commit_clip(tmp_path, "clip-nolm", num_frames=6, size_px=64)
+    cols = face_track_columns(6, 64)
+    cols.update({k: np.full(6, np.nan) for k in cols if k.startswith("lm_")})
+    path = tmp_path / "nolm.parquet"
+    pq.write_table(pa.table(cols), path)
+    ctx = ItemContext(ArtifactStore(str(tmp_path / "store")), "faces", "clip-nolm", "g" * 40)
+    face = inputs.records["faces"].model_copy(update={"boxes": ctx.commit(path, "b.parquet", "table")})
+    inputs.records["faces"] = face
+    with pytest.raises(ItemFailure) as err:
+        run_item(stage, tmp_path, inputs)
+    assert err.value.kind == FailureKind.NO_FACE and "cannot frame" in err.value.message
 
 
 def test_features_stage_matches_direct_model_calls(tmp_path):

@@ -280,10 +280,20 @@ def test_unusable_models_fail_typed_or_become_notes(world):
     assert len(rec.videos) == 1 and any("checkpoint file of" in n for n in rec.notes)
 
 
-def test_baseline_weights_are_fingerprinted_for_preflight(world):
+def test_baseline_weights_are_fingerprinted_and_generated_through_their_family(world):
     from models.registry import ModelSpec
 
     spec = ModelSpec(family="musetalk15-official", source="models/mt15", tiny_random=True)
-    stage = _stage(world, baselines=[BaselineWeights(name="mt15", family="musetalk15",
-                                                      weights=spec)])  # fmt: skip
-    assert stage.model_specs() == [spec]
+    stage = _stage(world, settings=["self"],
+                   baselines=[BaselineWeights(name="mt15", family="musetalk15", weights=spec)])  # fmt: skip
+    assert stage.model_specs() == [spec]  # preflight fingerprints them; missing ones stop it
+    clip, ckpt = world["held"][0], _checkpoint(world, "one", seed=1)
+    rec = _generate(stage, world, clip, [ckpt])
+    labels = {v.checkpoint for v in rec.videos}
+    if hasattr(registry.get("musetalk15"), "load_official"):
+        assert "mt15" in labels
+        (base,) = [v for v in rec.videos if v.checkpoint == "mt15"]
+        assert base.generator_origin == "random-init" and base.family == "musetalk15"
+    else:  # the family cannot load official weights yet: a note, the checkpoint still runs
+        assert labels == {f"main-step1-{ckpt.checkpoint.sha256[:12]}"}
+        assert any(n.startswith("mt15/self: model: cannot load") for n in rec.notes)

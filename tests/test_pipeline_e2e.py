@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from metrics.registry import METRICS, Level
+from metrics.registry import METRICS, Setting
 from storage.catalog import Catalog
 from storage.store import ArtifactRef, ArtifactStore
 from talkforge.cli import app
 from talkforge.stages import STAGE_ORDER
-from tests.conftest import CONFIG, invoke, sets
+from tests.conftest import CONFIG, REPO, invoke, sets
 
 pytestmark = pytest.mark.slow
 
@@ -112,17 +112,34 @@ def test_every_current_artifact_exists_with_a_valid_checksum(pipeline_root: Path
     assert not tmp_left
 
 
-def test_evaluation_metrics_and_training_history(pipeline_root: Path) -> None:
-    rows = q(pipeline_root, "SELECT * FROM eval_summary")
-    gen = {r["metric"]: r for r in rows if r["row"] == "generated"}
-    gt = {r["metric"]: r for r in rows if r["row"] == "ground_truth"}
-    clip_level = {m.name for m in METRICS.values() if m.level == Level.CLIP}
-    assert clip_level | {"fid"} <= set(gen) and set(gen) == set(gt)
-    assert {r["setting"] for r in rows} == {"self"} and len({r["family"] for r in rows}) == 1
+def test_evaluation_table_both_settings_and_training_history(pipeline_root: Path) -> None:
+    rows = q(pipeline_root, "SELECT * FROM current_eval_summary")
+    table = {(r["family"], r["setting"], r["metric"]): r for r in rows}
+    families = {r["family"] for r in rows} - {"ground_truth"}
+    assert {r["setting"] for r in rows} == {"self", "cross"} and len(families) == 1
+    (family,) = families
+    for setting in ("self", "cross"):
+        want = {m.name for m in METRICS.values() if Setting(setting) in m.settings}
+        for who in (family, "ground_truth"):
+            got = {m for (f, s, m) in table if f == who and s == setting}
+            assert want <= {m.split("_at_")[0] for m in got}, (who, setting, want - got)
     assert {r["model_origin"] for r in rows} == {"random-init"}
-    assert 0 < gen["psnr_db"]["mean"] < 100 and -1 <= gen["ssim"]["mean"] <= 1
-    assert gt["psnr_db"]["mean"] == 100.0 and gt["fid"]["mean"] == pytest.approx(0, abs=1e-6)
-    assert gt["csim"]["mean"] == pytest.approx(1.0) and gen["fid"]["mean"] > 0
+    gen = {m: r["value"] for (f, s, m), r in table.items() if f == family and s == "self"}
+    gt = {m: r["value"] for (f, s, m), r in table.items() if f == "ground_truth" and s == "self"}
+    assert 0 < gen["psnr_db"] < 100 and -1 <= gen["ssim"] <= 1 and gen["fid"] > 0
+    assert gt["psnr_db"] == 100.0 and gt["fid"] == pytest.approx(0, abs=1e-6)
+    assert gt["csim"] == pytest.approx(1.0) and gt["ssim"] == pytest.approx(1.0)
+    assert table[("ground_truth", "cross", "fid")]["value"] == pytest.approx(0, abs=1e-6)
+    # the split is recorded: the held-out clips are exactly one speaker's, and they alone
+    # were generated
+    split = q(pipeline_root, "SELECT * FROM current_split")
+    held = {r["clip_id"] for r in split if r["side"] == "heldout"}
+    assert len({r["group_key"] for r in split if r["side"] == "heldout"}) == 1 and held
+    generated = q(pipeline_root, "SELECT item_id FROM current_items WHERE stage = 'generate'")
+    assert {r["item_id"] for r in generated} <= held
+    dashboard = q(pipeline_root, (REPO / "dashboards" / "06_eval_metrics.sql").read_text())
+    assert {r["setting"] for r in dashboard} == {"self", "cross"}
+    assert all(r["ground_truth"] is not None for r in dashboard if r["metric"] == "fid")
     steps = q(pipeline_root, "SELECT step, loss FROM current_train_metrics ORDER BY step")
     assert steps and all(s["loss"] == s["loss"] for s in steps)  # no NaN
 

@@ -44,13 +44,14 @@ KV = tuple[torch.Tensor, torch.Tensor]
 class StreamState:
     """One stream entering a block: tokens ``(B, T, N, D)``, AdaLN modulation ``(B, T, 6, D)``,
     rotary cos/sin of its ``T·N`` tokens, the block-causal mask (``None`` in a cached step)
-    and the reference context ``(B, N_r, D)`` in the stream's width."""
+    and the reference context ``(B, N_r, D)`` in the stream's width (``None`` once a cache
+    holds its keys/values)."""
 
     tokens: torch.Tensor
     modulation: torch.Tensor
     rope: Rope
     mask: torch.Tensor | None
-    reference: torch.Tensor
+    reference: torch.Tensor | None
 
 
 class WanStream(nn.Module):
@@ -187,12 +188,15 @@ class DualForceBlock(nn.Module):
         self.fusion = Fusion(a) if shallow else None
 
     def _reference_kv(self, name: str, stream: WanStream, x: StreamState, cache) -> KV:
-        if cache is None:
-            return stream.reference_kv(x.reference)
         key = (self.index, name)
-        if key not in cache.reference:
-            cache.reference[key] = stream.reference_kv(x.reference)
-        return cache.reference[key]
+        if cache is not None and key in cache.reference:
+            return cache.reference[key]
+        if x.reference is None:
+            raise ValueError("no reference context and none cached")
+        kv = stream.reference_kv(x.reference)
+        if cache is not None:
+            cache.reference[key] = kv
+        return kv
 
     def forward(
         self,

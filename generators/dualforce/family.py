@@ -181,6 +181,8 @@ class DualForceFamily(ModelFamily[DualForceConfig, DualForceSpec]):
         bank: dict[str, torch.Tensor] | None,
         reference_frame: int,
     ) -> PreparedClip:
+        if spec.training_stage == "stage1":
+            raise ValueError("a stage-1 checkpoint holds only the structure projector: no video")
         a = spec.arch
         latents, hubert, tokens = features[LATENTS], features[AUDIO], features[REFERENCE]
         want_lat = (a.in_channels, a.latent_height, a.latent_width)

@@ -54,7 +54,8 @@ def rotary(
 def _rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate interleaved channel pairs of ``x`` ``(B, H, S, d)`` (Wan's convention)."""
     cos, sin = rope
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    work = x if x.dtype == torch.float64 else x.float()
+    x1, x2 = work.unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[..., 0::2], sin[..., 1::2]
     return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
 
@@ -62,9 +63,10 @@ def _rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 def block_causal_mask(num_frames: int, tokens_per_frame: int, window: int) -> torch.Tensor:
     """Boolean ``(T·N, T·N)``: query frame ``i`` may read key frame ``j`` iff
     ``i - window < j <= i``; all tokens of one frame see each other."""
-    frame = torch.arange(num_frames).repeat_interleave(tokens_per_frame)
+    frame = torch.arange(num_frames)
     diff = frame[:, None] - frame[None, :]
-    return (diff >= 0) & (diff < window)
+    allowed = (diff >= 0) & (diff < window)  # per frame pair, then expanded to tokens
+    return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
 def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -154,12 +156,6 @@ class SigmaEmbedding(nn.Module):
         temb = self.time_embedder(freqs.to(self.time_embedder.linear_1.weight.dtype))
         mod = self.time_proj(self.act_fn(temb)).unflatten(-1, (6, -1))
         return temb.unflatten(0, (b, t)), mod.unflatten(0, (b, t))
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """``LN(x)·(1 + scale) + shift``: per-frame ``(B, T, dim)`` on tokens ``(B, T, N, dim)``."""
-    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    return (normed * (1 + scale[:, :, None]) + shift[:, :, None]).type_as(x)
 
 
 class Gate(nn.Module):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanImageEmbedding
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from generators.dualforce.blocks import DualForceBlock, StreamState
 from generators.dualforce.cache import DualForceCache
@@ -136,6 +137,7 @@ class DualForceTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             DualForceBlock(i, a, shallow=i < a.fusion_depth) for i in range(a.num_layers)
         )
+        self.gradient_checkpointing = False  # recompute each block in backward (training)
 
     # -- token embedding -------------------------------------------------------------------
 
@@ -206,7 +208,9 @@ class DualForceTransformer(nn.Module):
         whole_clip = cache is None and t > 1
         v_tokens, v_rope = self._video_tokens(inp.video, inp.frame_offset)
         temb_v, mod_v = self.sigma_video(inp.sigma_video)
-        reference = self.reference_context(inp.reference_tokens, inp.reference_latent)
+        reference = None  # a cache holds every block's reference keys/values after one step
+        if cache is None or not cache.reference:
+            reference = self.reference_context(inp.reference_tokens, inp.reference_latent)
         v_mask = None
         if whole_clip:
             v_mask = block_causal_mask(t, v_tokens.shape[2], a.window_frames).to(v_tokens.device)
@@ -221,10 +225,15 @@ class DualForceTransformer(nn.Module):
             if whole_clip:
                 s_mask = block_causal_mask(t, s_tokens.shape[2], a.window_frames)
             s_mask = s_mask.to(s_tokens.device) if s_mask is not None else None
-            struct = StreamState(s_tokens, mod_s, s_rope, s_mask, self.struct_reference(reference))
+            s_ref = self.struct_reference(reference) if reference is not None else None
+            struct = StreamState(s_tokens, mod_s, s_rope, s_mask, s_ref)
         audio = self.audio_tokens(inp.audio) if inp.audio is not None else None
+        checkpointed = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            v, s = block(video, struct, audio, inp.audio_keep, cache, commit)
+            if checkpointed:
+                v, s = checkpoint(block, video, struct, audio, inp.audio_keep, use_reentrant=False)
+            else:
+                v, s = block(video, struct, audio, inp.audio_keep, cache, commit)
             video = replace(video, tokens=v)
             if struct is not None:
                 struct = replace(struct, tokens=s)

@@ -53,6 +53,12 @@ class DualForceModel(nn.Module):
             raise ValueError("a stage-1 checkpoint holds only the structure projector")
         return self.transformer
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each DiT block in the backward pass (the train section's
+        ``gradient_checkpointing``; the full-size model needs it at 32-frame clips)."""
+        if self.transformer is not None:
+            self.transformer.gradient_checkpointing = True
+
     def forward(
         self, batch: dict[str, torch.Tensor], losses: LossWeights
     ) -> dict[str, torch.Tensor]:

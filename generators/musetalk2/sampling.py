@@ -16,9 +16,9 @@ would (no sampler state to checkpoint).
   intersection falls back to any frame that far. MuseTalk measures pose on DWPose jaw
   landmarks and mouth on inner-lip landmarks; the faces stage keeps only 5-point landmarks,
   so this uses the feature cache: **pose** = LivePortrait pitch/yaw/roll (degrees), **mouth**
-  = EMOCA FLAME jaw rotation (3) and expression (50), each dimension standardised over the
-  clip and the two blocks weighted equally (the jaw alone misses lip rounding, the
-  expression alone under-weights opening).
+  = EMOCA FLAME jaw rotation (3) and expression (50), the two blocks weighted equally
+  (:func:`mouth_descriptor`; the jaw alone misses lip rounding, the expression alone
+  under-weights opening).
 - **Dynamic Margin Sampling** (stage 2): MuseTalk extends the crop's bottom edge by
   ``m ~ clip(N(10, 10), 0, 20)`` px per sample and masks the lower half of that taller crop,
   whose upper edge lies ``m/2`` below the original crop's middle (``m/2 · H/(H+m)`` px once
@@ -72,16 +72,18 @@ def clip_probabilities(clips: list[ClipMeta], frames: int) -> np.ndarray:
 
 
 def mouth_descriptor(jaw: np.ndarray, expression: np.ndarray) -> np.ndarray:
-    """Per-clip standardised ``[jaw, expression]`` with both blocks weighted equally."""
+    """``[jaw, expression]``, each block centred over the clip and scaled to unit mean
+    squared norm, so both blocks weigh the same while each keeps its coefficients' relative
+    scales (per-coefficient standardisation would let the many near-constant expression
+    coefficients drown the few that move with the mouth)."""
 
-    def z(block: np.ndarray) -> np.ndarray:
+    def unit(block: np.ndarray) -> np.ndarray:
         block = np.asarray(block, dtype=np.float64)
-        std = block.std(axis=0)
-        return (block - block.mean(axis=0)) / np.where(std > 1e-8, std, 1.0)
+        centred = block - block.mean(axis=0)
+        rms = math.sqrt(float((centred**2).sum(axis=1).mean()))
+        return centred / (rms if rms > 1e-12 else 1.0)
 
-    return np.concatenate(
-        [z(jaw) / math.sqrt(jaw.shape[1]), z(expression) / math.sqrt(expression.shape[1])], 1
-    )
+    return np.concatenate([unit(jaw), unit(expression)], 1)
 
 
 def far_enough(t: int, num_frames: int, min_gap: int) -> np.ndarray:

@@ -43,6 +43,8 @@ def streamlit_command(
         "false",
         "--global.developmentMode",
         "false",
+        "--client.toolbarMode",
+        "viewer",
         "--",
         *app_args,
     ]

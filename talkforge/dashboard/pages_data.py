@@ -9,15 +9,23 @@ import streamlit as st
 from talkforge.dashboard.data import fmt, shown
 from talkforge.dashboard.pages_ops import Query, nothing
 
+# what a rule's ``attention`` (03_quality_rules.sql) says, and how loudly
+ATTENTION = {
+    "fails EVERY clip": st.error,
+    "unmeasured on EVERY clip": st.warning,
+    "fails no clip": st.info,
+}
+VERDICT_COLORS = {"passed": "#2e7d32", "failed": "#c62828", "unmeasured": "#b0bec5"}
 RULE_COLUMNS = [
     "dataset",
     "rule",
     "hard",
     "clips",
+    "passed",
     "failed",
+    "unmeasured",
     "removed",
     "removed_only_here",
-    "unmeasured",
     "threshold",
     "min",
     "p50",
@@ -27,10 +35,10 @@ RULE_COLUMNS = [
 
 
 def histogram(bins: pd.DataFrame, rule: str) -> alt.LayerChart:
-    """One rule's score histogram (passed / failed stacked) with its threshold as a rule line."""
+    """One rule's score histogram (verdicts stacked) with its threshold as a dashed line."""
     long = bins.melt(
         id_vars=["bin_from", "bin_to"],
-        value_vars=["passed", "failed"],
+        value_vars=list(VERDICT_COLORS),
         var_name="verdict",
         value_name="clips",
     )
@@ -43,7 +51,7 @@ def histogram(bins: pd.DataFrame, rule: str) -> alt.LayerChart:
             y=alt.Y("clips:Q", title="clips"),
             color=alt.Color(
                 "verdict:N",
-                scale=alt.Scale(domain=["passed", "failed"], range=["#2e7d32", "#c62828"]),
+                scale=alt.Scale(domain=list(VERDICT_COLORS), range=list(VERDICT_COLORS.values())),
                 title=None,
             ),
             tooltip=["bin_from", "bin_to", "verdict", "clips"],
@@ -65,19 +73,25 @@ def quality_page(q: Query) -> None:
     rules = q("03_quality_rules")
     if nothing(rules, "No quality verdicts yet: the quality stage has not run."):
         return
-    for row in rules[rules["attention"] != ""].itertuples():
-        st.warning(f"**{row.rule}** ({row.dataset or 'no dataset'}): {row.attention}")
-    removed = (
-        alt.Chart(rules, title="clips removed per rule (hard rules; soft rules only weight)")
-        .mark_bar()
-        .encode(
-            y=alt.Y("rule:N", sort="-x", title=None),
-            x=alt.X("removed:Q", title="clips removed"),
-            color=alt.Color("dataset:N"),
-            tooltip=["dataset", "rule", "clips", "failed", "removed", "removed_only_here"],
+    for attention, say in ATTENTION.items():
+        hit = rules[rules["attention"] == attention]
+        if not hit.empty:
+            names = ", ".join(f"**{r.rule}** ({r.dataset or '–'})" for r in hit.itertuples())
+            say(f"{attention[0].upper()}{attention[1:]}: {names}")
+    if int(rules["removed"].sum()) == 0:
+        st.success("No rule removed a clip.")
+    else:
+        removed = (
+            alt.Chart(rules, title="clips removed per rule (hard rules; soft rules only weight)")
+            .mark_bar()
+            .encode(
+                y=alt.Y("rule:N", sort="-x", title=None),
+                x=alt.X("removed:Q", title="clips removed"),
+                color=alt.Color("dataset:N"),
+                tooltip=["dataset", "rule", "clips", "failed", "removed", "removed_only_here"],
+            )
         )
-    )
-    st.altair_chart(removed, width="stretch")
+        st.altair_chart(removed, width="stretch")
     st.table(shown(rules[[c for c in RULE_COLUMNS if c in rules.columns]]), hide_index=True)
     st.subheader("Score histograms")
     bins = q("12_quality_histograms")

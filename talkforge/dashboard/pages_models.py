@@ -9,10 +9,17 @@ import streamlit as st
 from talkforge.dashboard.data import fmt, shown
 from talkforge.dashboard.pages_ops import Query, nothing
 
+CURVES = {
+    "loss": "loss per step",
+    "lr": "learning rate per step",
+    "grad_norm": "gradient norm per step (before clipping)",
+    "samples_per_s": "samples per second",
+}
+
 
 def checkpoint_label(row: pd.Series) -> str:
     current = " (current)" if row["current"] else ""
-    return f"{row['family']} {str(row['checkpoint'])[:12]}{current}"
+    return f"{row['family']}/{row['training_stage']} {str(row['checkpoint'])[:10]}{current}"
 
 
 def training_page(q: Query) -> None:
@@ -26,6 +33,7 @@ def training_page(q: Query) -> None:
         .groupby("label", sort=False)
         .agg(
             family=("family", "first"),
+            training_stage=("training_stage", "first"),
             run_id=("run_id", "first"),
             steps=("step", "max"),
             first_loss=("loss", "first"),
@@ -41,7 +49,9 @@ def training_page(q: Query) -> None:
     current = summary[summary["label"].str.endswith("(current)")]
     best = current if not current.empty else summary
     cols[2].metric("Final loss (current)", fmt(float(best["final_loss"].iloc[-1])))
-    for field, title in (("loss", "loss per step"), ("lr", "learning rate per step")):
+    for field, title in CURVES.items():
+        if curves[field].isna().all():
+            continue
         chart = (
             alt.Chart(curves, title=title)
             .mark_line(point=len(curves) <= 200)
@@ -106,11 +116,11 @@ def models_page(q: Query) -> None:
     if not random.empty:
         names = ", ".join(sorted(set(random["model"])))
         st.warning(
-            f"Random-init (built from config, no real weights): {names}. Features, "
-            "transcripts and metrics they produced are not meaningful."
+            f"Random-init (built from config, no real weights): {names}. What they "
+            "produced (features, transcripts, metric values) is not meaningful."
         )
     chart = (
-        alt.Chart(models, title="current results per model")
+        alt.Chart(models, title="current items per model and stage")
         .mark_bar()
         .encode(
             y=alt.Y("model:N", title=None),
@@ -120,7 +130,7 @@ def models_page(q: Query) -> None:
                 scale=alt.Scale(domain=["pretrained", "random-init"], range=["#2e7d32", "#ef6c00"]),
             ),
             row=alt.Row("used_by:N", title=None),
-            tooltip=["used_by", "role", "model", "origin", "items"],
+            tooltip=["used_by", "model", "origin", "weights_sha256", "items"],
         )
         .resolve_scale(y="independent")
     )

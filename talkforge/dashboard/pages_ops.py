@@ -14,6 +14,7 @@ import streamlit as st
 from talkforge.dashboard.data import fmt, shown
 
 Query = Callable[[str], pd.DataFrame]
+WHOLE = alt.Axis(format="d", tickMinStep=1)  # counts: no 0.5 ticks
 
 # how each per-stage count is drawn, in stacking order
 PROGRESS_PARTS = {
@@ -24,6 +25,17 @@ PROGRESS_PARTS = {
     "cached": "#cfd8dc",
     "skipped_failed": "#ef9a9a",
 }
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as h/min/s for a person."""
+    if seconds != seconds:  # NaN
+        return "–"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def nothing(frame: pd.DataFrame, message: str) -> bool:
@@ -43,7 +55,7 @@ def stage_bars(frame: pd.DataFrame, parts: list[str], title: str) -> alt.Chart:
         .mark_bar()
         .encode(
             y=alt.Y("stage:N", sort=list(frame["stage"]), title=None),
-            x=alt.X("items:Q", title="items"),
+            x=alt.X("items:Q", title="items", axis=WHOLE),
             color=alt.Color("part:N", scale=alt.Scale(domain=parts, range=colors), title=None),
             order=alt.Order("part_order:Q"),
             tooltip=["stage", "part", "items"],
@@ -63,16 +75,16 @@ def runs_page(q: Query) -> None:
     st.query_params["run"] = run_id
     run = runs[runs["run_id"] == run_id].iloc[0]
     state = run["state"] if run["state"] != "started" else "running (or killed: no end yet)"
-    cols = st.columns(4)
-    cols[0].metric("State", state)
-    cols[1].metric("Started", fmt(run["started_at"]))
-    cols[2].metric("Seconds", fmt(run["seconds"]))
-    cols[3].metric("Stages", len(str(run["stages"]).split(",")))
-    st.caption(f"`{run['command']}`")
-    if run["message"]:
-        (st.error if run["state"] == "failed" else st.warning)(run["message"])
     progress = q("10_run_progress")
     mine = progress[progress["run_id"] == run_id].drop(columns="run_id")
+    cols = st.columns(4)
+    cols[0].metric("State", state)
+    cols[1].metric("Duration", duration(run["seconds"]))
+    cols[2].metric("Stages", len(str(run["stages"]).split(",")))
+    cols[3].metric("Failed items", fmt(int(mine["failed"].sum())) if not mine.empty else "0")
+    st.caption(f"started {fmt(run['started_at'])} UTC by `{run['command']}`")
+    if run["message"]:
+        (st.error if run["state"] == "failed" else st.warning)(run["message"])
     if mine.empty:
         st.info("This run has not planned any stage yet.")
     else:
@@ -111,7 +123,7 @@ def failures_page(q: Query) -> None:
         .mark_bar()
         .encode(
             y=alt.Y("stage:N", title=None),
-            x=alt.X("sum(items):Q", title="items"),
+            x=alt.X("sum(items):Q", title="items", axis=WHOLE),
             color=alt.Color("error_kind:N", title="kind"),
             tooltip=["stage", "error_kind", "items", "retryable", "example"],
         )

@@ -1,0 +1,195 @@
+"""Planning and status at scale, without executing anything: a constant number of catalog
+queries per plan, unchanged manifests not parsed again, a run's status as that run left it
+(and equal through time travel), and the dry run's reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from talkforge import ops
+from talkforge.config import load_config
+from talkforge.engine import Engine, key_hasher
+from talkforge.plan import RunOptions, StageSummary
+from talkforge.plan_report import dry_run
+from tasks.base import stable_hash
+from tasks.runner import Outcome
+from tests.catalog_helpers import write_talkvid_manifest
+
+DOWNLOAD = RunOptions(stages=["download"])
+
+
+def _engine(root: Path, manifest: Path, *extra: str) -> Engine:
+    cfg = load_config(
+        None,
+        [
+            f"project.data_root={root}",
+            "download.sample.enabled=false",
+            f"download.datasets=[{{kind: talkvid, metadata: {manifest}}}]",
+            "execution.executor=local",
+            *extra,
+        ],
+    )
+    return Engine(cfg)
+
+
+class Counter:
+    """Counts the catalog calls an engine makes (queries and commits)."""
+
+    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        cat = engine.catalog
+        for name in ("query", "append", "append_many"):
+            original = getattr(cat, name)
+
+            def wrapped(*args: Any, _name: str = name, _fn: Any = original, **kw: Any) -> Any:
+                self.calls.append(_name)
+                return _fn(*args, **kw)
+
+            monkeypatch.setattr(cat, name, wrapped)
+
+
+def _plan(engine: Engine, run_id: str) -> Any:
+    plan = engine.plan(run_id, "download", DOWNLOAD)
+    engine.summarize(plan, StageSummary("download"))
+    return plan
+
+
+def _finish(engine: Engine, plan: Any, ids: list[str], status: str = "done") -> None:
+    """Commit outcomes for ``ids`` through the engine's own commit path."""
+    by_id = {i.item_id: i for i in plan.items}
+    engine._commit(
+        plan,
+        by_id,
+        [
+            Outcome(
+                item_id=i,
+                item_key=by_id[i].item_key,
+                attempt=1,
+                status=status,
+                error_kind="network" if status == "failed" else "",
+                retryable=False,
+            )
+            for i in ids
+        ],
+    )
+
+
+def test_key_hasher_equals_stable_hash() -> None:
+    common = {"stage": "faces", "code_version": "3", "config_hash": "ab", "models": {"m": "x"}}
+    for keys in ({"source": "h"}, {"items": {"c": {"download": "k"}}}, None, "s"):
+        assert key_hasher(common)(keys) == stable_hash({**common, "inputs": keys})
+    assert key_hasher({})({"a": 1}) == stable_hash({"inputs": {"a": 1}})
+
+
+def test_a_plan_costs_the_same_number_of_queries_at_any_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts = {}
+    for n in (5, 300):
+        manifest = write_talkvid_manifest(tmp_path / f"m{n}.json", n)
+        engine = _engine(tmp_path / f"data{n}", manifest)
+        first = _plan(engine, "r1")
+        assert len(first.to_run) == n
+        _finish(engine, first, [i.item_id for i in first.items])
+        counter = Counter(engine, monkeypatch)
+        again = _plan(engine, "r2")
+        assert {i.action for i in again.items} == {"cached"} and not again.to_run
+        counts[n] = list(counter.calls)
+        engine.close()
+    assert counts[5] == counts[300]
+    assert len(counts[300]) <= 12, counts[300]
+
+
+def test_an_unchanged_manifest_is_not_parsed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = write_talkvid_manifest(tmp_path / "m.json", 40)
+    engine = _engine(tmp_path / "data", manifest)
+    first = _plan(engine, "r1")
+    import tasks.download.datasets as datasets
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise AssertionError("an unchanged manifest was parsed again")
+
+    monkeypatch.setattr(datasets, "_read", refuse)
+    again = _plan(engine, "r2")
+    assert [(i.item_id, i.item_key) for i in again.items] == [
+        (i.item_id, i.item_key) for i in first.items
+    ]
+    # the stored record is what runs: equal to the parsed one
+    assert again.to_run[0].inputs.source == first.to_run[0].inputs.source
+    monkeypatch.undo()
+    write_talkvid_manifest(manifest, 41)  # a new release: one more clip
+    third = _plan(engine, "r3")
+    assert len(third.items) == 41
+    ingests = engine.catalog.query("SELECT count(*) AS n FROM datasets").to_pylist()
+    assert ingests == [{"n": 2}]
+    engine.close()
+
+
+def test_status_is_how_the_run_left_it_also_through_time_travel(tmp_path: Path) -> None:
+    manifest = write_talkvid_manifest(tmp_path / "m.json", 10)
+    engine = _engine(tmp_path / "data", manifest)
+    engine.start_run("test", DOWNLOAD, run_id="run-a")
+    plan_a = _plan(engine, "run-a")
+    ids = [i.item_id for i in plan_a.items]
+    _finish(engine, plan_a, ids[:4])
+    _finish(engine, plan_a, ids[4:5], "failed")
+    _finish(engine, plan_a, ids[5:6], "filtered")
+    engine.finish_run("run-a", "interrupted", DOWNLOAD)
+    status_a = ops.stage_status(engine.catalog, "run-a")
+    assert status_a == [
+        {
+            "stage": "download",
+            "items": 10,
+            "done": 4,
+            "filtered": 1,
+            "failed": 1,
+            "pending": 4,
+            "skipped": 0,
+            "dropped": 0,
+        }
+    ]
+    current_a = engine.catalog.query("SELECT * FROM current_items ORDER BY item_id").to_pylist()
+
+    engine.start_run("test", DOWNLOAD, run_id="run-b")
+    plan_b = _plan(engine, "run-b")
+    assert len(plan_b.to_run) == 4  # cached: 4 done + 1 filtered; skipped: 1 failed
+    _finish(engine, plan_b, [i.item_id for i in plan_b.to_run])
+    engine.finish_run("run-b", "finished", DOWNLOAD)
+    assert ops.stage_status(engine.catalog, "run-a") == status_a  # later runs change nothing
+    status_b = ops.stage_status(engine.catalog, "run-b")[0]
+    assert (status_b["done"], status_b["pending"], status_b["skipped"]) == (8, 0, 6)
+
+    then = engine.catalog.as_of("run-a")
+    assert ops.stage_status(then, "run-a") == status_a
+    assert then.query("SELECT * FROM current_items ORDER BY item_id").to_pylist() == current_a
+    assert ops.stage_status(then, "run-b") == []  # run-b did not exist yet
+    engine.close()
+
+
+def test_dry_run_names_the_changed_config_key(tmp_path: Path) -> None:
+    manifest = write_talkvid_manifest(tmp_path / "m.json", 6)
+    engine = _engine(tmp_path / "data", manifest)
+    engine.start_run("test", DOWNLOAD, run_id="r1")
+    first = _plan(engine, "r1")
+    _finish(engine, first, [i.item_id for i in first.items])
+    engine.close()
+    snapshot = engine.catalog.current_snapshot()
+    assert dry_run(engine, DOWNLOAD)[0] | {"why": ""} == {
+        "stage": "download",
+        "items": 6,
+        "cached": 6,
+        "would_run": 0,
+        "retried": 0,
+        "skipped_failed": 0,
+        "dropped": 0,
+        "why": "",
+    }
+    changed = _engine(tmp_path / "data", manifest, "download.crf=20")
+    row = dry_run(changed, DOWNLOAD)[0]
+    assert (row["would_run"], row["why"]) == (6, "6 config download.crf")
+    assert changed.catalog.current_snapshot() == snapshot  # a dry run commits nothing
