@@ -30,7 +30,6 @@ with the breakdown and peak RSS of a fresh process. Figures go to ``<out>/bench_
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -39,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -56,9 +54,9 @@ from talkforge.config import load_config  # noqa: E402
 from talkforge.engine import Engine, key_hasher  # noqa: E402
 from talkforge.plan import RunOptions, StageSummary  # noqa: E402
 from talkforge.stages import STAGE_ORDER  # noqa: E402
+from tests.catalog_helpers import load_old_code, write_talkvid_manifest  # noqa: E402
 
 STAGES = STAGE_ORDER[:8]
-OLD_COMMIT = "3c6e47d"
 DASHBOARDS = {
     "failures_by_kind": "SELECT stage, error_kind, count(*) AS n FROM current_failures "
     "GROUP BY ALL",
@@ -259,35 +257,6 @@ def bench_new(n: int, runs: int, work: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- old catalog
-def load_old(work: Path) -> tuple[type, types.ModuleType]:
-    """The parquet-part Catalog class and ops module of ``OLD_COMMIT``, from git history."""
-    folder = work / "old_code"
-    folder.mkdir(exist_ok=True)
-    modules = {}
-    for name, path in (
-        ("old_schema", "storage/schema.py"),
-        ("old_catalog", "storage/catalog.py"),
-        ("old_ops", "talkforge/ops.py"),
-    ):
-        text = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:{path}"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        text = text.replace("from storage.schema import", "from old_schema import")
-        text = text.replace("from storage.catalog import", "from old_catalog import")
-        file = folder / f"{name}.py"
-        file.write_text(text)
-        spec = importlib.util.spec_from_file_location(name, file)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        modules[name] = module
-    return modules["old_catalog"].Catalog, modules["old_ops"]
-
-
 def write_old(catalog: Any, commits: Iterator[dict[str, Any]], per_part: int) -> None:
     """The same history through the old writer: a part per table per commit of items
     (``per_part`` items, the engine's ``commit_every``); plans one part per (run, stage)."""
@@ -305,7 +274,8 @@ def write_old(catalog: Any, commits: Iterator[dict[str, Any]], per_part: int) ->
 
 
 def bench_old(n: int, runs: int, per_part: int, work: Path) -> dict[str, Any]:
-    old_catalog, old_ops = load_old(work)
+    code = load_old_code(work / "old_code")
+    old_catalog, old_ops = code["old_catalog"].Catalog, code["old_ops"]
     root = work / f"old-{n}"
     cat = old_catalog(root)
     t = time.perf_counter()
@@ -322,8 +292,6 @@ def bench_old(n: int, runs: int, per_part: int, work: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------- manifest
 def bench_manifest(records: int, work: Path) -> dict[str, Any]:
     """Ingest + plan of the download stage in a fresh process (its own peak RSS)."""
-    from tests.catalog_helpers import write_talkvid_manifest
-
     meta = write_talkvid_manifest(work / "talkvid.json", records)
     code = f"""
 import json, resource, sys, time

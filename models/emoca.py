@@ -207,9 +207,9 @@ def load_emoca(path_or_dir: str | Path, device: str | torch.device = "cpu") -> E
     recursively). ``.ckpt``/``.pt``/``.pth`` are read with ``torch.load(weights_only=True)``
     only; a checkpoint with pickled objects (the official Lightning ``.ckpt``) raises
     :class:`~models.checkpoints.CheckpointError` saying to import it with ``talkforge models
-    import emoca``, which converts it safely (:func:`convert_for_import`). Keys containing ``E_flame``/``E_expression`` are
-    kept, a leading ``deca.`` is stripped and they load strictly (a missing BatchNorm
-    ``num_batches_tracked`` is filled in); anything else raises
+    import emoca``, which converts it safely (:func:`convert_for_import`). Keys containing
+    ``E_flame``/``E_expression`` are kept, a leading ``deca.`` is stripped and they load
+    strictly (a missing BatchNorm ``num_batches_tracked`` is filled in); anything else raises
     :class:`~models.checkpoints.CheckpointMismatchError` listing the offending keys. Both
     are :class:`ModelUnavailableError`. The architecture is read from
     :data:`CONFIG_FILE` beside the weights if present (tiny models), else the official one.
@@ -281,7 +281,9 @@ def convert_for_import(source: Path, out: Path) -> dict[str, Any] | None:
     }
 
 
-def crop_affine(left: np.ndarray, top: np.ndarray, right: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+def crop_affine(
+    left: np.ndarray, top: np.ndarray, right: np.ndarray, bottom: np.ndarray
+) -> np.ndarray:
     """``(N, 2, 3)`` source→crop affines of EMOCA's framing for per-frame axis-aligned
     68-landmark boxes (source pixels): side ``int(1.1 · 1.25 · (w + h) / 2)`` around the
     box centre, its corners on the output's first and last pixel centres (``0``, ``223``)

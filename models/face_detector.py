@@ -347,7 +347,8 @@ class RetinaFaceDetector(FaceDetector):
                     Detection(*map(float, b[j]), float(s[j]), _points(lm[j]))
                     for j in range(b.shape[0])
                     # predict_jsons' drop rule for boxes outside the image
-                    if _valid_span(b[j, 0], b[j, 2], orig_w) and _valid_span(b[j, 1], b[j, 3], orig_h)
+                    if _valid_span(b[j, 0], b[j, 2], orig_w)
+                    and _valid_span(b[j, 1], b[j, 3], orig_h)
                 ]
             )
         return out

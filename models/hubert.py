@@ -23,6 +23,7 @@ from models.registry import ModelUnavailableError, hf_load_kwargs, register_tiny
 
 SAMPLE_RATE_HZ = 16_000
 FRAME_RATE_HZ = 50.0
+STEPS_PER_FRAME = 2  # HuBERT steps per video frame at 25 fps
 RECEPTIVE_FIELD_SAMPLES = 400
 HOP_SAMPLES = 320
 
@@ -172,3 +173,25 @@ def extract_hubert_windowed(
         for (c0, k0, k1), f in zip(batch, feats, strict=True):
             pieces.append(f[k0 - c0 : k1 - c0])
     return np.concatenate(pieces)
+
+
+def align_audio_steps(
+    feats: np.ndarray, num_frames: int, fps: float, steps_per_frame: int = STEPS_PER_FRAME
+) -> np.ndarray:
+    """``(T_a, D)`` 50 Hz features → ``(num_frames, steps_per_frame, D)`` per video frame.
+
+    Step ``k`` of frame ``f`` reads the 50 Hz position
+    ``(f·steps_per_frame + k)·50/(steps_per_frame·fps)``, linearly interpolated between its
+    two neighbours; positions past the last step repeat it. The features stage and every
+    consumer that re-extracts audio (augmentation) use this rule.
+    """
+    if feats.shape[0] == 0:
+        raise ValueError("no audio steps to align")
+    pos = np.arange(num_frames * steps_per_frame, dtype=np.float64)
+    pos *= FRAME_RATE_HZ / (steps_per_frame * fps)
+    pos = np.minimum(pos, feats.shape[0] - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, feats.shape[0] - 1)
+    w = (pos - lo).astype(np.float32)[:, None]
+    out = feats[lo] * (1.0 - w) + feats[hi] * w if np.any(w) else feats[lo]
+    return out.reshape(num_frames, steps_per_frame, feats.shape[1]).astype(np.float32)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -126,6 +127,7 @@ def open_lake(
             "autoload_known_extensions": False,
         },
     )
+    use_wal(uri)
     try:
         con.execute("SET enable_progress_bar=false")
         for path in extension_paths(backend_of(uri)):
@@ -148,6 +150,30 @@ def open_lake(
         con.close()
         raise
     return con
+
+
+def use_wal(uri: str) -> None:
+    """Put a SQLite metadata database in write-ahead-log mode (once; the mode persists).
+
+    In the default rollback-journal mode a writer waiting to commit and a process holding
+    a read lock block each other ("database is locked" on both sides); with WAL, readers
+    never block the writer and writers queue on one lock held only while committing.
+    Switching needs no other open connection, so it is tried, never required.
+    """
+    if backend_of(uri) != "sqlite":
+        return
+    path = uri[len("ducklake:sqlite:") :]
+    if path in ("", ":memory:"):
+        return
+    try:
+        con = sqlite3.connect(path, timeout=5)
+        try:
+            if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+        finally:
+            con.close()
+    except sqlite3.Error:
+        pass  # busy (another process has it open): the next open tries again
 
 
 def _quote(text: str) -> str:

@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 
 from models.emoca import FLAME_LAYOUT
 from models.fingerprint import ModelFingerprint
-from models.hubert import FRAME_RATE_HZ, SAMPLE_RATE_HZ, hubert_num_frames
+from models.hubert import FRAME_RATE_HZ, SAMPLE_RATE_HZ, align_audio_steps, hubert_num_frames
 from models.liveportrait import MOTION_LAYOUT
 from models.registry import ModelSpec, fingerprint
 from models.sensevoice import FRAME_RATE_HZ as FRAME_RATE_SV
@@ -65,7 +65,7 @@ from tasks.base import (
     StageConfig,
     stable_hash,
 )
-from tasks.features_audio import SenseVoiceResult, align_audio_steps
+from tasks.features_audio import SenseVoiceResult
 from tasks.features_framing import framing_affines
 from tasks.features_video import extract_video
 from tasks.features_workers import (

@@ -21,12 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.hubert import FRAME_RATE_HZ as STEP_RATE_HZ
 from models.sensevoice import FRAME_RATE_HZ, SenseVoiceSmall, extract_sensevoice
 from models.sensevoice_frontend import sensevoice_num_frames
 from tasks.base import FailureKind, ItemFailure
-
-STEPS_PER_FRAME = 2
 
 
 def sensevoice_frame_index(num_frames: int, fps: float, num_steps: int) -> np.ndarray:
@@ -75,22 +72,3 @@ def run_sensevoice(
         event=out.event,
         transcript=out.transcript,
     )
-
-
-def align_audio_steps(
-    feats: np.ndarray, num_frames: int, fps: float, steps_per_frame: int = STEPS_PER_FRAME
-) -> np.ndarray:
-    """``(T_a, D)`` 50 Hz features → ``(num_frames, steps_per_frame, D)`` per video frame.
-
-    The rule is in :mod:`tasks.features`'s docstring; indices past the last step repeat it.
-    """
-    if feats.shape[0] == 0:
-        raise ValueError("no audio steps to align")
-    pos = np.arange(num_frames * steps_per_frame, dtype=np.float64)
-    pos *= STEP_RATE_HZ / (steps_per_frame * fps)
-    pos = np.minimum(pos, feats.shape[0] - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, feats.shape[0] - 1)
-    w = (pos - lo).astype(np.float32)[:, None]
-    out = feats[lo] * (1.0 - w) + feats[hi] * w if np.any(w) else feats[lo]
-    return out.reshape(num_frames, steps_per_frame, feats.shape[1]).astype(np.float32)

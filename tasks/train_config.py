@@ -98,6 +98,11 @@ class TrainStageConfig(StageConfig):
     lr_groups: list[LrGroup] = Field(default_factory=list, description="per-group lrs")
     init_from: InitFrom | None = None
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: object) -> object:
+        return "no" if v is False else v  # YAML reads a bare `no` (e.g. --set ...=no) as false
+
     @field_validator("trainable", "frozen")
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""TalkVid-format manifests of any size (tests and benchmarks/bench_catalog.py).
+"""Catalog test material (tests and benchmarks/bench_catalog.py): TalkVid-format manifests
+of any size, and the previous parquet-part catalog code loaded from git history.
 
 Records follow the release's published layout (``tasks/download/talkvid.py``): 11-character
 YouTube ids shared by four clips each, a speaker per seven clips, scores, head detail and
@@ -7,11 +8,16 @@ a ``durations`` string, so a generated record costs what a real one costs to rea
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import string
+import subprocess
+import sys
+import types
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 _ALPHABET = string.ascii_letters + string.digits + "-_"
 
 
@@ -52,3 +58,41 @@ def write_talkvid_manifest(path: Path, records: int, seed: int = 0, *, offset: i
             f.write(("," if i else "") + json.dumps(record))
         f.write("]")
     return path
+
+
+OLD_COMMIT = "3c6e47d"  # the last commit with the parquet-part catalog
+
+
+def load_old_code(folder: Path) -> dict[str, types.ModuleType]:
+    """``storage/schema.py``, ``storage/catalog.py`` and ``talkforge/ops.py`` as they were at
+    :data:`OLD_COMMIT`, loaded from git history into modules ``old_schema``, ``old_catalog``
+    and ``old_ops`` (written under ``folder``; nothing of them lives in the tree).
+
+    Raises ``FileNotFoundError`` when the history is not there (a shallow clone).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = {}
+    for name, path in (
+        ("old_schema", "storage/schema.py"),
+        ("old_catalog", "storage/catalog.py"),
+        ("old_ops", "talkforge/ops.py"),
+    ):
+        shown = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:{path}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if shown.returncode:
+            raise FileNotFoundError(f"git history of {path} at {OLD_COMMIT}: {shown.stderr}")
+        text = shown.stdout.replace("from storage.schema import", "from old_schema import")
+        text = text.replace("from storage.catalog import", "from old_catalog import")
+        file = folder / f"{name}.py"
+        file.write_text(text)
+        spec = importlib.util.spec_from_file_location(name, file)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        modules[name] = module
+    return modules

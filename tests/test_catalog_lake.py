@@ -18,6 +18,7 @@ from storage.catalog import Catalog, ReadOnlyQueryError, SnapshotNotFoundError
 from storage.lease import StageBusyError, acquire, release
 from storage.migrate import migrate_parts
 from storage.schema import ALL_TABLES
+from tests.catalog_helpers import load_old_code
 
 
 def _batch(writer: int, batch: int, size: int = 3) -> dict[str, list[dict]]:
@@ -280,3 +281,44 @@ def test_a_dead_holder_on_this_host_is_stale(tmp_path: Path) -> None:
     )
     release(cat, acquire(cat, "train", "next"))
     release(cat, lease)
+
+
+def test_migrate_a_catalog_written_by_the_previous_code(tmp_path: Path) -> None:
+    """The parquet-part Catalog of commit 3c6e47d (from git history) writes a run the way
+    its engine did; after `migrate` the new catalog answers the same questions."""
+    try:
+        code = load_old_code(tmp_path / "old_code")
+    except FileNotFoundError as exc:
+        pytest.skip(f"no git history here: {exc}")
+    root = tmp_path / "catalog"
+    old = code["old_catalog"].Catalog(root)
+    now = datetime.now(UTC)
+    old.append("runs", [{"run_id": "w1", "event": "started", "event_at": now, "stages": ["x"]}])
+    old.append(
+        "plans",
+        [
+            {"run_id": "w1", "stage": "download", "item_id": f"w1-b{b}-{i}", "item_key": f"k{b}"}
+            | {"action": "run", "planned_at": now}
+            for b in range(4)
+            for i in range(3)
+        ],
+    )
+    for b in range(4):
+        batch = _batch(1, b)
+        batch["items"][0] |= {"status": "failed", "error_kind": "network", "retryable": True}
+        old.append_many(batch)  # stats, artifacts, then items: its commit marker
+    questions = [
+        "SELECT stage, item_id, item_key, status, error_kind FROM current_items ORDER BY item_id",
+        "SELECT * FROM dataset_summary",
+        "SELECT stage, item_id, error_kind FROM current_failures ORDER BY item_id",
+        "SELECT artifact_id, item_id FROM current_artifacts ORDER BY artifact_id",
+    ]
+    before = [old.query(q).to_pylist() for q in questions]
+    cat = Catalog(root)
+    counts = migrate_parts(cat)
+    assert counts == {"runs": 1, "plans": 12, "items": 12, "artifacts": 12, "clips": 12}
+    assert [cat.query(q).to_pylist() for q in questions] == before
+    assert cat.query_readonly("SELECT count(*) AS n FROM current_failures").to_pylist() == [
+        {"n": 4}
+    ]
+    assert migrate_parts(cat) == {}  # the parts moved to legacy-parts/: nothing twice

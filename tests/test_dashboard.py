@@ -77,7 +77,8 @@ def normalized(text: str) -> str:
 
 def sql(root: Path, name: str) -> list[dict]:
     """A saved query's rows as ``talkforge sql`` prints them (JSON)."""
-    out = invoke("sql", saved_sql(name), "--set", f"project.data_root={root}", "--format", "json")
+    args = ["--set", f"project.data_root={root}", "--format", "json", "--", saved_sql(name)]
+    out = invoke("sql", *args)  # "--": a saved query may start with a "-- comment"
     return json.loads(out)
 
 

@@ -239,3 +239,56 @@ def test_config_contract():
     assert DownloadConfig(fps=30).params_hash() != base
     assert DownloadConfig(apply_crop=True).params_hash() != base
     assert DownloadConfig(ytdlp_options={"format_sort": "res"}).params_hash() != base
+
+
+def test_bad_metadata_in_every_dataset_fails_per_record_and_the_run_plans_the_rest(
+    tmp_path: Path,
+):
+    """One run, three datasets: an HDTF line with a byte that is not UTF-8, a truncated
+    CelebV-HQ file, a TalkVid record of the wrong type. Discovery raises nothing: each
+    problem is a typed ``bad_metadata`` row naming file and position, and every good
+    record of every dataset is planned."""
+    import json
+
+    from tasks.download.datasets import DatasetSource
+    from tests.test_download_talkvid import _record
+
+    hdtf = tmp_path / "hdtf"
+    hdtf.mkdir()
+    (hdtf / "RD_video_url.txt").write_bytes(
+        b"Alpha https://www.youtube.com/watch?v=AAAAAAAAAAA\n"
+        b"Bet\xe9 https://www.youtube.com/watch?v=BBBBBBBBBBB\n"
+    )
+    (hdtf / "RD_annotion_time.txt").write_bytes(b"Alpha.mp4 00:00-00:10\nBeta.mp4 00:00-00:10\n")
+    celebvhq = tmp_path / "celebvhq_info.json"
+    celebvhq.write_text('{"meta_info": {}, "clips": {"a": {"ytb_id": "CCCC')
+    talkvid = tmp_path / "filtered_video_clips.json"
+    talkvid.write_text(json.dumps([_record(), 7]))
+    config = DownloadConfig(
+        datasets=[
+            DatasetSource(kind="hdtf", metadata=str(hdtf), subsets=["RD"]),
+            DatasetSource(kind="celebvhq", metadata=str(celebvhq)),
+            DatasetSource(kind="talkvid", metadata=str(talkvid)),
+        ]
+    )
+    env = StageEnv(data_root=str(tmp_path), store_uri=str(tmp_path / "store"), run_id="t")
+    clips, problems = DownloadStage.discover(DownloadStage.read_manifests(config, env))
+    assert sorted(c.clip_id for c in clips) == [
+        "hdtf-RD-Alpha_0", "talkvid-videovideoAAAAAAAAAAA-scene1-scene1"
+    ]  # fmt: skip
+    found = {rid: f for rid, f in problems}
+    assert set(found) == {
+        "hdtf-RD-RD_video_url.txt:2",  # the undecodable url line (its name is unreadable) ...
+        "hdtf-RD-Beta",  # ... leaves Beta's annotation without a url
+        "celebvhq-#metadata",
+        "talkvid-#1",
+    }
+    assert {f.kind for f in found.values()} == {FailureKind.BAD_METADATA}
+    assert found["hdtf-RD-RD_video_url.txt:2"].message.startswith(
+        "RD_video_url.txt:2: invalid UTF-8 at column 4 (byte 0xe9)"
+    )
+    assert "celebvhq_info.json" in found["celebvhq-#metadata"].message
+    assert "line 1, column" in found["celebvhq-#metadata"].message
+    assert found["talkvid-#1"].message == (
+        "filtered_video_clips.json[1]: record is a int, not an object"
+    )

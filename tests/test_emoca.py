@@ -256,7 +256,9 @@ def test_official_lightning_checkpoint_imports_through_a_restricted_unpickler(
         f"project: {{data_root: {tmp_path / 'data'}}}\n"
         "features:\n  flame: {family: emoca, source: ./models/emoca, tiny_random: false}\n"
     )
-    result = CliRunner().invoke(app, ["models", "import", "emoca", str(checkpoint), "--config", str(cfg)])
+    result = CliRunner().invoke(
+        app, ["models", "import", "emoca", str(checkpoint), "--config", str(cfg)]
+    )
     assert result.exit_code == 0, result.output
     assert not marker.exists() and "fake_lightning" not in sys.modules  # nothing ran
     dest = tmp_path / "data" / "models" / "emoca"
@@ -286,7 +288,7 @@ def test_import_refuses_a_checkpoint_that_does_not_fit(tiny_dir: Path, tmp_path:
     state["deca.E_flame.layers.2.weight"] = torch.zeros(5, 32)
     torch.save({"state_dict": state}, tmp_path / "bad.ckpt")
     (tmp_path / CONFIG_FILE).write_text((tiny_dir / CONFIG_FILE).read_text())
-    with pytest.raises(CheckpointMismatchError, match="mis-shaped: E_flame.layers.2.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"mis-shaped: E_flame\.layers\.2\.weight"):
         convert_for_import(tmp_path / "bad.ckpt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "none.ckpt")

@@ -220,11 +220,11 @@ def test_each_checkpoint_flavour_is_recognised_or_refused_with_the_reason(
     fresh = dict(net.state_dict())
     fresh["body.bn1.running_mean"] = torch.zeros(64)
     fresh["body.bn1.running_var"] = torch.ones(64)
-    with pytest.raises(RetinaFaceFlavourError, match="faces.retinaface_flavour"):
+    with pytest.raises(RetinaFaceFlavourError, match=r"faces\.retinaface_flavour"):
         decide_flavour(fresh, tmp_path / "fresh.pth")
     mobilenet = {"body.stage1.0.0.weight": torch.zeros(8, 3, 3, 3), "ClassHead.0.w": torch.zeros(1)}
     for choice in ("auto", "biubug6"):
-        with pytest.raises(RetinaFaceFlavourError, match="MobileNet-0.25"):
+        with pytest.raises(RetinaFaceFlavourError, match=r"MobileNet-0\.25"):
             decide_flavour(mobilenet, tmp_path / "mobilenet0.25_Final.pth", choice)
     # through the loader: the file as biubug6 ships it loads with its own preprocessing
     pth = tmp_path / "Resnet50_Final.pth"

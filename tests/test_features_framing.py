@@ -63,8 +63,8 @@ def _points68(rng: np.random.Generator, roll_deg: float) -> np.ndarray:
         [np.stack([cx + 12 * np.cos(a), -28 + 5 * np.sin(a)], 1) for cx in (-25, 25)
          for a in [np.linspace(0, 2 * np.pi, 6, endpoint=False)]]
     )  # fmt: skip
-    lips = np.stack([22 * np.cos(np.linspace(0, 2 * np.pi, 20, endpoint=False)),
-                     35 + 8 * np.sin(np.linspace(0, 2 * np.pi, 20, endpoint=False))], 1)  # fmt: skip
+    a = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+    lips = np.stack([22 * np.cos(a), 35 + 8 * np.sin(a)], 1)
     lips[[0, 6]] = lips[[10, 0]]  # indices 48 and 54 are the left and right lip corners
     pts = np.concatenate([jaw, brows, nose, eyes, lips]) + rng.normal(0, 1.5, (68, 2))
     a = np.deg2rad(roll_deg)
@@ -92,7 +92,9 @@ def test_liveportrait_crop_of_a_known_box_is_the_official_one(roll_deg):
         np.array([[300.0, 200.0]]), np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]),
         np.array([100.0]), np.array([120.0]),
     )[0]  # fmt: skip
-    np.testing.assert_allclose(_apply(m, np.array([[300, 165.5], [162, 27.5]])), [[128, 128], [0, 0]], atol=1e-9)
+    np.testing.assert_allclose(
+        _apply(m, np.array([[300, 165.5], [162, 27.5]])), [[128, 128], [0, 0]], atol=1e-9
+    )
 
 
 def test_emoca_crop_of_a_known_box_is_deca_testdata_s():
@@ -108,7 +110,9 @@ def test_emoca_crop_of_a_known_box_is_deca_testdata_s():
     dst = np.array([[0, 0], [0, 223], [223, 0]])
     reference = estimate_transform("similarity", src, dst).params[:2]
     np.testing.assert_allclose(m, reference, atol=1e-9)
-    np.testing.assert_allclose(_apply(m, np.array([[74.5, 34.5], [225.5, 185.5]])), [[0, 0], [223, 223]], atol=1e-9)
+    np.testing.assert_allclose(
+        _apply(m, np.array([[74.5, 34.5], [225.5, 185.5]])), [[0, 0], [223, 223]], atol=1e-9
+    )
 
 
 def _five(centre, eye_to_mouth, inter_ocular, roll_deg=0.0, nose_across=0.0) -> np.ndarray:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from models.hubert import align_audio_steps
 from models.vae import decode_latents
 from storage.store import ArtifactStore
 from tasks.base import FailureKind, ItemFailure
-from tasks.features import align_audio_steps
 from tests.features_helpers import commit_clip, commit_media, make_features_stage, run_item
 
 
@@ -126,7 +126,9 @@ def test_a_track_without_landmarks_cannot_be_framed(stage, tmp_path):
     path = tmp_path / "nolm.parquet"
     pq.write_table(pa.table(cols), path)
     ctx = ItemContext(ArtifactStore(str(tmp_path / "store")), "faces", "clip-nolm", "g" * 40)
-    face = inputs.records["faces"].model_copy(update={"boxes": ctx.commit(path, "b.parquet", "table")})
+    face = inputs.records["faces"].model_copy(
+        update={"boxes": ctx.commit(path, "b.parquet", "table")}
+    )
     inputs.records["faces"] = face
     with pytest.raises(ItemFailure) as err:
         run_item(stage, tmp_path, inputs)

@@ -280,20 +280,38 @@ def test_unusable_models_fail_typed_or_become_notes(world):
     assert len(rec.videos) == 1 and any("checkpoint file of" in n for n in rec.notes)
 
 
-def test_baseline_weights_are_fingerprinted_and_generated_through_their_family(world):
+def test_baseline_weights_are_fingerprinted_and_generated_through_their_family(world, monkeypatch):
+    """Official weights (here: a folder the test writes) go through the family's
+    ``load_official``; a family without one makes a note and the checkpoints still run."""
+    from generators.musetalk15.family import Musetalk15Family
     from models.registry import ModelSpec
 
-    spec = ModelSpec(family="musetalk15-official", source="models/mt15", tiny_random=True)
-    stage = _stage(world, settings=["self"],
-                   baselines=[BaselineWeights(name="mt15", family="musetalk15", weights=spec)])  # fmt: skip
-    assert stage.model_specs() == [spec]  # preflight fingerprints them; missing ones stop it
+    folder = world["tmp"] / "official-mt15"
+    folder.mkdir(exist_ok=True)
+    family = registry.get("musetalk15")()
+    spec = make_spec(16, AUDIO_DIM, SIZE // 8, tiny=True)
+    torch.manual_seed(7)
+    family.save_weights(folder / "model.safetensors", family.build(spec), spec)
+    weights = ModelSpec(family="musetalk15-official", source=str(folder))
+    baseline = BaselineWeights(name="mt15", family="musetalk15", weights=weights)
+    stage = _stage(world, settings=["self"], baselines=[baseline])
+    assert stage.model_specs() == [weights]  # preflight fingerprints them
     clip, ckpt = world["held"][0], _checkpoint(world, "one", seed=1)
-    rec = _generate(stage, world, clip, [ckpt])
-    labels = {v.checkpoint for v in rec.videos}
-    if hasattr(registry.get("musetalk15"), "load_official"):
-        assert "mt15" in labels
-        (base,) = [v for v in rec.videos if v.checkpoint == "mt15"]
-        assert base.generator_origin == "random-init" and base.family == "musetalk15"
-    else:  # the family cannot load official weights yet: a note, the checkpoint still runs
-        assert labels == {f"main-step1-{ckpt.checkpoint.sha256[:12]}"}
+
+    class WithOfficial(Musetalk15Family):
+        def load_official(self, path, layout):
+            assert layout.shapes["vae_latents"] == [16, SIZE // 8, SIZE // 8]
+            return spec, self.load_model(path / "model.safetensors", spec)
+
+    monkeypatch.setitem(registry._FAMILIES, "musetalk15", WithOfficial)
+    rec = _generate(stage, world, clip, [ckpt], key="o")
+    (base,) = [v for v in rec.videos if v.checkpoint == "mt15"]
+    assert base.generator_origin == "pretrained" and base.family == "musetalk15"
+    assert count_frames(_path(world, base.video)) == FRAMES[0] and len(rec.videos) == 2
+
+    monkeypatch.setitem(registry._FAMILIES, "musetalk15", Musetalk15Family)
+    if not hasattr(Musetalk15Family, "load_official"):
+        rec = _generate(_stage(world, settings=["self"], baselines=[baseline]), world, clip,
+                        [ckpt], key="n")  # fmt: skip
+        assert [v.checkpoint for v in rec.videos] == [f"main-step1-{ckpt.checkpoint.sha256[:12]}"]
         assert any(n.startswith("mt15/self: model: cannot load") for n in rec.notes)

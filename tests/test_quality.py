@@ -277,7 +277,9 @@ def test_unmeasured_is_a_verdict_of_its_own_in_the_catalog(tmp_path):
         ]
         rows["clips"].append({**base, "stage": "download", "dataset": "d"})
         verdict = QualityVerdict(clip_id=clip, accepted=True, rules=rules[-1:])
-        rows["quality"] += [{**base, "stage": "quality", **r} for r in verdict.stats_rows()["quality"]]
+        rows["quality"] += [
+            {**base, "stage": "quality", **r} for r in verdict.stats_rows()["quality"]
+        ]
     catalog = Catalog(tmp_path / "catalog")
     catalog.append_many(rows)
     stored = catalog.query("SELECT item_id, passed, measured FROM current_quality ORDER BY 1")

@@ -68,8 +68,10 @@ class TemporalAttention(nn.Module):
 class LevelComponents(nn.Module):
     """The HyperConnections, collapses, Engram and DSA modules of every level, by key.
 
-    Built by a dry walk over the UNet's structure (widths only), so the parameter set is
-    fixed at construction and named after the block it belongs to (``down1_res0``, ...).
+    Built by a dry walk over the UNet's structure in :func:`run_unet`'s order (widths
+    only), so the parameter set is fixed at construction, named after the block it belongs
+    to (``down1_res0``, ...), and holds no module the walk would not use: a collapse exists
+    only where the level's state is streams when it is read.
     """
 
     def __init__(self, unet: UNet2DConditionModel, spec) -> None:
@@ -79,53 +81,69 @@ class LevelComponents(nn.Module):
         self.collapse = nn.ModuleDict()
         self.engram = nn.ModuleDict()
         self.temporal = nn.ModuleDict()
-        engram_cfg = EngramConfig(
-            **spec.engram.model_dump(exclude={"enabled", "levels"}),
-        )
+        engram_cfg = EngramConfig(**spec.engram.model_dump(exclude={"enabled", "levels"}))
         dsa_cfg = DSAConfig(**spec.dsa.model_dump(exclude={"enabled", "levels"}))
         iters = spec.mhc.sinkhorn_iters
-        for level, width, blocks, reads in _structure(unet):
-            if self.n:
-                for key, wraps in blocks:
+        for level, width, events in _structure(unet):
+            streams = False
+            for kind, key, wraps in events:
+                if kind == "engram" and spec.engram.enabled and level in spec.engram.levels:
+                    self.engram[level] = Engram(engram_cfg, width, max(1, self.n))
+                    streams = streams or bool(self.n)
+                elif kind == "temporal" and spec.dsa.enabled and level in spec.dsa.levels:
+                    self.temporal[level] = TemporalAttention(width, dsa_cfg)
+                    kind, wraps = "block", True
+                if kind == "block" and self.n:
                     if wraps:
                         self.hc[key] = HyperConnection(self.n, width, iters)
-                for key in reads:
+                        streams = True
+                    elif streams:
+                        raise ValueError(f"{key} changes the width inside mHC streams")
+                elif kind == "read" and streams:
                     self.collapse[key] = StreamCollapse(self.n, width)
-            if spec.engram.enabled and level in spec.engram.levels:
-                self.engram[level] = Engram(engram_cfg, width, max(1, self.n))
-            if spec.dsa.enabled and level in spec.dsa.levels:
-                self.temporal[level] = TemporalAttention(width, dsa_cfg)
-                if self.n:
-                    self.hc[f"{level}_dsa"] = HyperConnection(self.n, width, iters)
 
 
 def _structure(unet: UNet2DConditionModel):
-    """``(level, width, [(block key, width-preserving)], [read keys])`` per level."""
+    """``(level, width, events)`` per level, each event ``(kind, key, width-preserving)``
+    with kind ``block`` / ``engram`` / ``temporal`` / ``read``, in :func:`run_unet`'s order."""
     widths = list(unet.config.block_out_channels)
     width = widths[0]
     for i, blk in enumerate(unet.down_blocks):
-        keys, reads = [], []
+        events = []
+        last = len(blk.resnets) - 1
         for j, res in enumerate(blk.resnets):
-            keys.append((f"down{i}_res{j}", res.in_channels == res.out_channels))
+            events.append(("block", f"down{i}_res{j}", res.in_channels == res.out_channels))
+            if j == 0:
+                events.append(("engram", "", False))
             if getattr(blk, "attentions", None) is not None:
-                keys.append((f"down{i}_attn{j}", True))
-            reads.append(f"down{i}_skip{j}")
+                events.append(("block", f"down{i}_attn{j}", True))
+            if j == last:
+                events.append(("temporal", f"down{i}_dsa", True))
+            events.append(("read", f"down{i}_skip{j}", False))
+        events.append(("read", f"down{i}_out", False))
         width = widths[i]
-        reads.append(f"down{i}_out")
-        yield f"down{i}", width, keys, reads
+        yield f"down{i}", width, events
     mid = unet.mid_block
-    keys = [(f"mid_res{j}", True) for j in range(len(mid.resnets))]
-    keys += [(f"mid_attn{j}", True) for j in range(len(mid.attentions))]
-    yield "mid", width, keys, ["mid_out"]
+    events = [("block", "mid_res0", True), ("engram", "", False)]
+    for j in range(len(mid.attentions)):
+        events += [("block", f"mid_attn{j}", True), ("block", f"mid_res{j + 1}", True)]
+    events += [("temporal", "mid_dsa", True), ("read", "mid_out", False)]
+    yield "mid", width, events
     for i, blk in enumerate(unet.up_blocks):
         out = blk.resnets[0].out_channels
-        keys = []
+        events = []
+        last = len(blk.resnets) - 1
         for j in range(len(blk.resnets)):
-            keys.append((f"up{i}_res{j}", (width if j == 0 else out) == out))
+            events.append(("block", f"up{i}_res{j}", (width if j == 0 else out) == out))
+            if j == 0:
+                events.append(("engram", "", False))
             if getattr(blk, "attentions", None) is not None:
-                keys.append((f"up{i}_attn{j}", True))
+                events.append(("block", f"up{i}_attn{j}", True))
+            if j == last:
+                events.append(("temporal", f"up{i}_dsa", True))
+        events.append(("read", f"up{i}_out", False))
         width = out
-        yield f"up{i}", width, keys, [f"up{i}_out"]
+        yield f"up{i}", width, events
 
 
 def _get(modules: nn.ModuleDict, key: str) -> nn.Module | None:
@@ -160,6 +178,8 @@ class _State:
             return
         if self.ctx.engram_rows is None:
             raise ValueError(f"{self.level}: Engram is on but the batch has no engram_rows")
+        if self.c.n and self.s is None:
+            self.s, self.h = expand(self.h, self.c.n), None
         if self.s is None:
             self.h = module(self.h.unsqueeze(1), self.ctx.engram_rows, self.ctx.frames)[:, 0]
         else:

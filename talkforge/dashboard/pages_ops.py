@@ -82,7 +82,7 @@ def runs_page(q: Query) -> None:
     cols[1].metric("Duration", duration(run["seconds"]))
     cols[2].metric("Stages", len(str(run["stages"]).split(",")))
     cols[3].metric("Failed items", fmt(int(mine["failed"].sum())) if not mine.empty else "0")
-    st.caption(f"started {fmt(run['started_at'])} UTC by `{run['command']}`")
+    st.caption(f"run `{run_id}` started {fmt(run['started_at'])} UTC by `{run['command']}`")
     if run["message"]:
         (st.error if run["state"] == "failed" else st.warning)(run["message"])
     if mine.empty:
