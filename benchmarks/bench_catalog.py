@@ -294,14 +294,18 @@ def bench_manifest(records: int, work: Path) -> dict[str, Any]:
     """Ingest + plan of the download stage in a fresh process (its own peak RSS)."""
     meta = write_talkvid_manifest(work / "talkvid.json", records)
     code = f"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 from talkforge.config import load_config
 from talkforge.engine import Engine
 from talkforge.plan import RunOptions, StageSummary
 import talkforge.manifests as m
 import_s = time.perf_counter() - t0
-rss_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb():  # this process's own high-water mark (ru_maxrss would include the parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+rss_import = peak_mb()
 parts = {{}}
 def timed(name, fn):
     def wrapper(*a, **k):
@@ -331,7 +335,7 @@ for label in ("new", "unchanged"):
     engine.summarize(plan, StageSummary("download"))
     out[label] = {{"total_s": time.perf_counter() - t, **parts, "items": len(plan.items),
                   "to_run": len(plan.to_run)}}
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out["peak_rss_mb"] = peak_mb()
 engine.close()
 print(json.dumps(out))
 """

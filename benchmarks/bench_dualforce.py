@@ -15,13 +15,16 @@ weights, noise and audio:
   frames, then generates frame ``t``; its cost does not depend on their values), whose mean
   is the run's mean per-frame time. Reported: the ratio (target ≥ 5× at 64 frames) and the
   least-squares slope of per-frame time against ``t`` for both (the cached one should be
-  flat: ``relative_growth`` = slope × length / mean).
+  flat: ``relative_growth`` = slope × length / mean). Because other load on the machine
+  drifts over a run, flatness is also measured interleaved: two cached runs, one just past
+  the window and one near the end, advanced frame by frame in alternation (``--rounds``
+  pairs); the ratio of their median frame times and the slope between them.
 - **memory**: peak resident memory of generating ``--memory-frames`` frames, streamed (each
   frame handed out as it is finished, as the generate stage does), each length in a fresh
-  child process: growth of peak RSS over the same process after loading the model and
-  generating one frame, the ratio of the two peaks, and what the fixed part is made of
-  (weights, the KV cache per modality, which is allocated once at ``window_frames − 1``
-  frames).
+  child process: its peak RSS (``VmHWM``), the growth of the peak during generation (peak
+  reset after loading the model and generating one frame), the ratio of the two lengths, and
+  what the fixed part is made of (weights, the KV cache per modality, allocated once at
+  ``window_frames − 1`` frames; the audio input, the one thing that scales with length).
 
 ``--device cuda`` adds the seed-size figures (the ``mova_lite`` preset: 28 blocks of width
 2048, 8 shallow; 256-px crops → 16×32×32 latents, 256 video tokens per frame): a stage-3
@@ -36,7 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -125,6 +128,26 @@ def slope(ts: list[int], times: list[float]) -> float:
     return cov / sum((t - mean_t) ** 2 for t in ts)
 
 
+def flatness(model, spec, frames: int, rounds: int) -> dict:
+    """Cached per-frame time just past the window against near the end of a ``frames`` run,
+    timed alternately (frame by frame) so both see the same machine load."""
+    early_t = spec.arch.window_frames
+    late_t = frames - rounds - 1
+    early, late = session(model, spec, frames, True), session(model, spec, frames, True)
+    for run, t in ((early, early_t), (late, late_t)):
+        for _ in range(t):
+            run.next_frame()
+    pairs = [(frame_time(early), frame_time(late)) for _ in range(rounds)]
+    med_early = statistics.median(e for e, _ in pairs)
+    med_late = statistics.median(lt for _, lt in pairs)
+    k = (med_late - med_early) / (late_t - early_t)
+    print(f"{frames:4d} frames cached, interleaved: t={early_t}: {med_early * 1e3:.2f} ms, "
+          f"t={late_t}: {med_late * 1e3:.2f} ms, slope {k * 1e6:+.2f} us/frame per t "
+          f"(x{med_late / med_early:.3f})", flush=True)  # fmt: skip
+    return {"t": [early_t, late_t], "median_s": [med_early, med_late], "slope": k,
+            "late_over_early": med_late / med_early}  # fmt: skip
+
+
 def speed(args) -> dict:
     import torch
 
@@ -157,14 +180,30 @@ def speed(args) -> dict:
                 print(f"{frames:4d} frames {name:9s}: {mean * 1e3:8.2f} ms/frame, "
                       f"slope {k * 1e6:+9.2f} us/frame per t, "
                       f"growth over the run {k * frames / mean:+.1%}", flush=True)  # fmt: skip
+            row["cached"]["interleaved"] = flatness(model, spec, frames, args.rounds)
             row["speedup"] = row["recompute"]["s_per_frame"] / row["cached"]["s_per_frame"]
             print(f"{frames:4d} frames: cache speed-up x{row['speedup']:.1f}", flush=True)
             out[str(frames)] = row
     return out
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process (``/proc/self/status``, kB) in bytes. ``VmHWM`` is
+    the peak of this process image; ``getrusage``'s maxrss also counts the parent the child
+    was forked from, so it is not used."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux ``clear_refs`` 5); False where refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def _memory_child(frames: int, steps: int, latent, threads: int, queue) -> None:
@@ -178,16 +217,19 @@ def _memory_child(frames: int, steps: int, latent, threads: int, queue) -> None:
     tokens, ref, audio = conditioning(spec, frames)
     with torch.inference_mode():
         warm = GenerationSession(model, spec.sampler, tokens, ref, audio[:, :1])
-        warm.next_frame()
+        warm.next_frame()  # kernels and allocator pools in place
         del warm
-        baseline = _peak_rss_bytes()
+        reset = _reset_peak()
+        baseline = _status_bytes("VmRSS") if reset else _status_bytes("VmHWM")
         session = GenerationSession(model, spec.sampler, tokens, ref, audio)
         for _ in range(frames):
             session.next_frame()  # streamed: the frame is dropped, as a sink would write it
+        peak = _status_bytes("VmHWM")
         queue.put(
             {
-                "peak_rss_bytes": _peak_rss_bytes(),
-                "growth_bytes": _peak_rss_bytes() - baseline,
+                "peak_rss_bytes": peak,
+                "growth_bytes": peak - baseline,
+                "peak_reset": reset,
                 "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                 "cache_bytes": session.cache.nbytes(),
                 "audio_input_bytes": audio.numel() * audio.element_size(),
@@ -208,13 +250,15 @@ def memory(args) -> dict:
         out[str(frames)] = queue.get()
         proc.join()
         row = out[str(frames)]
-        print(f"{frames:4d} frames: peak RSS {row['peak_rss_bytes'] / 2**20:.1f} MiB, growth over "
-              f"one frame {row['growth_bytes'] / 2**20:.2f} MiB, cache "
-              f"{sum(row['cache_bytes'].values()) / 2**10:.1f} KiB", flush=True)  # fmt: skip
+        print(f"{frames:4d} frames: peak RSS {row['peak_rss_bytes'] / 2**20:.1f} MiB, growth "
+              f"during generation {row['growth_bytes'] / 2**20:.2f} MiB, weights "
+              f"{row['weights_bytes'] / 2**10:.0f} KiB, KV cache {row['cache_bytes']}, audio "
+              f"input {row['audio_input_bytes'] / 2**10:.0f} KiB", flush=True)  # fmt: skip
     lo, hi = (out[str(f)] for f in (min(args.memory_frames), max(args.memory_frames)))
     out["peak_ratio"] = hi["peak_rss_bytes"] / lo["peak_rss_bytes"]
-    print(f"peak RSS {max(args.memory_frames)} / {min(args.memory_frames)} frames: "
-          f"x{out['peak_ratio']:.3f}", flush=True)  # fmt: skip
+    out["growth_ratio"] = hi["growth_bytes"] / max(lo["growth_bytes"], 1)
+    print(f"{max(args.memory_frames)} / {min(args.memory_frames)} frames: peak RSS "
+          f"x{out['peak_ratio']:.3f}, growth x{out['growth_ratio']:.2f}", flush=True)  # fmt: skip
     return out
 
 
@@ -313,6 +357,7 @@ def main() -> int:
     parser.add_argument("--steps-per-frame", type=int, default=2)
     parser.add_argument("--latent", type=int, nargs=3, default=[4, 16, 16], help="C h w")
     parser.add_argument("--samples", type=int, default=8, help="recompute timing points")
+    parser.add_argument("--rounds", type=int, default=16, help="interleaved flatness pairs")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))

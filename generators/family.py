@@ -125,9 +125,9 @@ class ModelFamily(ABC, Generic[ConfigT, SpecT]):
     - ``extra_tensors``: further tensors of a declared feature file the stages read and
       pass to :meth:`prepare_clip` keyed ``"family/tensor"`` (no shape checks).
 
-    A family whose needs depend on its config may set ``features`` / ``extra_tensors`` per
-    instance; sampling asks :meth:`features_for` / :meth:`extra_tensors_for` with the
-    checkpoint's spec.
+    A family whose needs depend on its config may set ``features`` / ``extra_tensors`` /
+    ``uses_memory_bank`` per instance; sampling asks :meth:`features_for` /
+    :meth:`extra_tensors_for` / :meth:`uses_memory_bank_for` with the checkpoint's spec.
     """
 
     name: ClassVar[str]
@@ -149,6 +149,10 @@ class ModelFamily(ABC, Generic[ConfigT, SpecT]):
 
     def extra_tensors_for(self, spec: SpecT) -> dict[str, tuple[str, ...]]:
         return dict(self.extra_tensors)
+
+    def uses_memory_bank_for(self, spec: SpecT) -> bool:
+        """Whether sampling a checkpoint of ``spec`` reads the memory bank."""
+        return self.uses_memory_bank
 
     # ------------------------------------------------------------------ spec and model
 

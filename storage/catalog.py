@@ -61,6 +61,27 @@ def to_arrow(table: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pydict({n: [r.get(n) for r in rows] for n in schema.names}, schema=schema)
 
 
+def from_columns(table: str, columns: Mapping[str, list[Any]]) -> pa.Table:
+    """Columns (name -> values) as an arrow table of ``table``'s schema; absent ones null.
+
+    The fast way to commit many rows: no dict per row (a 188 k-item plan).
+    """
+    schema = ALL_TABLES[table]
+    unknown = set(columns) - set(schema.names)
+    if unknown:
+        raise ValueError(f"table {table!r} has no column(s) {sorted(unknown)}")
+    rows = len(next(iter(columns.values()))) if columns else 0
+    return pa.table(
+        {
+            f.name: (
+                pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(rows, f.type)
+            )
+            for f in schema
+        },
+        schema=schema,
+    )
+
+
 class Transaction:
     """The writes of one commit (see :meth:`Catalog.transaction`)."""
 
@@ -195,7 +216,7 @@ class Catalog:
         return self.append_many({table: rows})
 
     def append_many(
-        self, tables: Mapping[str, Iterable[Mapping[str, Any]]], message: str = ""
+        self, tables: Mapping[str, Iterable[Mapping[str, Any]] | pa.Table], message: str = ""
     ) -> int | None:
         """Append several tables in one transaction: all rows become visible together."""
         tx = Transaction()
@@ -368,11 +389,13 @@ class Catalog:
                 f"SELECT table_name FROM {meta}.ducklake_inlined_data_tables"  # noqa: S608
             ).fetchall()
             inlined = 0
-            for (name,) in names:
-                row = con.execute(
-                    f"SELECT count(*) FROM {meta}.{name} WHERE end_snapshot IS NULL"  # noqa: S608
-                ).fetchone()
-                inlined += int(row[0]) if row else 0
+            if names:  # one query over every inlined-data table (the metadata DB's own names)
+                union = " UNION ALL ".join(
+                    f"SELECT count(*) AS n FROM {meta}.{name} WHERE end_snapshot IS NULL"  # noqa: S608
+                    for (name,) in names
+                )
+                row = con.execute(f"SELECT sum(n) FROM ({union})").fetchone()  # noqa: S608
+                inlined = int(row[0]) if row and row[0] is not None else 0
         return {"files": int(files[0]) if files else 0, "inlined_rows": inlined}
 
     def maybe_compact(self) -> dict[str, int] | None:

@@ -8,11 +8,12 @@ material into item keys and decides, per key, whether an item runs or is cached.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+
+import pyarrow as pa
 
 from storage.catalog import Catalog
 from talkforge.manifests import source_candidates
@@ -159,31 +160,76 @@ def committed_history(catalog: Catalog, stage: str) -> CommittedHistory:
     return CommittedHistory(stage=stage, versions=versions)
 
 
+class Records:
+    """The records behind one stage's current outputs, fetched in one query the first time
+    one is needed — never, for a plan in which every item is cached.
+
+    Rows are looked up by (item id, item key) in ``items``, so a record always belongs to
+    the key the plan saw, whatever was committed in between.
+    """
+
+    def __init__(self, catalog: Catalog, stage: str, keys: dict[str, str]) -> None:
+        self._catalog = catalog
+        self._stage = stage
+        self._keys = keys
+        self._rows: dict[str, tuple[str, str]] | None = None
+
+    def get(self, item_id: str) -> Record:
+        if self._rows is None:
+            wanted = pa.table(
+                {
+                    "item_id": pa.array(list(self._keys), pa.string()),
+                    "item_key": pa.array(list(self._keys.values()), pa.string()),
+                }
+            )
+            rows = self._catalog.query(
+                "SELECT item_id, any_value(record_type) AS record_type, "
+                "any_value(record_json) AS record_json FROM items "
+                "SEMI JOIN wanted USING (item_id, item_key) WHERE stage = ? AND status = 'done' "
+                "GROUP BY item_id",
+                [self._stage],
+                tables={"wanted": wanted},
+            )
+            self._rows = {
+                i: (t, j)
+                for i, t, j in zip(
+                    *(rows.column(c).to_pylist() for c in rows.column_names), strict=True
+                )
+            }
+        record_type, record_json = self._rows[item_id]
+        return record_from_json(record_type, record_json)
+
+
 @dataclass(frozen=True)
 class Output:
-    """A current ``done`` output of an upstream stage; its record is parsed on demand."""
+    """A current ``done`` output of an upstream stage; its record is fetched on demand."""
 
     key: str
-    record_type: str
-    record_json: str
+    item_id: str
+    records: Records
 
     def record(self) -> Record:
-        return record_from_json(self.record_type, self.record_json)
+        return self.records.get(self.item_id)
 
 
 def current_done(catalog: Catalog, stages: tuple[str, ...]) -> dict[str, dict[str, Output]]:
-    """stage -> item id -> :class:`Output` of the current ``done`` outputs of ``stages``."""
+    """stage -> item id -> :class:`Output` of the current ``done`` outputs of ``stages``.
+
+    One query per stage for ids and keys only; a stage's records come later, in one more
+    query, if an item that needs them runs (:class:`Records`).
+    """
     if not stages:
         return {}
-    placeholders = ", ".join("?" for _ in stages)
-    sql = (
-        "SELECT stage, item_id, item_key, record_type, record_json FROM current_items "  # noqa: S608 - placeholders only
-        "WHERE status = 'done' AND stage IN (" + placeholders + ")"
-    )
-    rows = catalog.query(sql, list(stages))
-    out: dict[str, dict[str, Output]] = defaultdict(dict)
-    for stage, item_id, key, rtype, rjson in zip(
-        *(rows.column(c).to_pylist() for c in rows.column_names), strict=True
-    ):
-        out[stage][item_id] = Output(key, rtype, rjson)
+    keys: dict[str, dict[str, str]] = {}
+    for stage in stages:  # `stage = ?` reaches the views' window partitions; IN (...) not
+        rows = catalog.query(
+            "SELECT item_id, item_key FROM current_items WHERE status = 'done' AND stage = ?",
+            [stage],
+        )
+        ids, item_keys = rows.column("item_id").to_pylist(), rows.column("item_key").to_pylist()
+        keys[stage] = dict(zip(ids, item_keys, strict=True))
+    out = {}
+    for stage, by_id in keys.items():
+        records = Records(catalog, stage, by_id)
+        out[stage] = {i: Output(k, i, records) for i, k in by_id.items()}
     return out

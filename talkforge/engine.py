@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from models.registry import fingerprint
-from storage.catalog import Catalog
+from storage.catalog import Catalog, from_columns
 from storage.lease import Lease
 from storage.lease import acquire as lease_acquire
 from storage.lease import release as lease_release
@@ -263,17 +263,17 @@ class Engine:
             return plan
         planned_at = now_utc()
         tables = self._outcome_rows(plan, {}, fresh)
-        tables["plans"] = [
+        tables["plans"] = from_columns(
+            "plans",
             {
-                "run_id": run_id,
-                "stage": stage,
-                "item_id": item_id,
-                "item_key": key,
-                "action": action,
-                "planned_at": planned_at,
-            }
-            for item_id, key, action in rows
-        ]
+                "run_id": [run_id] * len(rows),
+                "stage": [stage] * len(rows),
+                "item_id": [r[0] for r in rows],
+                "item_key": [r[1] for r in rows],
+                "action": [r[2] for r in rows],
+                "planned_at": [planned_at] * len(rows),
+            },
+        )
         to_run = plan.to_run
         tables["stage_runs"] = [
             {

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from storage.catalog import Catalog
-from talkforge.stages import STAGE_ORDER
 
 
 def latest_run_id(catalog: Catalog) -> str | None:
@@ -83,18 +82,18 @@ def stage_status(catalog: Catalog, run_id: str) -> list[dict[str, Any]]:
                s.cached_done + s.cached_filtered + s.skip_failed AS skipped,
                s.dropped
         FROM s LEFT JOIN n USING (stage)
+        ORDER BY s.planned_at
         """,
         {"run": run_id},
     ).to_pylist()
     by_stage = {r["stage"]: r for r in rows}
     info = run_info(catalog, run_id)
-    asked = set(info["stages"] or []) if info else set(by_stage)
+    asked = list(info["stages"] or []) if info else []  # in pipeline order
+    order = asked + [r["stage"] for r in rows if r["stage"] not in asked]
     empty = dict.fromkeys(
         ("items", "done", "filtered", "failed", "pending", "skipped", "dropped"), 0
     )
-    return [
-        by_stage.get(s, {"stage": s, **empty}) for s in STAGE_ORDER if s in by_stage or s in asked
-    ]
+    return [by_stage.get(s, {"stage": s, **empty}) for s in order]
 
 
 def failures(
@@ -151,6 +150,8 @@ def lineage(catalog: Catalog, target: str) -> list[dict[str, Any]]:
         "WHERE c.item_id = ? OR contains(c.input_keys_json, ?)",
         [target, json.dumps(target)],
     ).to_pylist()
+    from talkforge.stages import STAGE_ORDER  # every stage module: only where needed
+
     order = {s: i for i, s in enumerate(STAGE_ORDER)}
     return sorted(rows, key=lambda r: (order.get(r["stage"], 99), r["kind"] or ""))
 
@@ -184,6 +185,8 @@ def _artifact_chain(catalog: Catalog, first: dict[str, Any]) -> list[dict[str, A
                 f"SELECT * FROM artifact_versions WHERE artifact_id IN ({placeholders})",  # noqa: S608
                 list(parents),
             ).to_pylist()
+    from talkforge.stages import STAGE_ORDER  # every stage module: only where needed
+
     order = {s: i for i, s in enumerate(STAGE_ORDER)}
     return sorted(chain, key=lambda r: order.get(r["stage"], 99))
 

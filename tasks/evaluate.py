@@ -278,7 +278,7 @@ class EvaluateStage(Stage[EvaluateConfig]):
         if ref is None:
             return None
         ctx.record_existing(ref)
-        row = MetricRow.model_validate_json(ctx.local_path(ref).read_text())
+        row = MetricRow.model_validate_json(ctx.store.local_path(ref.uri, ctx.scratch).read_text())
         if row.features is not None:
             ctx.record_existing(row.features)
         return row

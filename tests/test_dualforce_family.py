@@ -12,9 +12,12 @@ from generators.dualforce.model import parameter_count
 from generators.dualforce.sampler import generate
 from generators.family import DataLayout
 from generators.io import read_tensor
-from tests.dualforce_helpers import layout, one_thread, tiny_config, write_clip
-
-__all__ = ["one_thread"]  # autouse fixture
+from tests.dualforce_helpers import (
+    layout,
+    one_thread,  # noqa: F401 - autouse fixture
+    tiny_config,
+    write_clip,
+)
 
 
 def test_registered_and_selected_by_the_train_config():

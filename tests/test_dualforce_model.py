@@ -11,10 +11,14 @@ from generators.dualforce.blocks import DualForceBlock, StreamState
 from generators.dualforce.config import SamplerConfig
 from generators.dualforce.model import DualForceInputs, DualForceTransformer
 from generators.dualforce.sampler import GenerationSession
-from tests.dualforce_helpers import active_model, one_thread, random_inputs, tiny_arch
+from tests.dualforce_helpers import (
+    active_model,
+    one_thread,  # noqa: F401 - autouse fixture
+    random_inputs,
+    tiny_arch,
+)
 
 ARCH = tiny_arch()  # 3 blocks: 0, 1 shallow (fusion), 2 deep
-__all__ = ["one_thread"]  # autouse fixture
 
 
 def frames(inp: DualForceInputs, sl: slice) -> DualForceInputs:

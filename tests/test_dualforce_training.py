@@ -21,9 +21,13 @@ from generators.dualforce.objectives import (
 from generators.dualforce.sampler import generate
 from generators.dualforce.structure import StructureProjector
 from generators.io import read_tensor
-from tests.dualforce_helpers import layout, one_thread, random_inputs, tiny_config, write_clip
-
-__all__ = ["one_thread"]  # autouse fixture
+from tests.dualforce_helpers import (
+    layout,
+    one_thread,  # noqa: F401 - autouse fixture
+    random_inputs,
+    tiny_config,
+    write_clip,
+)
 
 NO_AUGMENT = {
     "p_temporal_crop": 0.0, "p_speed": 0.0, "p_color": 0.0, "p_flip": 0.0,

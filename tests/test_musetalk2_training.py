@@ -3,6 +3,7 @@ what an untrained network (or any audio-blind predictor) can reach."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,7 +17,18 @@ def _lower(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, H // 2 :]
 
 
-def test_a_few_hundred_cpu_steps_fit_one_clip_and_the_one_step_sample_improves(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny networks are dispatch-bound: one intra-op thread is faster and steadier."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_few_hundred_cpu_steps_fit_one_clip_and_the_one_step_sample_improves(
+    tmp_path, one_thread
+):
     clip = clip_features(tmp_path, "clip", 24, seed=0)
     fam = Musetalk2Family(
         Musetalk2Config(
@@ -51,8 +63,9 @@ def test_a_few_hundred_cpu_steps_fit_one_clip_and_the_one_step_sample_improves(t
         opt.zero_grad(set_to_none=True)
         raw.append(float(out["pmf_raw_u"]))
     start, end = sum(raw[:20]) / 20, sum(raw[-20:]) / 20
-    assert end < 0.2 * start, (start, end)
     trained = sample_error()
+    print(f"pmf raw {start:.1f} -> {end:.2f}; sample mse {untrained:.3f} -> {trained:.4f}")
+    assert end < 0.2 * start, (start, end)
     # the best audio-blind guess of the mouth rows is their mean over the clip; the audio
     # says how open the mouth is, so only a network that uses it gets below that
     blind = float(((truth - truth.mean(0, keepdim=True)) ** 2).mean())

@@ -49,13 +49,22 @@ class DSAConfig(BaseModel):
 def index_scores(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, chunk: int = 1024
 ) -> torch.Tensor:
-    """Eq. (1): ``q (B, L, H_I, d_I)``, ``k (B, S, d_I)``, ``w (B, L, H_I)`` → ``(B, L, S)``."""
+    """Eq. (1): ``q (B, L, H_I, d_I)``, ``k (B, S, d_I)``, ``w (B, L, H_I)`` → ``(B, L, S)``.
+
+    Per chunk of queries one ``(c·H_I, d_I) @ (d_I, S)`` product, ReLU in place, then the
+    weighted sum over heads as a batched ``(1, H_I) @ (H_I, S)`` product per query: two
+    passes over the ``(c, H_I, S)`` block instead of one per head and operation."""
+    b, length, heads, dim = q.shape
     out = []
-    for start in range(0, q.shape[1], chunk):
-        qc, wc = q[:, start : start + chunk], w[:, start : start + chunk]
-        rel = torch.relu(torch.einsum("blhd,bsd->blhs", qc, k))
-        out.append(torch.einsum("blh,blhs->bls", wc, rel))
-    return torch.cat(out, dim=1)
+    for bi in range(b):
+        rows = []
+        for start in range(0, length, chunk):
+            qc, wc = q[bi, start : start + chunk], w[bi, start : start + chunk]
+            n = qc.shape[0]
+            rel = torch.relu_(qc.reshape(n * heads, dim) @ k[bi].T).view(n, heads, -1)
+            rows.append(torch.bmm(wc[:, None, :], rel)[:, 0])
+        out.append(torch.cat(rows))
+    return torch.stack(out)
 
 
 def allowed_mask(frame_ids: torch.Tensor, causal: bool) -> torch.Tensor | None:

@@ -2,11 +2,11 @@
 
 One :class:`KVSlot` per (block, stream) holds the rotated keys and values of the last
 ``window_frames - 1`` committed frames in a ring buffer allocated at the first commit, so
-generation memory is fixed from the first frame on and nothing is reallocated per frame. Softmax attention is
-invariant to the order of its keys (RoPE is applied before caching), so the ring's slot
-order does not matter. Audio needs no cache (cross-modal attention reads only the current
-frame); the reference's keys/values are constant per block and kept in
-:attr:`DualForceCache.reference`.
+generation memory is fixed from the first frame on and nothing is reallocated per frame.
+Softmax attention is invariant to the order of its keys (RoPE is applied before caching),
+so the ring's slot order does not matter. Audio needs no cache (cross-modal attention
+reads only the current frame); the reference's keys/values are constant per block and kept
+in :attr:`DualForceCache.reference`.
 """
 
 from __future__ import annotations
