@@ -51,8 +51,8 @@ sys.path.insert(0, str(REPO))
 from storage.schema import ALL_TABLES  # noqa: E402
 from talkforge import ops  # noqa: E402
 from talkforge.config import load_config  # noqa: E402
-from talkforge.engine import Engine, key_hasher  # noqa: E402
-from talkforge.plan import RunOptions, StageSummary  # noqa: E402
+from talkforge.engine import Engine  # noqa: E402
+from talkforge.plan import RunOptions, StageSummary, key_hasher  # noqa: E402
 from talkforge.stages import STAGE_ORDER  # noqa: E402
 from tests.catalog_helpers import load_old_code, write_talkvid_manifest  # noqa: E402
 
@@ -298,7 +298,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from talkforge.config import load_config
 from talkforge.engine import Engine
-from talkforge.plan import RunOptions, StageSummary
+from talkforge.plan import RunOptions, StageSummary, key_hasher
 import talkforge.manifests as m
 import_s = time.perf_counter() - t0
 def peak_mb():  # this process's own high-water mark (ru_maxrss would include the parent's)

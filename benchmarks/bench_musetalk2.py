@@ -8,8 +8,9 @@
    backend alone costs.
 2. **DSA vs dense temporal attention** at ``L`` tokens and ``k`` selected keys, indexer and
    top-k included (forward; target ≤ 0.4× dense at L = 4096, k = 512 on this CPU), against
-   ``scaled_dot_product_attention`` on the same q, k, v; swept over ``L`` for the crossover
-   below which dense is cheaper.
+   ``scaled_dot_product_attention`` on the same q, k, v (default backend, and math), swept
+   over ``L`` for the crossover below which dense is cheaper; with the indexer / top-k /
+   sparse-core split at each ``L``.
 3. The full-size network's parameter count (built on the meta device).
 
 Usage::
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from generators.blocks.dsa import DSAConfig, SparseSelfAttention
+from generators.blocks.dsa import DSAConfig, SparseSelfAttention, select_topk, sparse_attention
 from generators.musetalk2.config import Musetalk2Config, make_spec
 from generators.musetalk2.network import Musetalk2Net
 
@@ -109,9 +110,7 @@ def dsa_vs_dense(length: int, k: int, channels: int, heads: int, args) -> dict[s
 
     def dense() -> None:
         h = block.norm(x)
-        q, kk, v = (
-            u.view(1, length, heads, -1).transpose(1, 2) for u in block.qkv(h).chunk(3, -1)
-        )
+        q, kk, v = (u.view(1, length, heads, -1).transpose(1, 2) for u in block.qkv(h).chunk(3, -1))
         y = F.scaled_dot_product_attention(q, kk, v)
         block.out(y.transpose(1, 2).reshape(1, length, channels))
 
@@ -119,9 +118,29 @@ def dsa_vs_dense(length: int, k: int, channels: int, heads: int, args) -> dict[s
         block(x, frames)
 
     with torch.no_grad():
+        h = block.norm(x)
+        q, kk, v = (u.view(1, length, heads, -1).transpose(1, 2) for u in block.qkv(h).chunk(3, -1))
+        scores = block.indexer(h)
+        idx, valid = select_topk(scores, k, None)
         d = timed(dense, args.repeats, args.device)
         s = timed(sparse, args.repeats, args.device)
-    return {"L": length, "k": k, "dense_s": d, "dsa_s": s, "dsa_over_dense": s / d}
+        parts = {
+            "indexer_s": timed(lambda: block.indexer(h), args.repeats, args.device),
+            "topk_s": timed(lambda: select_topk(scores, k, None), args.repeats, args.device),
+            "core_s": timed(lambda: sparse_attention(q, kk, v, idx, valid), 1, args.device),
+        }
+        with sdpa_kernel([SDPBackend.MATH]):
+            d_math = timed(dense, args.repeats, args.device)
+    return {
+        "L": length,
+        "k": k,
+        "dense_s": d,
+        "dense_math_s": d_math,
+        "dsa_s": s,
+        **parts,
+        "dsa_over_dense": s / d,
+        "dsa_over_dense_math": s / d_math,
+    }
 
 
 def full_size_params() -> dict[str, int]:
@@ -141,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", default="64,128,128", help="UNet block_out_channels")
     parser.add_argument("--latent", type=int, default=16, help="latent height = width")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dsa-channels", type=int, default=640)
     parser.add_argument("--dsa-heads", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=512)
-    parser.add_argument("--lengths", default="512,1024,2048,4096")
+    parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     report: dict[str, object] = {"device": args.device, "threads": torch.get_num_threads()}
@@ -159,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         sweep.append(row)
         print("dsa:", json.dumps(row), flush=True)
     report["dsa_sweep"] = sweep
-    cheaper = [r["L"] for r in sweep if r["dsa_over_dense"] < 1.0]
-    report["dsa_crossover_L"] = min(cheaper) if cheaper else None
-    print("DSA cheaper than dense from L =", report["dsa_crossover_L"])
+    for base in ("dense", "dense_math"):
+        cheaper = [r["L"] for r in sweep if r[f"dsa_over_{base}"] < 1.0]
+        report[f"dsa_crossover_L_vs_{base}"] = min(cheaper) if cheaper else None
+        print(f"DSA cheaper than {base} from L =", report[f"dsa_crossover_L_vs_{base}"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -7,7 +7,9 @@ Layout::
       registry.py    register / look up families; the train stage's config union
       blocks/        shared building blocks, one small module each (engram_hash, pmf, mhc, ...)
       musetalk15/    the MuseTalk 1.5 baseline: latent UNet, one-step regression
-      <family>/      one package per further family (musetalk2, dualforce, ...)
+      musetalk2/     MuseTalk 2.0: pMF one-step inpainting UNet with mHC, Engram, gates, DSA
+      dualforce/     DualForce: causal video + 3D-structure diffusion forcing
+      <family>/      one package per further family
 
 **Import rule.** Modules here import only torch, diffusers / transformers, numpy,
 safetensors, pydantic, the standard library and ``models/`` (frozen pretrained wrappers) —
@@ -22,8 +24,8 @@ read catalog records and feature files, then hand the wing plain tensors and loc
    typed, validated, ``extra="forbid"``). The train stage merges it with its own fields
    (``tasks.train_config.TrainStageConfig``: steps, batch_size, learning_rate, the
    optimizer and schedule, trainable/frozen patterns, init_from, resources, ...), so a
-   family field must not reuse one of those names (``registry.config_union`` refuses a clash). Users select it as
-   ``train: {family: <name>, ...}``; ``musetalk15`` is the default.
+   family field must not reuse one of those names (``registry.config_union`` refuses a
+   clash). Users select it as ``train: {family: <name>, ...}``; ``musetalk15`` is the default.
 2. A spec class (subclass of :class:`generators.family.ModelSpec`): everything needed to
    rebuild the network from JSON (stored in the checkpoint record and in the weights'
    safetensors header). Specs are data, never pickles.

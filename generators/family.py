@@ -200,6 +200,10 @@ class ModelFamily(ABC, Generic[ConfigT, SpecT]):
         """Initialise from another family's official weights; returns tensor counts."""
         raise ValueError(f"{self.name} cannot take weights of {source_family!r}")
 
+    def load_official(self, weights: Path, layout: DataLayout) -> tuple[SpecT, torch.nn.Module]:
+        """A released checkpoint of this family as a sampling baseline (spec, eval model)."""
+        raise ValueError(f"{self.name} has no official-weights loader")
+
     # ------------------------------------------------------------------ training
 
     def asset_specs(self) -> dict[str, RegistrySpec]:

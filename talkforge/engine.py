@@ -18,15 +18,10 @@ run asked for, and ``talkforge status`` can say what is done, failed, pending or
 
 from __future__ import annotations
 
-import gc
-import hashlib
 import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -47,6 +42,8 @@ from talkforge.plan import (
     RunOptions,
     StagePlan,
     StageSummary,
+    gc_paused,
+    key_hasher,
     new_run_id,
     now_utc,
     select_stages,
@@ -63,33 +60,6 @@ from tasks.runner import Outcome, WorkItem
 log = logging.getLogger(__name__)
 
 DISCOVERY_WORKER = "discover"  # the worker of failures found while planning (bad manifest rows)
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a plan builds ~10^5 acyclic objects: Python
-    would otherwise walk every live object again and again (a third of a 188 k plan)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
-def key_hasher(common: dict[str, Any]) -> Callable[[Any], str]:
-    """``keys -> stable_hash({**common, "inputs": keys})``, byte for byte, for many items.
-
-    The constant part is encoded once and only each item's key material per item: at
-    188 k items this halves the cost of keying a plan without changing any key.
-    """
-    dumps = partial(json.dumps, sort_keys=True, separators=(",", ":"), default=str)
-    before = dumps({k: v for k, v in common.items() if k < "inputs"})[:-1]
-    after = dumps({k: v for k, v in common.items() if k > "inputs"})[1:]
-    head = before + ("," if len(before) > 1 else "") + '"inputs":'
-    tail = ("," + after) if len(after) > 1 else "}"
-    return lambda keys: hashlib.sha256((head + dumps(keys) + tail).encode()).hexdigest()
 
 
 class Engine:
@@ -330,12 +300,14 @@ class Engine:
         """Items current in ``stage`` that this plan no longer holds (upstream now failed
         or filtered, clip gone from the manifest): a plan row with an empty key takes them
         out of the current view, so downstream stages never build on a stale version."""
-        planned = {i.item_id for i in plan.items}
+        planned = pa.table({"item_id": pa.array([i.item_id for i in plan.items], pa.string())})
         rows = self.catalog.query(
-            "SELECT DISTINCT item_id FROM current_plans WHERE stage = ? AND item_key <> ''",
+            "SELECT DISTINCT item_id FROM current_plans ANTI JOIN planned USING (item_id) "
+            "WHERE stage = ? AND item_key <> '' ORDER BY item_id",
             [stage],
-        ).to_pylist()
-        return sorted(r["item_id"] for r in rows if r["item_id"] not in planned)
+            tables={"planned": planned},
+        )
+        return rows.column("item_id").to_pylist()
 
     def _item_state(self, stage: str, keys: list[str]) -> dict[str, tuple[str, bool, int]]:
         """key -> (latest status, retryable, number of attempts so far), for ``keys`` only.

@@ -130,7 +130,8 @@ class RayExecutor:
             self.ray_config.address or os.environ.get("RAY_ADDRESS")
         ):  # local instance: do not ask for more than exists
             cpus = ray.cluster_resources().get("CPU", 1)
-            wanted = max(1, min(wanted, int(cpus // res.num_cpus) or 1))
+            fits = int(cpus // res.num_cpus) if res.num_cpus > 0 else wanted  # 0 CPU: any
+            wanted = max(1, min(wanted, fits or 1))
         return wanted
 
     def _new_actor(

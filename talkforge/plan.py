@@ -6,10 +6,16 @@ pulling in execution.
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import json
 import logging
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -122,3 +128,30 @@ def now_utc() -> datetime:
 
 def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a plan builds ~10^5 acyclic objects: Python
+    would otherwise walk every live object again and again (a third of a 188 k plan)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def key_hasher(common: dict[str, Any]) -> Callable[[Any], str]:
+    """``keys -> stable_hash({**common, "inputs": keys})``, byte for byte, for many items.
+
+    The constant part is encoded once and only each item's key material per item: at
+    188 k items this halves the cost of keying a plan without changing any key.
+    """
+    dumps = partial(json.dumps, sort_keys=True, separators=(",", ":"), default=str)
+    before = dumps({k: v for k, v in common.items() if k < "inputs"})[:-1]
+    after = dumps({k: v for k, v in common.items() if k > "inputs"})[1:]
+    head = before + ("," if len(before) > 1 else "") + '"inputs":'
+    tail = ("," + after) if len(after) > 1 else "}"
+    return lambda keys: hashlib.sha256((head + dumps(keys) + tail).encode()).hexdigest()

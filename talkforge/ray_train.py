@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the workers import this module: keep it free of the pipelin
     from talkforge.config import RayConfig
 
 FORWARDED_ENV_PREFIXES = ("HF_", "TORCH_", "TRANSFORMERS_", "OMP_", "CUDA_", "RAY_TRAIN_")
+CONTROLLER_RETRIES = 2
 HEALTH_CHECK_ENV, HEALTH_CHECK_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"  # Ray's default: 2
 
 
@@ -104,7 +105,11 @@ class TrainDriver:
             run_config=RunConfig(
                 name=job.run_name,
                 storage_path=str(job.work_dir),
-                failure_config=FailureConfig(max_failures=job.max_failures),
+                # a worker group that cannot be placed (60 s each) fails the item after
+                # a few tries instead of waiting forever
+                failure_config=FailureConfig(
+                    max_failures=job.max_failures, controller_failure_limit=CONTROLLER_RETRIES
+                ),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -86,8 +86,8 @@ def extract_video(
     ``emoca_flame`` and ``reference``; crops must be a multiple of ``latent_stride`` (the
     VAE's). ``framing`` gives, per framed extractor in ``pools``, one source→crop affine
     per frame of ``clip`` (see :func:`tasks.features_framing.framing_affines`). Each chunk
-    of crops is shared once and submitted to the VAE; the same frames of the clip are cut
-    into each framed extractor's crop and submitted to it. With remote pools the next
+    of crops is submitted to the VAE; the same frames of the clip are cut into each framed
+    extractor's crop and submitted to it. With remote pools the next
     chunk decodes while they infer, and at most ``max_inflight_chunks`` chunks are
     outstanding (memory stays bounded). The reference pool gets crop frame
     ``reference_index`` (clamped to the clip). Returns float32 arrays per family

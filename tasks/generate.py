@@ -325,7 +325,7 @@ class GenerateStage(Stage[GenerateConfig]):
             int(t.shape[0]) for f, t in tensors.items()
             if "/" not in f and f not in family.clip_features | family.row_features
         )  # fmt: skip
-        params = cfg.model_dump(mode="json", exclude={"resources", "baselines", "checkpoints"})
+        params = cfg.model_dump(mode="json", include={"batch_size", "crf", "reference_frame"})
         video_key = stable_hash(
             {"code": self.code_version, "params": params, "weights": gen.sha256,
              "setting": setting, "inputs": hashes, "audio": driver.audio.sha256,

@@ -105,8 +105,10 @@ class TrainStage(Stage[TrainStageConfig]):
 
     @classmethod
     def actor_resources(cls, config: TrainStageConfig) -> Resources:
-        """The stage process only drives Ray Train; ``resources`` size the workers."""
-        return Resources(num_cpus=0.01, num_workers=1)
+        """The stage process only drives Ray Train; ``resources`` size the workers. It
+        reserves no CPU at all (a fraction would keep the last whole CPU from a worker),
+        which ``Resources`` validation does not allow users, hence ``model_construct``."""
+        return Resources.model_construct(num_cpus=0.0, num_gpus=0.0, num_workers=1, batch_size=1)
 
     def accepts(self, item_id: str, shared: dict[str, Record]) -> bool:
         return not is_heldout(item_id, self.env)

@@ -11,8 +11,8 @@ import pytest
 
 from talkforge import ops
 from talkforge.config import load_config
-from talkforge.engine import Engine, key_hasher
-from talkforge.plan import RunOptions, StageSummary
+from talkforge.engine import Engine
+from talkforge.plan import RunOptions, StageSummary, key_hasher
 from talkforge.plan_report import dry_run
 from tasks.base import stable_hash
 from tasks.runner import Outcome
@@ -193,3 +193,21 @@ def test_dry_run_names_the_changed_config_key(tmp_path: Path) -> None:
     row = dry_run(changed, DOWNLOAD)[0]
     assert (row["would_run"], row["why"]) == (6, "6 config download.crf")
     assert changed.catalog.current_snapshot() == snapshot  # a dry run commits nothing
+
+
+def test_clips_gone_from_the_manifest_are_dropped_from_the_current_view(tmp_path: Path) -> None:
+    manifest = write_talkvid_manifest(tmp_path / "m.json", 10)
+    engine = _engine(tmp_path / "data", manifest)
+    first = _plan(engine, "r1")
+    _finish(engine, first, [i.item_id for i in first.items])
+    write_talkvid_manifest(manifest, 8)  # the same first 8 records, two gone
+    again = _plan(engine, "r2")
+    gone = sorted(
+        i.item_id for i in first.items if i.item_id.endswith(("scene8-scene1", "scene9-scene1"))
+    )
+    assert again.dropped == gone and len(gone) == 2
+    assert {i.action for i in again.items} == {"cached"}
+    current = engine.catalog.query("SELECT count(*) AS n FROM current_items").to_pylist()
+    assert current == [{"n": 8}]
+    assert _plan(engine, "r3").dropped == []  # dropped once, not again
+    engine.close()

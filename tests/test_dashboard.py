@@ -103,18 +103,22 @@ class Browser:
              "--remote-debugging-port=0", f"--window-size=1400,{height_px}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not port_file.exists() or len(port_file.read_text().splitlines()) < 2:
-            assert time.monotonic() < deadline and self.proc.poll() is None, "no chromium"
-            time.sleep(0.2)
-        port = port_file.read_text().splitlines()[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as r:
-            tab = next(t for t in json.load(r) if t["type"] == "page")
-        self.ws = connect(tab["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
-        self.next_id = 0
-        self.call("Emulation.setDeviceMetricsOverride",
-                  width=1400, height=height_px, deviceScaleFactor=1, mobile=False)  # fmt: skip
+        try:
+            port_file = profile / "DevToolsActivePort"
+            deadline = time.monotonic() + 60
+            while not port_file.exists() or len(port_file.read_text().splitlines()) < 2:
+                assert time.monotonic() < deadline and self.proc.poll() is None, "no chromium"
+                time.sleep(0.2)
+            port = port_file.read_text().splitlines()[0]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as r:
+                tab = next(t for t in json.load(r) if t["type"] == "page")
+            self.ws = connect(tab["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+            self.next_id = 0
+            self.call("Emulation.setDeviceMetricsOverride",
+                      width=1400, height=height_px, deviceScaleFactor=1, mobile=False)  # fmt: skip
+        except BaseException:
+            self._kill()
+            raise
 
     def call(self, method: str, **params: object) -> dict:
         self.next_id += 1
@@ -155,7 +159,10 @@ class Browser:
 
     def close(self) -> None:
         self.ws.close()
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        self._kill()
+
+    def _kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)  # chromium and every helper process it made
         self.proc.wait(10)
 
 

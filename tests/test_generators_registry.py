@@ -106,8 +106,10 @@ def test_register_checks_tags_and_union_refuses_a_stage_field_clash(monkeypatch)
         registry.register(family("other", _Cfg, _Spec))
     with pytest.raises(ValueError):  # a second class under a taken name
         registry.register(family("musetalk15", Musetalk15Config, Musetalk15Family.spec_type))
+    builtin = registry.names()
     registry.register(family("probe", _Cfg, _Spec))
-    assert registry.names() == ["musetalk15", "probe"]
+    assert registry.names() == sorted([*builtin, "probe"])
+    assert {"musetalk15", "musetalk2", "dualforce"} <= set(builtin)
 
     class Stage(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)

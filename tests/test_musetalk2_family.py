@@ -116,7 +116,7 @@ def _assets(root: Path, syncnet: bool) -> TrainingAssets:
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_training_step_combines_the_stage_losses_through_the_frozen_models(cache, stage):
-    fam = _family(training_stage=stage)
+    fam = _family(training_stage=stage, perceptual_options={"input_size": 128})
     _spec, model, data = _ready(fam, cache)
     with pytest.raises(ValueError, match="VAE"):
         fam.training_step(model, fam.training_batch(data, 0, 1, 1, 0, 1))

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 NEG_INF = float("-inf")
+GATHER_BUDGET = 1 << 22  # gathered key elements per chunk of the gather path (16 MB fp32)
 
 
 class DSAConfig(BaseModel):
@@ -94,7 +95,8 @@ def select_topk(
 
 def _sparse_gather(q, k, v, idx, valid, chunk):
     """``q, k, v (B, H, L, d)``, ``idx/valid (B, L, k)`` → ``(out (B,H,L,d), probs (B,H,L,k))``."""
-    b, _, length, d = q.shape
+    b, heads, length, d = q.shape
+    chunk = min(chunk, max(1, GATHER_BUDGET // max(1, idx.shape[-1] * heads * d)))
     outs, probs = [], []
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, L, H, d)
     batch = torch.arange(b)[:, None, None]
@@ -199,7 +201,9 @@ class SparseSelfAttention(nn.Module):
     """Pre-norm self-attention over ``L`` tokens with DSA selection; residual output.
 
     ``forward(x (B, L, C), frame_ids (L,)) -> (x + attn, L^I)``. The output projection starts
-    at zero, so inserting the block into a trained network changes nothing at first.
+    at zero, so inserting the block into a trained network changes nothing at first. ``L^I``
+    is a training signal: with gradients disabled it is not computed (returned as 0), and
+    the dense phase then skips the indexer altogether.
     """
 
     def __init__(self, channels: int, cfg: DSAConfig):
@@ -226,12 +230,17 @@ class SparseSelfAttention(nn.Module):
             t.view(b, length, self.cfg.heads, -1).transpose(1, 2) for t in self.qkv(h).chunk(3, -1)
         )
         allowed = allowed_mask(frame_ids, self.cfg.causal)
-        scores = self.indexer(h.detach(), self.cfg.query_chunk)
+        learn = torch.is_grad_enabled()  # the KL only trains the indexer
+        kl = x.new_zeros(())
         if self.cfg.phase == "dense":
             y, probs = dense_attention(q, k, v, allowed)
-            kl = indexer_kl(attention_target(probs), scores, allowed)
+            if learn:
+                scores = self.indexer(h.detach(), self.cfg.query_chunk)
+                kl = indexer_kl(attention_target(probs), scores, allowed)
         else:
+            scores = self.indexer(h.detach(), self.cfg.query_chunk)
             idx, valid = select_topk(scores.detach(), self.cfg.top_k, allowed)
             y, probs = sparse_attention(q, k, v, idx, valid, impl, self.cfg.query_chunk)
-            kl = indexer_kl(attention_target(probs), scores.gather(-1, idx), valid)
+            if learn:
+                kl = indexer_kl(attention_target(probs), scores.gather(-1, idx), valid)
         return x + self.out(y.transpose(1, 2).reshape(b, length, c)), kl

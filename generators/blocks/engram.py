@@ -20,10 +20,13 @@ Per frame (following the Engram demo and TileKernels' ``engram_gate_ref``):
 5. residual: ``s ← s + o`` on every stream, before the level's attention.
 
 **Memory bank** (engram stage): :meth:`Engram.init_from_bank` *initialises* the table from
-the bank (its hash parameters are adopted, and each slot a training frame reached starts at
-a fixed random projection of that slot's mean mouth latent, scaled to the init std): the
-table is then trained. Initialising rather than adding the bank's latents as input keeps
-one representation (the lookup) and lets n-grams with similar mouths start near each other.
+the bank (the bank's orders, heads and prime table sizes must be this module's; its hash
+multipliers are adopted, and each slot a training frame reached starts at a fixed random
+projection of that slot's mean mouth latent, scaled to the init std): the table is then
+trained. Initialising rather than complementing (adding the bank's retrieved latents as an
+extra input, as the musetalk15 baseline's prior channels do) keeps one representation (the
+lookup), adds no input channels the 1.5 weights do not have, and lets n-grams with similar
+mouths start near each other; the price is that the bank's values are only a starting point.
 """
 
 from __future__ import annotations

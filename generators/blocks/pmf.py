@@ -12,13 +12,13 @@ Conventions (MeanFlow, Geng et al. 2505.13447; pMF 2601.22158, official ``Lyy-ii
   weight ``w(l) = l / sg(l + eps)^p``;
 - one-step sampling: ``x̂ = z_1 - u(z_1, r=0, t=1)``, i.e. the u-head at ``(t, r) = (1, 0)``.
 
-Cost trade-off: ``v_c`` needs a no-grad forward before the JVP; it and the JVP itself
-(primal + tangent) run only on the rows with ``r < t`` (for ``r = t`` the ``(t - r)·du/dt``
-term is exactly zero, so those rows take one plain forward), and the primal of the JVP is
-the differentiated forward, so no forward runs twice with a graph. ``torch.func.jvp`` needs
-forward-mode AD through every op: fused SDPA kernels (flash / memory-efficient) have no
-forward-AD formula, so the JVP pass runs under
-the math SDPA backend (see :func:`jvp_attention_backend`).
+Cost trade-off: one differentiable forward of every row gives ``u``, ``v`` and the tangent
+``v_c = sg(v)`` (no separate forward for it); the JVP then runs without gradient recording
+only on the rows with ``r < t`` (for ``r = t`` the ``(t - r)·du/dt`` term is exactly zero).
+So a step costs a flow-matching step plus one forward-mode pass over a
+``1 - data_proportion`` share of the batch. ``torch.func.jvp`` needs forward-mode AD through
+every op: fused SDPA kernels (flash / memory-efficient) have no forward-AD formula, so the
+JVP pass runs under the math SDPA backend (see :func:`jvp_attention_backend`).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class PMFTerms:
     x_pred: torch.Tensor  # (B, ...) x̂ = z_t - t·u, with gradient (for pixel/perceptual terms)
     du_dt: torch.Tensor  # (B, ...) detached
     compound_v: torch.Tensor  # (B, ...) V, with gradient
-    aux: torch.Tensor  # row-weighted mean of the network's auxiliary loss, with gradient
+    aux: torch.Tensor  # the network's auxiliary loss on the differentiable forward
 
 
 def pmf_objective(
@@ -117,43 +117,29 @@ def pmf_objective(
     """The full pMF objective for data ``x``, noise ``eps`` and times ``t ≥ r`` (``(B,)``).
 
     ``fn`` is the network closed over its parameters and conditioning; it is called on row
-    subsets (``rows``), for which it must slice its conditioning the same way.
-    Gradients reach the parameters
-    through ``u`` (primal of the JVP) and ``v``; ``du/dt`` is detached, so no double-backward
-    graph is kept.
+    subsets (``rows``), for which it must slice its conditioning the same way. Gradients
+    reach the parameters through ``u`` and ``v`` of one differentiable forward; ``du/dt``
+    comes from a JVP under ``no_grad`` (stop-gradient by construction: no graph is recorded
+    for the tangent, and none is kept for a double backward).
     """
     tb = _bcast(t, x)
     z_t = (1.0 - tb) * x + tb * eps
     v_t = velocity(z_t, x, t, cfg.t_min)  # = ε - x where t ≥ t_min
     everything = torch.arange(x.shape[0], device=x.device)
-    gap = (t - r) > 0
-    jvp_rows, flat_rows = everything[gap], everything[~gap]
-
-    def u_fn(z: torch.Tensor, tt: torch.Tensor, rr: torch.Tensor, rows: torch.Tensor):
-        xu, xv, aux = _split(fn(z, tt, rr, rows))
-        return (velocity(z, xu, tt, cfg.t_min), velocity(z, xv, tt, cfg.t_min)), aux
-
-    parts = []  # (rows, u, v, du/dt)
-    aux = x.new_zeros(())
+    xu, xv, aux = _split(fn(z_t, t, r, everything))
+    u, v = velocity(z_t, xu, t, cfg.t_min), velocity(z_t, xv, t, cfg.t_min)
+    du_dt = torch.zeros_like(u)
+    jvp_rows = everything[(t - r) > 0]
     if len(jvp_rows):
         z_g, t_g, r_g = z_t[jvp_rows], t[jvp_rows], r[jvp_rows]
-        with torch.no_grad():
-            v_c = velocity(z_g, _split(fn(z_g, t_g, r_g, jvp_rows))[1], t_g, cfg.t_min)
-        with jvp_attention_backend():
-            (u_g, v_g), (du_g, _), aux_g = torch.func.jvp(
-                lambda z, tt, rr: u_fn(z, tt, rr, jvp_rows),
-                (z_g, t_g, r_g),
-                (v_c, torch.ones_like(t_g), torch.zeros_like(r_g)),
-                has_aux=True,
-            )
-        parts.append((jvp_rows, u_g, v_g, du_g.detach()))
-        aux = aux + aux_g * (len(jvp_rows) / x.shape[0])
-    if len(flat_rows):
-        (u_e, v_e), aux_e = u_fn(z_t[flat_rows], t[flat_rows], r[flat_rows], flat_rows)
-        parts.append((flat_rows, u_e, v_e, torch.zeros_like(u_e)))
-        aux = aux + aux_e * (len(flat_rows) / x.shape[0])
-    inverse = torch.argsort(torch.cat([p[0] for p in parts]))
-    u, v, du_dt = (torch.cat([p[i] for p in parts])[inverse] for i in (1, 2, 3))
+        v_c = v.detach()[jvp_rows]  # the model's own conditional velocity: the tangent
+
+        def u_fn(z: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+            return velocity(z, _split(fn(z, tt, r_g, jvp_rows))[0], tt, cfg.t_min)
+
+        with torch.no_grad(), jvp_attention_backend():
+            _, du_g = torch.func.jvp(u_fn, (z_g, t_g), (v_c, torch.ones_like(t_g)))
+        du_dt = du_dt.index_copy(0, jvp_rows, du_g)
     compound = u + _bcast(t - r, x) * du_dt
     dims = tuple(range(1, x.ndim))
     raw_u = ((compound - v_t.detach()) ** 2).sum(dims)

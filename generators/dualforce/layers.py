@@ -60,10 +60,12 @@ def _rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
 
 
-def block_causal_mask(num_frames: int, tokens_per_frame: int, window: int) -> torch.Tensor:
+def block_causal_mask(
+    num_frames: int, tokens_per_frame: int, window: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Boolean ``(T·N, T·N)``: query frame ``i`` may read key frame ``j`` iff
     ``i - window < j <= i``; all tokens of one frame see each other."""
-    frame = torch.arange(num_frames)
+    frame = torch.arange(num_frames, device=device)
     diff = frame[:, None] - frame[None, :]
     allowed = (diff >= 0) & (diff < window)  # per frame pair, then expanded to tokens
     return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)

@@ -213,7 +213,7 @@ class DualForceTransformer(nn.Module):
             reference = self.reference_context(inp.reference_tokens, inp.reference_latent)
         v_mask = None
         if whole_clip:
-            v_mask = block_causal_mask(t, v_tokens.shape[2], a.window_frames).to(v_tokens.device)
+            v_mask = block_causal_mask(t, v_tokens.shape[2], a.window_frames, v_tokens.device)
         video = StreamState(v_tokens, mod_v, v_rope, v_mask, reference)
         struct = None
         if inp.structure is not None:
@@ -223,8 +223,7 @@ class DualForceTransformer(nn.Module):
             temb_s, mod_s = self.sigma_struct(inp.sigma_struct)
             s_mask = None
             if whole_clip:
-                s_mask = block_causal_mask(t, s_tokens.shape[2], a.window_frames)
-            s_mask = s_mask.to(s_tokens.device) if s_mask is not None else None
+                s_mask = block_causal_mask(t, s_tokens.shape[2], a.window_frames, s_tokens.device)
             s_ref = self.struct_reference(reference) if reference is not None else None
             struct = StreamState(s_tokens, mod_s, s_rope, s_mask, s_ref)
         audio = self.audio_tokens(inp.audio) if inp.audio is not None else None
