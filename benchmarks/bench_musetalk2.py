@@ -39,19 +39,34 @@ from generators.musetalk2.network import Musetalk2Net
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 
 
-def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
-    """Median seconds of ``fn`` after one warm-up call."""
-    fn()
-    out = []
-    for _ in range(repeats):
+def timed(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of each function, the functions run interleaved (one round each per
+    repeat, after a warm-up round) so a load change on a shared machine hits all alike."""
+
+    def once(fn: Callable[[], object]) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+        return time.perf_counter() - t0
+
+    for fn in fns.values():
+        fn()
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            runs[name].append(once(fn))
+    return {name: statistics.median(v) for name, v in runs.items()}
+
+
+def math_backend(fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return fn()
+
+    return run
 
 
 def pmf_vs_flow(args) -> dict[str, float]:
@@ -86,10 +101,12 @@ def pmf_vs_flow(args) -> dict[str, float]:
 
         return run
 
-    flow = timed(step("flow"), args.repeats, args.device)
-    with sdpa_kernel([SDPBackend.MATH]):
-        flow_math = timed(step("flow"), args.repeats, args.device)
-    pmf = timed(step("pmf"), args.repeats, args.device)
+    got = timed(
+        {"flow": step("flow"), "flow_math": math_backend(step("flow")), "pmf": step("pmf")},
+        args.repeats,
+        args.device,
+    )
+    flow, flow_math, pmf = got["flow"], got["flow_math"], got["pmf"]
     return {
         "params": sum(p.numel() for p in net.parameters()),
         "flow_s": flow,
@@ -122,15 +139,20 @@ def dsa_vs_dense(length: int, k: int, channels: int, heads: int, args) -> dict[s
         q, kk, v = (u.view(1, length, heads, -1).transpose(1, 2) for u in block.qkv(h).chunk(3, -1))
         scores = block.indexer(h)
         idx, valid = select_topk(scores, k, None)
-        d = timed(dense, args.repeats, args.device)
-        s = timed(sparse, args.repeats, args.device)
-        parts = {
-            "indexer_s": timed(lambda: block.indexer(h), args.repeats, args.device),
-            "topk_s": timed(lambda: select_topk(scores, k, None), args.repeats, args.device),
-            "core_s": timed(lambda: sparse_attention(q, kk, v, idx, valid), 1, args.device),
-        }
-        with sdpa_kernel([SDPBackend.MATH]):
-            d_math = timed(dense, args.repeats, args.device)
+        got = timed(
+            {
+                "dense": dense,
+                "dense_math": math_backend(dense),
+                "dsa": sparse,
+                "indexer": lambda: block.indexer(h),
+                "topk": lambda: select_topk(scores, k, None),
+                "core": lambda: sparse_attention(q, kk, v, idx, valid),
+            },
+            args.repeats,
+            args.device,
+        )
+    d, d_math, s = got["dense"], got["dense_math"], got["dsa"]
+    parts = {f"{n}_s": got[n] for n in ("indexer", "topk", "core")}
     return {
         "L": length,
         "k": k,

@@ -58,17 +58,17 @@ def build_world(root: Path, clips: int, frames: int) -> dict:
     vae, vae_fp = tiny_vae(root)
     ids, _ = split_ids(clips, 0)
     made = [commit_clip(root, env, vae, vae_fp, c, frames, SIZE, seed=i) for i, c in enumerate(ids)]
-    return {"env": env, "vae": vae, "clips": made, "bank": build_bank(env, made)}
+    return {"root": root, "env": env, "vae": vae, "clips": made, "bank": build_bank(env, made)}
 
 
 def feature_clips(world: dict) -> list:
     from generators.family import FeatureClip
 
-    store = world["env"].store()
+    store, root = world["env"].store(), world["root"]
     out = []
     for c in world["clips"]:
         feats = c.inputs.records["features"]
-        paths = {f.family: str(store.local_path(f.artifact.uri)) for f in feats.files}
+        paths = {f.family: str(store.local_path(f.artifact.uri, root)) for f in feats.files}
         out.append(FeatureClip(clip_id=c.clip_id, num_frames=feats.num_frames, paths=paths))
     return out
 
@@ -79,7 +79,8 @@ class NaiveBatches(torch.utils.data.Dataset):
     def __init__(self, world: dict, data, seed: int, count: int):
         store = world["env"].store()
         self.videos = [
-            store.local_path(c.inputs.records["faces"].crops.uri) for c in world["clips"]
+            store.local_path(c.inputs.records["faces"].crops.uri, world["root"])
+            for c in world["clips"]
         ]
         self.vae, self.data, self.seed, self.count = world["vae"], data, seed, count
 
@@ -172,7 +173,7 @@ def cpu_part(args: argparse.Namespace, root: Path) -> dict:
     layout = DataLayout(shapes={"vae_latents": [16, 16, 16], "hubert": [2, 32]})
     spec = family.make_spec(layout)
     clips = feature_clips(world)
-    bank_path = str(world["env"].store().local_path(world["bank"].bank.uri))
+    bank_path = str(world["env"].store().local_path(world["bank"].bank.uri, root))
     data = family.load_training_data(spec, clips, bank_path)
 
     out = {"step_samples_per_s": step_rate(family, spec, data, args.batches)}

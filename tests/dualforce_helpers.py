@@ -42,6 +42,7 @@ def layout() -> DataLayout:
 
 def tiny_config(stage: str = "stage3", **fields: object) -> DualForceConfig:
     base: dict[str, object] = {"training_stage": stage, "clip_frames": 8}
+    base["augment"] = {"p_noise": 0.0}  # these clips have no wav (audio_noise has its own test)
     base["lora"] = {"attention_rank": 4, "ffn_rank": 2}
     base["sampler"] = {"steps_per_frame": 3}
     base.update(fields)

@@ -1,13 +1,18 @@
-"""§8.5 augmentations: the structure flip is consistent with the mirrored image; probabilities."""
+"""§8.5 augmentations: the structure flip matches the mirrored image; background noise;
+probabilities."""
 
 from __future__ import annotations
 
+import json
 import math
+import wave
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from generators.dualforce.audio_noise import add_noise_at_snr, noisy_hubert
 from generators.dualforce.augment import (
     ClipWindow,
     augment,
@@ -19,7 +24,14 @@ from generators.dualforce.augment import (
 )
 from generators.dualforce.config import AugmentConfig
 from models.emoca import FLAME_SLICES
+from models.hubert import (
+    align_audio_steps,
+    extract_hubert_windowed,
+    load_hubert,
+    make_feature_extractor,
+)
 from models.liveportrait import NUM_KP, motion_slices
+from models.registry import ModelSpec, ensure_model, fingerprint
 
 MIRROR = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
 SL = motion_slices()
@@ -135,7 +147,7 @@ def test_crop_and_speed_keep_streams_aligned():
 
 @pytest.mark.parametrize("name", ["p_temporal_crop", "p_speed", "p_color", "p_flip"])
 def test_each_augmentation_fires_with_its_configured_probability(name):
-    off = {"p_temporal_crop": 0.0, "p_speed": 0.0, "p_color": 0.0, "p_flip": 0.0}
+    off = {"p_temporal_crop": 0.0, "p_speed": 0.0, "p_color": 0.0, "p_flip": 0.0, "p_noise": 0.0}
     window = window_of(24)
     cfg = AugmentConfig(**{**off, name: 0.3}, min_crop_frames=8)
     rng = np.random.default_rng(0)
@@ -148,3 +160,47 @@ def test_each_augmentation_fires_with_its_configured_probability(name):
     assert abs(fired / n - 0.3) < 3 * math.sqrt(0.3 * 0.7 / n) + 0.02
     never = AugmentConfig(**off)
     assert torch.equal(augment(window, never, rng).latents, window.latents)
+
+
+def test_background_noise_is_mixed_at_the_configured_snr():
+    rng = np.random.default_rng(0)
+    wave = (0.3 * np.sin(np.arange(16000) / 7.0)).astype(np.float32)
+    noise = rng.standard_normal(16000)
+    noisy = add_noise_at_snr(wave, noise, 15.0)
+    snr = 10 * np.log10(np.mean(wave.astype(np.float64) ** 2) / np.mean((noisy - wave) ** 2.0))
+    assert abs(snr - 15.0) < 0.01
+
+
+def test_noisy_hubert_reruns_the_features_hubert_on_the_noisy_wav(tmp_path):
+    """The clip's own HuBERT, layer and alignment: at a huge SNR it reproduces the clean
+    features the features stage would store; at 15 dB it differs."""
+    spec = ModelSpec(family="hubert", source="hubert-tiny", tiny_random=True)
+    path = ensure_model(spec, tmp_path)
+    model, fe = load_hubert(path), make_feature_extractor()
+    frames, fps = 20, 25.0
+    wave = (0.2 * np.random.default_rng(1).standard_normal(640 * frames)).astype(np.float32)
+    wav = tmp_path / "audio.wav"
+    write_wav_pcm16(wav, wave)
+    from generators.musetalk2.data import read_wav  # the wav as every reader sees it (int16)
+
+    with torch.inference_mode():
+        feats = extract_hubert_windowed(model, fe, read_wav(str(wav)), -1)
+    clean = torch.from_numpy(align_audio_steps(feats, frames, fps)).float()
+    hub = tmp_path / "hubert.safetensors"
+    meta = {"model_fingerprint": json.dumps(fingerprint(spec, tmp_path).model_dump(mode="json")),
+            "layer": "-1", "fps": repr(fps)}  # fmt: skip
+    save_file({"features": clean}, str(hub), metadata=meta)
+    same = noisy_hubert("clip", str(hub), str(wav), frames, snr_db=300.0)
+    noisy = noisy_hubert("clip", str(hub), str(wav), frames, snr_db=15.0)
+    assert same.shape == noisy.shape == clean.shape
+    assert torch.allclose(same, clean, atol=1e-4)
+    assert (noisy - clean).abs().mean() > 1e-3
+    assert torch.equal(noisy, noisy_hubert("clip", str(hub), str(wav), frames, 15.0))  # seeded
+
+
+def write_wav_pcm16(path, samples: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())

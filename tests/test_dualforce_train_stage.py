@@ -42,7 +42,7 @@ T, SIZE, STEPS = 12, 64, 6  # 64-px crops: 8×8 latents
 TINY = {
     "family": "dualforce", "size": "tiny", "clip_frames": 4, "steps": STEPS,
     "checkpoint_every": 2, "batch_size": 1, "lora": {"attention_rank": 4, "ffn_rank": 2},
-    "sampler": {"steps_per_frame": 2},
+    "sampler": {"steps_per_frame": 2}, "augment": {"p_noise": 0.0},  # random "HuBERT" here
 }  # fmt: skip
 
 

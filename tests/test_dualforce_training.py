@@ -30,7 +30,7 @@ from tests.dualforce_helpers import (
 )
 
 NO_AUGMENT = {
-    "p_temporal_crop": 0.0, "p_speed": 0.0, "p_color": 0.0, "p_flip": 0.0,
+    "p_temporal_crop": 0.0, "p_speed": 0.0, "p_color": 0.0, "p_flip": 0.0, "p_noise": 0.0,
     "p_random_reference": 0.0,
 }  # fmt: skip
 

@@ -13,9 +13,9 @@ brightness/contrast/colour shifts move the VAE's latent channels, approximately;
 reference latent gets the same jitter, it is a frame of the same video) and the horizontal
 flip mirrors the latent grid (the convolutional VAE is close to, not exactly,
 flip-equivariant); the DINOv2 patch grid is mirrored column-wise (the tokens themselves are
-not flip-equivariant, so this is approximate too). The random reference frame is drawn by
-:mod:`generators.dualforce.data`, which sees the whole clip. Background noise at 15 dB SNR is
-not here: it needs HuBERT re-run on the noisy waveform (see the train config's docs).
+not flip-equivariant, so this is approximate too). The random reference frame and the
+background-noise audio (:mod:`generators.dualforce.audio_noise`) are drawn by
+:mod:`generators.dualforce.data`, which sees the whole clip.
 
 Structure flip (x → −x in the image): LivePortrait keypoints and expression offsets negate
 their x coordinate, yaw and roll negate, pitch stays, translation tx negates; FLAME's

@@ -193,9 +193,9 @@ class SamplerConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    """§8.5 training augmentations, each with its probability (feature space, see augment).
-    Background noise at 15 dB SNR (p 0.15 in the seed) needs HuBERT re-run on the noisy
-    waveform with the features stage's step alignment, and is not wired yet."""
+    """§8.5 training augmentations, each with its probability (see
+    :mod:`~generators.dualforce.augment`; background noise at ``noise_snr_db``:
+    :mod:`~generators.dualforce.audio_noise`, which needs each clip's wav and HuBERT)."""
 
     p_temporal_crop: float = Field(0.3, ge=0, le=1)
     min_crop_frames: int = Field(16, ge=1)
@@ -204,6 +204,8 @@ class AugmentConfig(_Strict):
     p_color: float = Field(0.2, ge=0, le=1)
     color_strength: float = Field(0.1, ge=0)
     p_flip: float = Field(0.1, ge=0, le=1)
+    p_noise: float = Field(0.15, ge=0, le=1)
+    noise_snr_db: float = 15.0
     p_random_reference: float = Field(0.2, ge=0, le=1)
 
     @model_validator(mode="after")

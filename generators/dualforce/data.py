@@ -2,9 +2,11 @@
 
 One training sample is a window of ``clip_frames`` consecutive frames of one clip (the
 seed's 32-frame clips from the feature cache): VAE latents, LivePortrait motion, EMOCA FLAME,
-HuBERT, the clip's DINOv2 reference tokens and a reference frame's latent (frame 0, the one
-generation uses by default, or with ``p_random_reference`` a uniform frame of the clip).
-§8.5's augmentations follow (:func:`generators.dualforce.augment.augment`). A clip is drawn
+HuBERT (with ``p_noise`` the clip's background-noise version,
+:mod:`generators.dualforce.audio_noise`), the clip's DINOv2 reference tokens and a reference
+frame's latent (frame 0, the one generation uses by default, or with ``p_random_reference``
+a uniform frame of the clip). §8.5's other augmentations follow
+(:func:`generators.dualforce.augment.augment`). A clip is drawn
 with probability proportional to ``sampling_weight × num_frames`` (the quality stage's
 soft-rule weight; long clips hold more windows).
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from generators.dualforce.audio_noise import noisy_hubert
 from generators.dualforce.augment import ClipWindow, augment, temporal_crop
 from generators.dualforce.config import DualForceConfig, DualForceSpec
 from generators.dualforce.objectives import sample_sigmas
@@ -58,6 +61,7 @@ class ClipTensors:
     hubert: torch.Tensor  # (T, 2, D)
     reference: torch.Tensor  # (N, D)
     weight: float
+    hubert_noisy: torch.Tensor | None = None  # (T, 2, D) of the wav plus background noise
 
     @property
     def num_frames(self) -> int:
@@ -89,14 +93,23 @@ class TrainingData:
     flame_stats: torch.Tensor  # (2, 159)
 
 
-def load_clips(spec: DualForceSpec, clips: list[FeatureClip]) -> TrainingData:
-    """Read every clip's features; the clip-drawing probabilities and column statistics."""
+def load_clips(spec: DualForceSpec, cfg: DualForceConfig, clips: list[FeatureClip]) -> TrainingData:
+    """Read every clip's features (and, when ``p_noise > 0``, compute its noisy HuBERT); the
+    clip-drawing probabilities and column statistics."""
     if not clips:
         raise ValueError("dualforce: no training clips")
     loaded = []
     for clip in clips:
         tensors = {f: read_tensor(clip.paths[f], name) for f, name in TENSOR_NAMES.items()}
-        loaded.append(clip_tensors(clip.clip_id, tensors, getattr(clip, "sampling_weight", 1.0)))
+        one = clip_tensors(clip.clip_id, tensors, clip.sampling_weight)
+        if cfg.augment.p_noise > 0:
+            if clip.audio_path is None:
+                raise ValueError(f"{clip.clip_id}: augment.p_noise > 0 needs the clip's wav")
+            one.hubert_noisy = noisy_hubert(
+                clip.clip_id, clip.paths[AUDIO], clip.audio_path, one.num_frames,
+                cfg.augment.noise_snr_db,
+            )  # fmt: skip
+        loaded.append(one)
     mass = np.array([c.weight * c.num_frames for c in loaded], dtype=np.float64)
     if not mass.sum() > 0:
         raise ValueError("dualforce: every training clip has sampling weight 0")
@@ -117,9 +130,12 @@ def draw_window(data: TrainingData, cfg: DualForceConfig, rng: np.random.Generat
     ref = 0
     if rng.random() < cfg.augment.p_random_reference:
         ref = int(rng.integers(0, clip.num_frames))
+    hubert = clip.hubert
+    if rng.random() < cfg.augment.p_noise and clip.hubert_noisy is not None:
+        hubert = clip.hubert_noisy
     s = slice(start, start + length)
     window = ClipWindow(
-        clip.latents[s].float(), clip.motion[s], clip.flame[s], clip.hubert[s], clip.reference,
+        clip.latents[s].float(), clip.motion[s], clip.flame[s], hubert[s], clip.reference,
         clip.latents[ref].float(),
     )  # fmt: skip
     window = augment(window, cfg.augment, rng)

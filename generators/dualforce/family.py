@@ -162,7 +162,7 @@ class DualForceFamily(ModelFamily[DualForceConfig, DualForceSpec]):
     def load_training_data(
         self, spec: DualForceSpec, clips: list[FeatureClip], bank_path: str | None
     ) -> TrainingData:
-        return load_clips(spec, clips)
+        return load_clips(spec, self.config, clips)
 
     def training_batch(
         self, data: TrainingData, seed: int, step: int, global_batch: int, start: int, stop: int

@@ -17,6 +17,7 @@ mean margin.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,8 +75,6 @@ from models.registry import ModelSpec as RegistrySpec
 
 def freeze_for_stage(net: torch.nn.Module, stage: str) -> list[str]:
     """Set ``requires_grad`` per :data:`PHASE_TRAINABLE`; returns the trainable names."""
-    import re
-
     patterns = [re.compile(p) for p in PHASE_TRAINABLE.get(stage, (".*",))]
     names = []
     for name, p in net.named_parameters():
