@@ -170,3 +170,97 @@ def test_adaptive_weight_gradient_by_hand():
     expected = sum(2 * 1.5 * ai**2 / (1.5**2 * ai**2 + 0.01) for ai in (0.3, 2.0)) / 2
     assert float(theta.grad) == pytest.approx(expected, rel=1e-6)
     assert math.isclose(float(adaptive_weight(per_sample, CFG)[1]), 9.0 / 9.01, rel_tol=1e-6)
+
+
+def _du_dt(net, x, eps, t, r, **cfg) -> torch.Tensor:
+    return pmf_objective(as_fn(net), x, eps, t, r, PMFConfig(**cfg)).du_dt
+
+
+def test_finite_difference_du_dt_converges_to_the_jvp_at_its_stated_order():
+    torch.manual_seed(7)
+    net = TwoHead(dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    x, eps = (torch.randn(12, 6, generator=gen, dtype=torch.float64) for _ in range(2))
+    t, r = times(12, gen, torch.float64)
+    t = t.clamp(0.2, 0.9)  # stencils away from the ends of [t_min, 1]
+    exact = _du_dt(net, x, eps, t, r)
+    errors = {}
+    for scheme in ("central", "one_sided"):
+        for h in (1e-2, 5e-3):
+            fd = _du_dt(net, x, eps, t, r, jvp="finite_difference", fd_scheme=scheme, fd_step=h)
+            errors[scheme, h] = float((fd - exact).norm() / exact.norm())
+    # halving h divides the error by 4 (central, O(h²)) and by 2 (one-sided, O(h))
+    assert 3.5 < errors["central", 1e-2] / errors["central", 5e-3] < 4.5
+    assert 1.8 < errors["one_sided", 1e-2] / errors["one_sided", 5e-3] < 2.2
+    assert errors["central", 5e-3] < 0.1 * errors["one_sided", 5e-3]
+
+
+def test_finite_difference_stencils_stay_inside_t_min_and_one():
+    torch.manual_seed(8)
+    net = TwoHead(dtype=torch.float64)
+    seen: list[torch.Tensor] = []
+
+    def fn(z, t, r, rows):
+        seen.append(t)
+        return net(z, t, r)
+
+    x, eps = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    t = torch.tensor([0.0505, 0.9995, 0.5, 0.999], dtype=torch.float64)
+    r = t * 0.5
+    exact = pmf_objective(fn, x, eps, t, r, CFG).du_dt
+    for scheme in ("central", "one_sided"):
+        seen.clear()
+        cfg = PMFConfig(jvp="finite_difference", fd_scheme=scheme, fd_step=1e-3)
+        fd = pmf_objective(fn, x, eps, t, r, cfg).du_dt
+        stencil = torch.cat(seen[1:])  # seen[0]: the differentiable forward
+        assert float(stencil.min()) >= CFG.t_min and float(stencil.max()) <= 1.0
+        assert float(stencil.max()) > 0.999  # the rows near 1 were evaluated there
+        torch.testing.assert_close(fd, exact, rtol=0.05, atol=0.05 * float(exact.abs().max()))
+
+
+def test_finite_difference_mode_keeps_the_stop_gradient_and_one_batched_call():
+    torch.manual_seed(9)
+    net = TwoHead()
+    calls: list[int] = []
+
+    def fn(z, t, r, rows):
+        calls.append(len(rows))
+        return net(z, t, r)
+
+    gen = torch.Generator().manual_seed(9)
+    x, eps = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)
+    t, r = times(8, gen)
+    r[:3] = t[:3]  # five rows need du/dt
+    for scheme, extra in (("central", 10), ("one_sided", 5)):
+        calls.clear()
+        cfg = PMFConfig(jvp="finite_difference", fd_scheme=scheme, fd_step=1e-3)
+        terms = pmf_objective(fn, x, eps, t, r, cfg)
+        assert calls == [8, extra]
+        assert not terms.du_dt.requires_grad and torch.all(terms.du_dt[:3] == 0)
+        got = torch.autograd.grad(terms.loss, list(net.parameters()))
+        z = (1 - t[:, None]) * x + t[:, None] * eps
+        xu, xv = net(z, t, r)
+        u, v = velocity(z, xu, t, CFG.t_min), velocity(z, xv, t, CFG.t_min)
+        big_v = u + (t - r)[:, None] * terms.du_dt
+        lu = adaptive_weight(((big_v - (eps - x)) ** 2).sum(1), CFG)
+        lv = adaptive_weight(((v - (eps - x)) ** 2).sum(1), CFG)
+        want = torch.autograd.grad((lu + lv).mean(), list(net.parameters()))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scheme", ["central", "one_sided"])
+def test_finite_difference_under_bf16_autocast_differences_in_float32(scheme):
+    torch.manual_seed(10)
+    net = TwoHead()
+    gen = torch.Generator().manual_seed(10)
+    x, eps = torch.randn(16, 6, generator=gen), torch.randn(16, 6, generator=gen)
+    t, r = times(16, gen)
+    exact = _du_dt(net, x, eps, t, r)
+    cfg = {"jvp": "finite_difference", "fd_scheme": scheme, "fd_step": 1e-3}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fd = _du_dt(net, x, eps, t, r, **cfg)
+        bf16_u = net(x, t, r)[0]
+    assert bf16_u.dtype == torch.bfloat16  # autocast is really on for the network
+    assert fd.dtype == torch.float32
+    assert float((fd - exact).norm() / exact.norm()) < 1e-2

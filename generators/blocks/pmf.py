@@ -13,12 +13,31 @@ Conventions (MeanFlow, Geng et al. 2505.13447; pMF 2601.22158, official ``Lyy-ii
 - one-step sampling: ``x̂ = z_1 - u(z_1, r=0, t=1)``, i.e. the u-head at ``(t, r) = (1, 0)``.
 
 Cost trade-off: one differentiable forward of every row gives ``u``, ``v`` and the tangent
-``v_c = sg(v)`` (no separate forward for it); the JVP then runs without gradient recording
-only on the rows with ``r < t`` (for ``r = t`` the ``(t - r)·du/dt`` term is exactly zero).
-So a step costs a flow-matching step plus one forward-mode pass over a
-``1 - data_proportion`` share of the batch. ``torch.func.jvp`` needs forward-mode AD through
-every op: fused SDPA kernels (flash / memory-efficient) have no forward-AD formula, so the
-JVP pass runs under the math SDPA backend (see :func:`jvp_attention_backend`).
+``v_c = sg(v)`` (no separate forward for it); ``du/dt`` is then needed, without gradient
+recording, only on the rows with ``r < t`` (for ``r = t`` the ``(t - r)·du/dt`` term is
+exactly zero). Two ways to get it (:attr:`PMFConfig.jvp`):
+
+- ``exact`` (default): one ``torch.func.jvp`` — forward-mode AD, exact to rounding. Every op
+  needs a forward-AD formula; none of the fused SDPA kernels has one (flash, memory-
+  efficient, cuDNN, CPU flash: torch 2.14's ``derivatives.yaml`` lists backward formulas
+  only), so the pass runs under the math SDPA backend (:func:`jvp_attention_backend`), and
+  forward mode carries a tangent through every op (≈2-3× a forward's work);
+- ``finite_difference``: ``du/dt`` as a difference quotient of ``u`` along the same tangent
+  ``(v_c, dr = 0, dt = 1)``, in plain no-grad forwards that keep the fused attention kernels.
+  ``central`` (default scheme): ``[u(z + h·v_c, t + h) - u(z - h·v_c, t - h)] / 2h``, two
+  extra forwards of the ``r < t`` rows batched into one call, truncation error
+  ``O(h²·‖d³u/dt³‖)``; ``one_sided``: ``[u(z + h·v_c, t + h) - u(z, t)] / h`` reusing the
+  differentiable forward's ``u``, one extra forward, error ``O(h·‖d²u/dt²‖)``. Both
+  add rounding error ``≈ ε_mach·‖u‖/h``, so they run in float32 with autocast switched off
+  (a bf16 difference quotient would be noise; under autocast ``one_sided`` therefore
+  re-evaluates ``u(z, t)`` in float32 too). A stencil point never leaves
+  ``[t_min, 1]``, where ``clip(t, t_min, 1)`` has its kinks: rows within ``h`` of an end
+  step inwards only. Accuracy against ``exact`` on the tiny stage-2 network in float32
+  (‖du_fd − du_jvp‖ / ‖du_jvp‖, ``tests/test_musetalk2_network.py``): central 4e-4 at
+  h = 5e-5 (2e-3 at 1e-4, 0.17 at 1e-3: truncation, since the 1000·t time embedding makes
+  u oscillate on a 1e-3 scale in t; 2e-3 at 1e-5: rounding); one_sided 6e-3 at its best
+  h = 1e-5. Top-k switches of DSA between stencil points are not differentiable and show up
+  as outliers in the quotient (the exact JVP holds the selection fixed).
 """
 
 from __future__ import annotations
@@ -26,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,6 +78,12 @@ class PMFConfig(BaseModel):
     norm_p: float = 1.0  # adaptive weight exponent
     norm_eps: float = 0.01
     v_loss_weight: float = 1.0  # auxiliary v-head term
+    jvp: Literal["exact", "finite_difference"] = "exact"  # how du/dt is computed (see above)
+    fd_scheme: Literal["central", "one_sided"] = "central"
+    # h in units of t. The UNet embeds 1000·t sinusoidally (top frequency 1000 rad per unit
+    # t), so u turns on a t-scale of 1e-3: central at 5e-5 balances the h² truncation against
+    # float32 rounding (one_sided's optimum is ≈1e-5); see the module docstring
+    fd_step: float = Field(5e-5, gt=0, le=1e-2)
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -90,6 +116,42 @@ def adaptive_weight(per_sample: torch.Tensor, cfg: PMFConfig) -> torch.Tensor:
 def jvp_attention_backend() -> AbstractContextManager:
     """SDPA backend for forward-mode AD: math only (fused kernels have no JVP formula)."""
     return sdpa_kernel([SDPBackend.MATH])
+
+
+def finite_difference_du_dt(
+    fn: XPredFn,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    rows: torch.Tensor,
+    v_c: torch.Tensor,
+    u_base: torch.Tensor,
+    cfg: PMFConfig,
+) -> torch.Tensor:
+    """``du/dt`` along ``(v_c, 0, 1)`` by a difference quotient (``cfg.fd_scheme``), no grad.
+
+    ``u_base`` is ``u(z, t)`` from the caller's forward (``one_sided`` reuses it unless
+    autocast is on). The stencil points are evaluated in one batched float32 call of ``fn``
+    (``rows`` repeated per point, so whole samples stay together)."""
+    dtype = torch.promote_types(z.dtype, torch.float32)  # never below float32
+    zf, vf, tf = z.to(dtype), v_c.to(dtype), t.to(dtype)
+    h, zero = torch.full_like(tf, cfg.fd_step), torch.zeros_like(tf)
+    if cfg.fd_scheme == "central":
+        lo = torch.where(tf - h >= cfg.t_min, -h, zero)
+        hi = torch.where(tf + h <= 1.0, h, zero)
+    else:
+        lo = zero
+        hi = torch.where(tf + h <= 1.0, h, -h)
+    device = z.device.type
+    reuse = cfg.fd_scheme == "one_sided" and not torch.is_autocast_enabled(device)
+    offsets = [hi] if reuse else [lo, hi]
+    with torch.no_grad(), torch.autocast(device, enabled=False):
+        zs = torch.cat([zf + _bcast(o, zf) * vf for o in offsets])
+        ts = torch.cat([tf + o for o in offsets])
+        xu = _split(fn(zs, ts, r.repeat(len(offsets)), rows.repeat(len(offsets))))[0]
+        us = velocity(zs, xu.to(dtype), ts, cfg.t_min).split(len(t))
+        low = u_base.to(dtype) if reuse else us[0]
+        return ((us[-1] - low) / _bcast(hi - lo, zf)).to(z.dtype)
 
 
 @dataclass
@@ -133,12 +195,17 @@ def pmf_objective(
     if len(jvp_rows):
         z_g, t_g, r_g = z_t[jvp_rows], t[jvp_rows], r[jvp_rows]
         v_c = v.detach()[jvp_rows]  # the model's own conditional velocity: the tangent
+        if cfg.jvp == "exact":
 
-        def u_fn(z: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-            return velocity(z, _split(fn(z, tt, r_g, jvp_rows))[0], tt, cfg.t_min)
+            def u_fn(z: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+                return velocity(z, _split(fn(z, tt, r_g, jvp_rows))[0], tt, cfg.t_min)
 
-        with torch.no_grad(), jvp_attention_backend():
-            _, du_g = torch.func.jvp(u_fn, (z_g, t_g), (v_c, torch.ones_like(t_g)))
+            with torch.no_grad(), jvp_attention_backend():
+                _, du_g = torch.func.jvp(u_fn, (z_g, t_g), (v_c, torch.ones_like(t_g)))
+        else:
+            du_g = finite_difference_du_dt(
+                fn, z_g, t_g, r_g, jvp_rows, v_c, u.detach()[jvp_rows], cfg
+            )
         du_dt = du_dt.index_copy(0, jvp_rows, du_g)
     compound = u + _bcast(t - r, x) * du_dt
     dims = tuple(range(1, x.ndim))
