@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from generators.blocks.pmf import PMFConfig
 from generators.blocks.dsa import DSAConfig, SparseSelfAttention, select_topk, sparse_attention
 from generators.musetalk2.config import Musetalk2Config, make_spec
 from generators.musetalk2.network import Musetalk2Net
@@ -93,29 +94,53 @@ def pmf_vs_flow(args) -> dict[str, float]:
     }
     batch = {k: v.to(args.device) for k, v in batch.items()}
 
-    def step(mode: str) -> Callable[[], None]:
+    def step(mode: str, pmf: PMFConfig | None = None) -> Callable[[], None]:
         def run() -> None:
             net.zero_grad(set_to_none=True)
-            out = net(batch, mode=mode)
+            out = net(batch, mode=mode, pmf=pmf)
             out[mode].backward()
 
         return run
 
+    fd = {s: PMFConfig(jvp="finite_difference", fd_scheme=s) for s in ("central", "one_sided")}
     got = timed(
-        {"flow": step("flow"), "flow_math": math_backend(step("flow")), "pmf": step("pmf")},
+        {
+            "flow": step("flow"),
+            "flow_math": math_backend(step("flow")),
+            "pmf_exact": step("pmf"),
+            "pmf_fd_central": step("pmf", fd["central"]),
+            "pmf_fd_one_sided": step("pmf", fd["one_sided"]),
+        },
         args.repeats,
         args.device,
     )
-    flow, flow_math, pmf = got["flow"], got["flow_math"], got["pmf"]
+    flow = got["flow"]
     return {
         "params": sum(p.numel() for p in net.parameters()),
-        "flow_s": flow,
-        "flow_math_s": flow_math,
-        "pmf_s": pmf,
-        "pmf_over_flow": pmf / flow,
-        "pmf_over_flow_math": pmf / flow_math,
-        "math_backend_over_default": flow_math / flow,
+        **{f"{name}_s": v for name, v in got.items()},
+        **{f"{name}_over_flow": v / flow for name, v in got.items() if name != "flow"},
+        "exact_jvp_with_fused_sdpa": fused_sdpa_forward_ad(args.device),
     }
+
+
+def fused_sdpa_forward_ad(device: str) -> str:
+    """Whether ``torch.func.jvp`` runs through this device's fused SDPA kernels (CPU: flash;
+    CUDA: memory-efficient, then flash): "ok", or the error torch raises."""
+    kinds = [SDPBackend.FLASH_ATTENTION]
+    if device.startswith("cuda"):
+        kinds = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    q, k, v = (torch.randn(1, 2, 64, 32, device=device) for _ in range(3))
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    found = []
+    for kind in kinds:
+        try:
+            with sdpa_kernel([kind]):
+                torch.func.jvp(lambda x: F.scaled_dot_product_attention(x, k, v), (q,), (q,))
+            found.append(f"{kind.name}: ok")
+        except (NotImplementedError, RuntimeError) as err:
+            found.append(f"{kind.name}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+    return "; ".join(found)
 
 
 def dsa_vs_dense(length: int, k: int, channels: int, heads: int, args) -> dict[str, float]:
