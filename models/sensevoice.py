@@ -232,6 +232,8 @@ class SenseVoiceOutput:
     emotion: str | None  # e.g. "NEUTRAL", "HAPPY"
     event: str | None  # e.g. "Speech", "BGM"
     transcript: str  # greedy CTC over the speech frames; "" without a tokenizer file
+    ctc_ids: np.ndarray  # (len(features),) int64 CTC argmax per speech row (blank = 0)
+    vocab_size: int  # CTC vocabulary: every id lies in [0, vocab_size)
 
 
 def _tokenizer_file(directory: Path, config: dict[str, Any]) -> Path | None:
@@ -303,10 +305,11 @@ def extract_sensevoice(
     ``features[i]`` is encoder output row ``4 + i`` (the 4 prompt rows are dropped), so
     ``len(features) == sensevoice_num_frames(len(wave_16k))``. Tags are the CTC argmax at
     prompt rows 0 (language), 1 (emotion) and 2 (event), None when that piece is not a
-    ``<|…|>`` tag. The transcript collapses repeats and drops blanks over the speech rows
-    only (funasr decodes prompt and speech rows as one sequence, so a speech token equal to
-    the last prompt token would merge there but not here). Waves shorter than one 25 ms
-    window raise ``ValueError``.
+    ``<|…|>`` tag. ``ctc_ids[i]`` is the CTC argmax of speech row ``i`` (the row of
+    ``features[i]``; raw per row: blanks and repeats kept, no tokenizer needed). The
+    transcript collapses repeats and drops blanks over the speech rows only (funasr decodes
+    prompt and speech rows as one sequence, so a speech token equal to the last prompt token
+    would merge there but not here). Waves shorter than one 25 ms window raise ``ValueError``.
     """
     wave = np.asarray(wave_16k)
     if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating):
@@ -317,14 +320,16 @@ def extract_sensevoice(
     feats = torch.from_numpy(compute_features(wave, model.frontend, model.cmvn)).to(device)
     x = torch.cat([model.prompt(language, textnorm), feats])[None]
     hidden = model.encoder(x)[0]
+    ids = model.ctc.ctc_lo(hidden).argmax(dim=-1).cpu()
     tags: Tags = (None, None, None)
     transcript = ""
     if model.tokens is not None:
-        ids = model.ctc.ctc_lo(hidden).argmax(dim=-1).tolist()
-        tags, transcript = decode_ctc(ids, model.tokens)
+        tags, transcript = decode_ctc(ids.tolist(), model.tokens)
     language, emotion, event = tags
     features = hidden[PROMPT_FRAMES:].float().cpu().numpy()
-    return SenseVoiceOutput(features, language, emotion, event, transcript)
+    ctc_ids = ids[PROMPT_FRAMES:].numpy().astype(np.int64)
+    vocab = model.ctc.ctc_lo.out_features
+    return SenseVoiceOutput(features, language, emotion, event, transcript, ctc_ids, vocab)
 
 
 def decode_ctc(ids: Sequence[int], tokens: PieceTable) -> tuple[Tags, str]:

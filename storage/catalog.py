@@ -28,10 +28,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -42,6 +42,8 @@ from storage.schema import ALL_TABLES
 from storage.views import view_statements
 
 __all__ = ["Catalog", "CatalogConfig", "ReadOnlyQueryError", "SnapshotNotFoundError"]
+
+T = TypeVar("T")
 
 AUTHOR = "talkforge"
 MAINTENANCE = "talkforge-maintenance"
@@ -277,6 +279,38 @@ class Catalog:
                     lambda: con.execute(sql, params or []).to_arrow_table(),
                     self.config.commit_retries,
                 )
+            finally:
+                for name in tables or {}:
+                    con.unregister(name)
+
+    def read(
+        self,
+        session: Callable[[duckdb.DuckDBPyConnection], T],
+        tables: Mapping[str, pa.Table] | None = None,
+    ) -> T:
+        """Run ``session(connection)`` — several trusted statements — on one snapshot.
+
+        One read transaction under this process's lock, retried whole on a conflict;
+        ``tables`` are registered for it. Temporary tables it creates live in the
+        connection's own memory, never in the lake; it must drop them.
+        """
+        with self._lock:
+            con = self._shared()
+            for name, data in (tables or {}).items():
+                con.register(name, data)
+
+            def attempt() -> T:
+                con.execute("BEGIN")
+                try:
+                    out = session(con)
+                    con.execute("COMMIT")  # nothing of the lake was written
+                except BaseException:
+                    _rollback(con)
+                    raise
+                return out
+
+            try:
+                return retrying(attempt, self.config.commit_retries)
             finally:
                 for name in tables or {}:
                     con.unregister(name)

@@ -60,6 +60,9 @@ CORE_TABLES: dict[str, pa.Schema] = {
             pa.field("stage", pa.string()),
             pa.field("planned_at", _TS),
             pa.field("complete", pa.bool_()),  # every item planned (no --limit)
+            # the plan wrote a `plans` row for every item it holds (else only for the items
+            # that run or changed version: the others stay as the earlier rows say)
+            pa.field("lists_all", pa.bool_()),
             pa.field("items", pa.int64()),  # held by the plan (not dropped)
             pa.field("to_run", pa.int64()),
             pa.field("retried", pa.int64()),  # to_run items with an earlier attempt
@@ -70,6 +73,11 @@ CORE_TABLES: dict[str, pa.Schema] = {
             pa.field("blocked_reason", pa.string()),
             pa.field("code_version", pa.string()),
             pa.field("config_hash", pa.string()),
+            # what the plan was made from (candidates, their key material, stage version,
+            # options) and the stage's `items` rows after its commit: a next plan with the
+            # same digest and no item row since is the same plan (talkforge.planner)
+            pa.field("inputs_digest", pa.string()),
+            pa.field("stage_item_rows", pa.int64()),
         ]
     ),
     # the train / held-out split a run planned (tasks.split), written when it changes
@@ -84,7 +92,9 @@ CORE_TABLES: dict[str, pa.Schema] = {
             pa.field("side", pa.string()),  # train / heldout
         ]
     ),
-    # what a run asked every stage to hold: the "current" version of each item
+    # what a run's plan changed: a row per item that runs or whose version (key) differs
+    # from the current one, and per item dropped (key ''); the newest row per item is the
+    # "current" version (view current_plans); the other items' counts are in stage_runs
     "plans": pa.schema(
         [
             pa.field("run_id", pa.string()),

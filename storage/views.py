@@ -44,11 +44,13 @@ _VIEWS = [
        SELECT * FROM items
        QUALIFY row_number() OVER (
          PARTITION BY stage, item_id, item_key ORDER BY created_at DESC, attempt DESC) = 1""",
-    # a complete plan (no --limit) lists every item its stage holds, so plans older than a
-    # stage's latest complete plan never decide what is current: only newer rows are ranked
+    # a complete plan (no --limit) that listed every item its stage holds makes older rows
+    # irrelevant: only rows since the stage's latest such plan are ranked. Later plans list
+    # only what changed (and drop what left), so the newest row per item is current.
+    # (stage_runs rows written before lists_all existed listed everything.)
     """CREATE VIEW current_plans AS
        WITH since AS (SELECT stage, max(planned_at) AS planned_at FROM stage_runs
-                      WHERE complete GROUP BY stage)
+                      WHERE complete AND coalesce(lists_all, true) GROUP BY stage)
        SELECT p.* FROM plans p LEFT JOIN since s ON s.stage = p.stage
        WHERE s.planned_at IS NULL OR p.planned_at >= s.planned_at
        QUALIFY row_number() OVER (PARTITION BY p.stage, p.item_id

@@ -24,8 +24,6 @@ import time
 from collections import defaultdict
 from typing import Any
 
-import pyarrow as pa
-
 from models.registry import fingerprint
 from storage.catalog import Catalog, from_columns
 from storage.lease import Lease
@@ -43,11 +41,11 @@ from talkforge.plan import (
     StagePlan,
     StageSummary,
     gc_paused,
-    key_hasher,
     new_run_id,
     now_utc,
     select_stages,
 )
+from talkforge.planner import Rejected, decide
 from talkforge.split_planner import SplitPlanner
 from talkforge.stages import STAGE_ORDER, STAGES
 from tasks.base import (
@@ -188,51 +186,42 @@ class Engine:
 
     def _plan(self, run_id: str, stage: str, options: RunOptions, dry_run: bool) -> StagePlan:
         stage_cls = STAGES[stage]
-        cfg = self.config.stage(stage)
         env = self.stage_env(run_id, stage)
         plan = StagePlan(run_id=run_id, stage=stage, env=env)
         common = self.stage_version(stage)
         candidates = plan_candidates(
-            self.catalog, stage_cls, cfg, env, plan, options, record=not dry_run
+            self.catalog,
+            stage_cls,
+            self.config.stage(stage),
+            env,
+            plan,
+            options,
+            record=not dry_run,
+        )
+        rejected = [
+            Rejected(raw_id, f, stable_hash({**common, "raw_id": raw_id, "message": f.message}))
+            for raw_id, f in plan.discovery_failures
+        ]
+        fresh = decide(
+            self.catalog,
+            candidates,
+            plan,
+            common,
+            rejected,
+            options,
+            self.config.execution.max_attempts,
         )
         if stage_cls.uses_split:  # a split with nothing held out says so, not silence
             if not dry_run:
                 self._split.record(run_id)
-            if not candidates and self._split.plan(run_id).problem():
+            if not plan.total and self._split.plan(run_id).problem():
                 plan.blocked_reason = self._split.plan(run_id).problem()
-        item_key = key_hasher(common)
-        keyed = [(c, item_key(c.keys)) for c in candidates]
-        rejected = [
-            (raw_id, f, stable_hash({**common, "raw_id": raw_id, "message": f.message}))
-            for raw_id, f in plan.discovery_failures
-        ]
-        state = self._item_state(stage, [k for _, k in keyed] + [k for _, _, k in rejected])
-        cached = {"done": 0, "filtered": 0}
-        for candidate, key in keyed:
-            status, retryable, attempts = state.get(key, ("", False, 0))
-            action = "run"
-            if status in ("done", "filtered"):
-                action = "cached"
-                cached[status] += 1
-            elif (
-                status == "failed"
-                and not options.retry_failed
-                and (not retryable or attempts >= self.config.execution.max_attempts)
-            ):
-                action = "skip_failed"
-            inputs = candidate.inputs() if action == "run" else None
-            plan.items.append(
-                PlannedItem(candidate.item_id, key, action, attempts + 1, inputs, candidate.keys)
-            )
-        fresh = self._discovery_failures(plan, rejected, state)
-        rows = [(i.item_id, i.item_key, i.action) for i in plan.items]
-        if options.limit is None:
-            plan.dropped = self._dropped(stage, plan)
-            rows += [(item_id, "", "dropped") for item_id in plan.dropped]
         if dry_run:
             return plan
         planned_at = now_utc()
-        tables = self._outcome_rows(plan, {}, fresh)
+        rows = [(i.item_id, i.item_key, i.action) for i in plan.items]
+        rows += [(item_id, "", "dropped") for item_id in plan.dropped]
+        tables = self._outcome_rows(plan, {}, [_failed(r) for r in fresh])
         tables["plans"] = from_columns(
             "plans",
             {
@@ -244,96 +233,30 @@ class Engine:
                 "planned_at": [planned_at] * len(rows),
             },
         )
-        to_run = plan.to_run
         tables["stage_runs"] = [
             {
                 "run_id": run_id,
                 "stage": stage,
                 "planned_at": planned_at,
                 "complete": options.limit is None,
-                "items": len(plan.items),
-                "to_run": len(to_run),
-                "retried": sum(1 for i in to_run if i.attempt > 1),
-                "cached_done": cached["done"],
-                "cached_filtered": cached["filtered"],
+                "lists_all": len(plan.items) == plan.total,
+                "items": plan.total,
+                "to_run": plan.count("run"),
+                "retried": plan.retried,
+                "cached_done": plan.count("cached") - plan.cached_filtered,
+                "cached_filtered": plan.cached_filtered,
                 "skip_failed": plan.count("skip_failed"),
                 "dropped": len(plan.dropped),
                 "blocked_reason": plan.blocked_reason,
                 "code_version": stage_cls.code_version,
                 "config_hash": common["config_hash"],
+                "inputs_digest": plan.digest,
+                "stage_item_rows": plan.item_rows,
             }
         ]
         self.catalog.append_many(tables)  # plan, its summary and discovery failures: one commit
         self.reporter.stage_planned(plan)
         return plan
-
-    def _discovery_failures(
-        self,
-        plan: StagePlan,
-        rejected: list[tuple[str, Any, str]],
-        state: dict[str, tuple[str, bool, int]],
-    ) -> list[Outcome]:
-        """Manifest rows that cannot become items are planned as permanent failures.
-
-        Each gets a key from its raw id and message, so a row is recorded once and again
-        only when the manifest or the message changes. Returns the outcomes to commit.
-        """
-        fresh = []
-        for raw_id, failure, key in rejected:
-            plan.items.append(PlannedItem(raw_id, key, "skip_failed", 1, None))
-            if key not in state:
-                fresh.append(
-                    Outcome(
-                        item_id=raw_id,
-                        item_key=key,
-                        attempt=1,
-                        status="failed",
-                        error_kind=str(failure.kind),
-                        error_message=failure.message,
-                        retryable=False,
-                        worker=DISCOVERY_WORKER,
-                    )
-                )
-        return fresh
-
-    def _dropped(self, stage: str, plan: StagePlan) -> list[str]:
-        """Items current in ``stage`` that this plan no longer holds (upstream now failed
-        or filtered, clip gone from the manifest): a plan row with an empty key takes them
-        out of the current view, so downstream stages never build on a stale version."""
-        planned = pa.table({"item_id": pa.array([i.item_id for i in plan.items], pa.string())})
-        rows = self.catalog.query(
-            "SELECT DISTINCT item_id FROM current_plans ANTI JOIN planned USING (item_id) "
-            "WHERE stage = ? AND item_key <> '' ORDER BY item_id",
-            [stage],
-            tables={"planned": planned},
-        )
-        return rows.column("item_id").to_pylist()
-
-    def _item_state(self, stage: str, keys: list[str]) -> dict[str, tuple[str, bool, int]]:
-        """key -> (latest status, retryable, number of attempts so far), for ``keys`` only.
-
-        One query: the wanted keys travel as an arrow table and semi-join the stage's item
-        rows, so nothing is returned (or aggregated) for keys no plan asks for any more.
-        """
-        if not keys:
-            return {}
-        rows = self.catalog.query(
-            "SELECT item_key, arg_max(status, created_at) AS status, "
-            "arg_max(retryable, created_at) AS retryable, count(*) AS attempts "
-            "FROM items SEMI JOIN wanted USING (item_key) WHERE stage = ? GROUP BY item_key",
-            [stage],
-            tables={"wanted": pa.table({"item_key": pa.array(keys, pa.string())})},
-        )
-        return {
-            k: (s, bool(r), int(n))
-            for k, s, r, n in zip(
-                rows.column("item_key").to_pylist(),
-                rows.column("status").to_pylist(),
-                rows.column("retryable").to_pylist(),
-                rows.column("attempts").to_pylist(),
-                strict=True,
-            )
-        }
 
     # ------------------------------------------------------------------ execution
     def execute(self, plan: StagePlan, items: list[PlannedItem]) -> StageSummary:
@@ -374,7 +297,7 @@ class Engine:
         return self.summarize(plan, summary)
 
     def summarize(self, plan: StagePlan, ran: StageSummary) -> StageSummary:
-        ran.planned = len(plan.items)
+        ran.planned = plan.total
         ran.cached = plan.count("cached")
         ran.skipped_failed = plan.count("skip_failed")
         ran.blocked_reason = plan.blocked_reason
@@ -459,6 +382,20 @@ class Engine:
                 }
             )
         return {**stats, "artifacts": artifacts, "items": items}
+
+
+def _failed(rejected: Rejected) -> Outcome:
+    """The permanent failure of a manifest row that cannot become an item."""
+    return Outcome(
+        item_id=rejected.item_id,
+        item_key=rejected.item_key,
+        attempt=1,
+        status="failed",
+        error_kind=str(rejected.failure.kind),
+        error_message=rejected.failure.message,
+        retryable=False,
+        worker=DISCOVERY_WORKER,
+    )
 
 
 __all__ = [

@@ -20,7 +20,6 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -40,7 +39,7 @@ from tasks.base import (
 from tasks.records import SourceClip
 
 if TYPE_CHECKING:
-    from talkforge.candidates import Candidate
+    from talkforge.candidates import Candidates
 
 
 @dataclass(frozen=True)
@@ -246,14 +245,37 @@ def _write_ingest(
 
 @dataclass(frozen=True)
 class StoredRecord:
-    """A manifest record as the catalog stored it: parsed only if its item runs."""
+    """A manifest record as the catalog stored it: its JSON is fetched (and parsed) only
+    if its item runs (:func:`stored_records`)."""
 
     clip_id: str
     sha256: str
-    record_json: str
+    ingest_id: str
 
-    def record(self) -> SourceClip:
-        return SourceClip.model_validate_json(self.record_json)
+
+def stored_records(catalog: Catalog, wanted: list[StoredRecord]) -> dict[str, SourceClip]:
+    """clip id -> the parsed record of each of ``wanted``, in one query."""
+    if not wanted:
+        return {}
+    table = catalog.query(
+        "SELECT clip_id, record_json FROM manifest SEMI JOIN wanted USING (ingest_id, clip_id)",
+        tables={
+            "wanted": pa.table(
+                {
+                    "ingest_id": pa.array([r.ingest_id for r in wanted], pa.string()),
+                    "clip_id": pa.array([r.clip_id for r in wanted], pa.string()),
+                }
+            )
+        },
+    )
+    return {
+        clip_id: SourceClip.model_validate_json(text)
+        for clip_id, text in zip(
+            table.column("clip_id").to_pylist(),
+            table.column("record_json").to_pylist(),
+            strict=True,
+        )
+    }
 
 
 def read_sources(
@@ -310,9 +332,8 @@ def _stored_rows(catalog: Catalog, ingest_ids: list[str]) -> dict[str, list[dict
     if not ingest_ids:
         return {}
     table = catalog.query(
-        "SELECT dataset, clip_id, status, error_kind, error_message, duration_s, record_sha256, "
-        "record_json "
-        "FROM manifest SEMI JOIN wanted USING (ingest_id)",
+        "SELECT ingest_id, dataset, clip_id, status, error_kind, error_message, duration_s, "
+        "record_sha256 FROM manifest SEMI JOIN wanted USING (ingest_id)",
         tables={"wanted": pa.table({"ingest_id": pa.array(ingest_ids, pa.string())})},
     )
     out: dict[str, list[dict[str, Any]]] = {}
@@ -323,7 +344,7 @@ def _stored_rows(catalog: Catalog, ingest_ids: list[str]) -> dict[str, list[dict
 
 def _stored_manifest(info: dict[str, Any], rows: list[dict[str, Any]]) -> SourceManifest:
     records = [
-        StoredRecord(r["clip_id"], r["record_sha256"], r["record_json"])
+        StoredRecord(r["clip_id"], r["record_sha256"], r["ingest_id"])
         for r in rows
         if r["status"] == "ok"
     ]
@@ -353,14 +374,15 @@ def source_candidates(
     options: RunOptions,
     *,
     record: bool = True,
-) -> list[Candidate]:
-    """The source stage's items: its manifests' records, each keyed by its content hash.
+) -> Candidates:
+    """The source stage's items: its manifests' records, each keyed by its content hash
+    (key material ``{"source": <record sha256>}``).
 
     An unchanged manifest (same fingerprint) is not read at all (:func:`read_sources`);
     a changed one is read and every record hashed once, the same hashes identifying the
     ingest and keying the items. ``record=False`` (a dry run) writes nothing.
     """
-    from talkforge.candidates import Candidate
+    from talkforge.candidates import Candidates
 
     sources = stage_cls.manifest_sources(cfg, env)
     manifests, hashes, _ = read_sources(catalog, sources, env.run_id, record=record)
@@ -371,12 +393,28 @@ def source_candidates(
     plan.discovery_failures = problems
     found = sorted(records, key=lambda r: r.clip_id)
     found = found[: options.limit] if options.limit else found
-    return [
-        Candidate(r.clip_id, {"source": hash_of[id(r)]}, partial(_source_inputs, r)) for r in found
-    ]
+    by_id = {r.clip_id: r for r in found}
+    items = pa.table(
+        {
+            "item_id": pa.array(list(by_id), pa.string()),
+            "m_0": pa.array([hash_of[id(r)] for r in found], pa.string()),
+        }
+    )
 
+    def build(rows: list[tuple[str, dict[str, Any]]]) -> dict[str, ItemInputs]:
+        chosen = [by_id[item_id] for item_id, _ in rows]
+        parsed = stored_records(catalog, [r for r in chosen if isinstance(r, StoredRecord)])
+        # built from already validated records: no second validation (188 k items)
+        return {
+            r.clip_id: ItemInputs.model_construct(
+                item_id=r.clip_id, source=parsed[r.clip_id] if isinstance(r, StoredRecord) else r
+            )
+            for r in chosen
+        }
 
-def _source_inputs(record: SourceClip | StoredRecord) -> ItemInputs:
-    source = record.record() if isinstance(record, StoredRecord) else record
-    # built from an already validated record: no second validation (188 k items)
-    return ItemInputs.model_construct(item_id=source.clip_id, source=source)
+    return Candidates(
+        build=build,
+        sql="SELECT item_id, m_0 FROM source_items ORDER BY item_id",
+        tables={"source_items": items},
+        columns=["source"],
+    )

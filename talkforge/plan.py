@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,13 +66,31 @@ class PlannedItem:
 
 @dataclass
 class StagePlan:
+    """What one stage will do in a run.
+
+    ``items`` lists every item that runs and every item whose version (key) differs from
+    the one its stage holds now — exactly the rows the plan writes to ``plans``. Items
+    that stay as they are (cached or skipped, same key) are only counted in ``counts``:
+    a plan with nothing to do holds no per-item objects, however large the stage.
+    """
+
     run_id: str
     stage: str
     env: StageEnv
     items: list[PlannedItem] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)  # action -> items, listed or not
+    cached_filtered: int = 0  # of counts["cached"]: the ones cached as filtered
+    retried: int = 0  # of counts["run"]: items with an earlier attempt
     blocked_reason: str = ""
     discovery_failures: list[tuple[str, Any]] = field(default_factory=list)  # (raw id, failure)
     dropped: list[str] = field(default_factory=list)  # current items this plan no longer holds
+    digest: str = ""  # of everything the plan was made from (talkforge.planner.decide)
+    item_rows: int = 0  # the stage's `items` rows once the plan is committed
+
+    @property
+    def total(self) -> int:
+        """Items the plan holds (run, cached or skipped; not the dropped ones)."""
+        return sum(self.counts.values())
 
     @property
     def to_run(self) -> list[PlannedItem]:
@@ -82,7 +101,7 @@ class StagePlan:
         return [work[i : i + size] for i in range(0, len(work), size)]
 
     def count(self, action: str) -> int:
-        return sum(1 for i in self.items if i.action == action)
+        return self.counts[action]
 
 
 @dataclass
@@ -106,7 +125,7 @@ class Reporter(Protocol):
 
 class LogReporter:
     def stage_planned(self, plan: StagePlan) -> None:
-        log.info("%s: %d items, %d to run", plan.stage, len(plan.items), len(plan.to_run))
+        log.info("%s: %d items, %d to run", plan.stage, plan.total, len(plan.to_run))
 
     def item_finished(self, stage: str, outcome: Outcome) -> None:
         if outcome.status == "failed":
@@ -143,15 +162,24 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def key_hasher(common: dict[str, Any]) -> Callable[[Any], str]:
-    """``keys -> stable_hash({**common, "inputs": keys})``, byte for byte, for many items.
+canonical_json = partial(json.dumps, sort_keys=True, separators=(",", ":"), default=str)
 
-    The constant part is encoded once and only each item's key material per item: at
-    188 k items this halves the cost of keying a plan without changing any key.
+
+def key_frame(common: dict[str, Any]) -> tuple[str, str]:
+    """The JSON of ``{**common, "inputs": <material>}`` around the material: (head, tail).
+
+    ``stable_hash({**common, "inputs": keys}) == sha256(head + dumps(keys) + tail)``, so
+    the constant part is encoded once per stage, in Python or in SQL
+    (:mod:`talkforge.planner`).
     """
-    dumps = partial(json.dumps, sort_keys=True, separators=(",", ":"), default=str)
-    before = dumps({k: v for k, v in common.items() if k < "inputs"})[:-1]
-    after = dumps({k: v for k, v in common.items() if k > "inputs"})[1:]
+    before = canonical_json({k: v for k, v in common.items() if k < "inputs"})[:-1]
+    after = canonical_json({k: v for k, v in common.items() if k > "inputs"})[1:]
     head = before + ("," if len(before) > 1 else "") + '"inputs":'
     tail = ("," + after) if len(after) > 1 else "}"
-    return lambda keys: hashlib.sha256((head + dumps(keys) + tail).encode()).hexdigest()
+    return head, tail
+
+
+def key_hasher(common: dict[str, Any]) -> Callable[[Any], str]:
+    """``keys -> stable_hash({**common, "inputs": keys})``, byte for byte, for many items."""
+    head, tail = key_frame(common)
+    return lambda keys: hashlib.sha256((head + canonical_json(keys) + tail).encode()).hexdigest()

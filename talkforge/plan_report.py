@@ -72,10 +72,10 @@ def dry_run(engine: Engine, options: RunOptions) -> list[dict[str, Any]]:
         rows.append(
             {
                 "stage": stage,
-                "items": len(plan.items),
+                "items": plan.total,
                 "cached": plan.count("cached"),
-                "would_run": sum(1 for i in plan.items if i.action == "run" and i.attempt == 1),
-                "retried": sum(1 for i in plan.items if i.action == "run" and i.attempt > 1),
+                "would_run": plan.count("run") - plan.retried,
+                "retried": plan.retried,
                 "skipped_failed": plan.count("skip_failed"),
                 "dropped": len(plan.dropped),
                 "why": "; ".join(f"{n} {r}" for r, n in reasons.most_common())

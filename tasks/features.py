@@ -16,8 +16,10 @@ artifact carrying shape, dtype and the fingerprint of the weights that made it:
 - ``hubert.safetensors``: tensor ``features`` ``(T, 2, D)``, two HuBERT steps per video frame;
 - ``sensevoice.safetensors``: ``features`` ``(T_s, 512)`` at ≈16.67 Hz (prompt rows dropped)
   and ``frame_index`` ``(T,)``: two SenseVoice steps per three video frames (rule in
-  :mod:`tasks.features_audio`); language / emotion / event tags and the transcript go to
-  the ``speech`` catalog table (``sensevoice: null`` disables it).
+  :mod:`tasks.features_audio`); ``ctc_tokens`` ``(T,)`` int64, the CTC argmax id of each
+  frame's row (Engram keys; vocabulary size in the ``ctc_vocab_size`` metadata); language /
+  emotion / event tags and the transcript go to the ``speech`` catalog table
+  (``sensevoice: null`` disables it).
 - ``whisper.safetensors`` (only with ``whisper:`` set: MuseTalk 1.5's audio input):
   ``features`` ``(T, 2, L+1, D)``, every Whisper encoder hidden state, two 50 Hz steps per
   video frame by the HuBERT rule below (see :mod:`models.whisper`).
@@ -184,8 +186,9 @@ class FeaturesStage(Stage[FeaturesConfig]):
     """Face-crop VAE latents + frame-aligned HuBERT features for each accepted clip."""
 
     name: ClassVar[str] = "features"
-    # 3: the record names its audio; 4: LivePortrait and EMOCA on their official framing
-    code_version: ClassVar[str] = "4"
+    # 3: the record names its audio; 4: LivePortrait and EMOCA on their official framing;
+    # 5: SenseVoice CTC tokens per frame
+    code_version: ClassVar[str] = "5"
     requires: ClassVar[tuple[str, ...]] = ("download", "faces", "quality")
     config_type: ClassVar[type[StageConfig]] = FeaturesConfig
 
@@ -334,11 +337,14 @@ class FeaturesStage(Stage[FeaturesConfig]):
             files.append(self._save_tensors(
                 ctx, "sensevoice",
                 {"features": torch.from_numpy(sv.features),
-                 "frame_index": torch.from_numpy(sv.frame_index)},
+                 "frame_index": torch.from_numpy(sv.frame_index),
+                 "ctc_tokens": torch.from_numpy(sv.ctc_tokens)},
                 sv_fp, common, frame_rate_hz=FRAME_RATE_SV,
                 meta={"layout": "features (T_s, 512) at 1000/60 Hz, prompt rows dropped; "
-                                "frame_index (T,)",
+                                "frame_index (T,); ctc_tokens (T,) CTC argmax id of the "
+                                "frame's row, blank 0",
                       "alignment": "video frame i <- step floor((2i + 1) / 3) at 25 fps",
+                      "ctc_vocab_size": str(sv.vocab_size),
                       "language": sv.language or "", "emotion": sv.emotion or "",
                       "event": sv.event or "", "transcript": sv.transcript},
             ))  # fmt: skip

@@ -12,6 +12,8 @@ centre rule is ``round((1000 i / fps + 1000 / (2 fps) - 12.5) / 60)``, which red
 formula above at 25 fps. Indices are clamped to the last step. The file keeps the native
 ``(T_s, 512)`` rows plus ``frame_index`` ``(T,)``, so no row is duplicated on disk; a clip
 is ``MISALIGNED`` when ``|T_s · fps / (1000/60) − T|`` exceeds the tolerance in frames.
+``ctc_tokens`` ``(T,)`` are the CTC argmax ids of the same rows, per video frame
+(``ctc_tokens[i]`` = id of row ``frame_index[i]``; blanks kept): discrete keys for Engram.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def sensevoice_frame_index(num_frames: int, fps: float, num_steps: int) -> np.nd
 class SenseVoiceResult:
     features: np.ndarray  # (T_s, 512) float32
     frame_index: np.ndarray  # (T,) int64
+    ctc_tokens: np.ndarray  # (T,) int64: CTC argmax id of row frame_index[i]
+    vocab_size: int  # CTC vocabulary size (ids lie in [0, vocab_size))
     language: str | None
     emotion: str | None
     event: str | None
@@ -64,9 +68,12 @@ def run_sensevoice(
         )
     with torch.inference_mode():
         out = extract_sensevoice(model, wave.astype(np.float32))
+    frame_index = sensevoice_frame_index(num_frames, fps, out.features.shape[0])
     return SenseVoiceResult(
         features=out.features,
-        frame_index=sensevoice_frame_index(num_frames, fps, out.features.shape[0]),
+        frame_index=frame_index,
+        ctc_tokens=out.ctc_ids[frame_index],
+        vocab_size=out.vocab_size,
         language=out.language,
         emotion=out.emotion,
         event=out.event,

@@ -1,7 +1,8 @@
 """Feature-cache files, a memory bank and tiny configs for the musetalk2 tests.
 
 Clips are written in the features stage's file layout (``vae_latents/latents``,
-``hubert/features``, ``sensevoice/features`` + ``frame_index``, ``liveportrait_motion/motion``,
+``hubert/features``, ``sensevoice/features`` + ``frame_index`` + ``ctc_tokens`` (vocabulary
+``CTC_VOCAB`` in the ``ctc_vocab_size`` metadata), ``liveportrait_motion/motion``,
 ``emoca_flame/flame``, a 16 kHz wav). Latents are smooth per-frame fields whose lower half
 follows the frame's audio (a learnable mapping), so a tiny network can fit one clip.
 """
@@ -26,6 +27,7 @@ from models.emoca import FLAME_DIM
 from models.liveportrait import MOTION_DIM
 
 C, H, W, AUDIO_DIM = 4, 8, 8, 12
+CTC_VOCAB = 16
 
 
 def write_wav(path: Path, samples: np.ndarray) -> None:
@@ -56,19 +58,26 @@ def clip_features(
     sv = rng.normal(size=(rows, AUDIO_DIM)).astype(np.float32)
     index = np.minimum((2 * np.arange(frames) + 1) // 3, rows - 1)
     sv[index, 0] = mouth_open * 3.0
+    # CTC argmax per frame: blank (0) on a closed mouth, else a token of how open it is
+    ctc = np.where(mouth_open < 0.2, 0, 1 + np.round(mouth_open * (CTC_VOCAB - 2))).astype(int)
     motion = rng.normal(scale=0.1, size=(frames, MOTION_DIM)).astype(np.float32)
     flame = rng.normal(scale=0.1, size=(frames, FLAME_DIM)).astype(np.float32)
     files = {
         "vae_latents": {"latents": torch.from_numpy(lat).half()},
         "hubert": {"features": torch.from_numpy(hub)},
-        "sensevoice": {"features": torch.from_numpy(sv), "frame_index": torch.from_numpy(index)},
+        "sensevoice": {
+            "features": torch.from_numpy(sv),
+            "frame_index": torch.from_numpy(index),
+            "ctc_tokens": torch.from_numpy(ctc.astype(np.int64)),
+        },
         "liveportrait_motion": {"motion": torch.from_numpy(motion)},
         "emoca_flame": {"flame": torch.from_numpy(flame)},
     }
     paths = {}
     for family, tensors in files.items():
         paths[family] = str(folder / f"{family}.safetensors")
-        save_file(tensors, paths[family])
+        meta = {"ctc_vocab_size": str(CTC_VOCAB)} if family == "sensevoice" else None
+        save_file(tensors, paths[family], metadata=meta)
     wav = folder / "audio.wav"
     write_wav(wav, rng.uniform(-0.3, 0.3, size=frames * 640))
     return FeatureClip(

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from generators.blocks import dsa
 from generators.blocks.dsa import (
     DSAConfig,
     SparseSelfAttention,
@@ -15,6 +16,7 @@ from generators.blocks.dsa import (
     dense_attention,
     index_scores,
     indexer_kl,
+    indexer_topk,
     select_topk,
     sparse_attention,
 )
@@ -101,3 +103,42 @@ def test_selection_is_deterministic_and_independent_of_the_batch():
     assert torch.equal(a, b)
     assert torch.equal(a, c[[2, 1, 0]])
     assert torch.all(a.diff(dim=-1) > 0)
+
+
+@pytest.mark.parametrize(("causal", "budget"), [(False, 1 << 20), (True, 1 << 20), (True, 300)])
+def test_chunked_indexer_selection_equals_topk_of_the_full_score_matrix(
+    causal, budget, monkeypatch
+):
+    monkeypatch.setattr(dsa, "SCORE_BUDGET", budget)  # 300: 2 queries per chunk, not 7
+    assert dsa.score_chunk(7, 3, 45) == (7 if budget > 300 else 2)
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 45, 3, 8, generator=gen)
+    k = torch.randn(2, 45, 8, generator=gen)
+    w = torch.randn(2, 45, 3, generator=gen)
+    allowed = allowed_mask(torch.arange(45) // 5, causal)
+    full = select_topk(index_scores(q, k, w, chunk=7), 12, allowed)
+    fused = indexer_topk(q, k, w, 12, allowed, chunk=7)
+    assert torch.equal(fused[0], full[0]) and torch.equal(fused[1], full[1])
+    other = indexer_topk(q, k, w * -1, 12, allowed, chunk=7)  # a different score: it matters
+    assert not torch.equal(other[0], full[0])
+
+
+def test_inference_path_computes_what_the_training_path_computes():
+    torch.manual_seed(7)
+    cfg = DSAConfig(heads=2, indexer_heads=2, indexer_dim=4, top_k=6, causal=True, query_chunk=5)
+    block = SparseSelfAttention(16, cfg)
+    with torch.no_grad():
+        block.out.weight.normal_(0, 0.3)
+    x = torch.randn(2, 24, 16)
+    frames = torch.arange(24) // 4
+    trained, kl = block(x, frames)  # grad on: full scores, probabilities, KL
+    with torch.no_grad():
+        inferred, kl0 = block(x, frames)  # chunked selection, no probabilities
+    torch.testing.assert_close(inferred, trained.detach(), rtol=0, atol=0)
+    assert float(kl) > 0 and float(kl0) == 0
+    q, k, v = (torch.randn(1, 2, 24, 8) for _ in range(3))
+    idx, valid = select_topk(torch.randn(1, 24, 24), 6, allowed_mask(frames, True))
+    out, probs = sparse_attention(q, k, v, idx, valid, impl="csr", need_probs=False)
+    ref, _ = sparse_attention(q, k, v, idx, valid, impl="gather")
+    assert probs is None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from torch import nn
 from generators.blocks.pmf import (
     PMFConfig,
     adaptive_weight,
+    ieee_float32,
     one_step_sample,
     pmf_objective,
     sample_times,
@@ -264,3 +265,15 @@ def test_finite_difference_under_bf16_autocast_differences_in_float32(scheme):
     assert bf16_u.dtype == torch.bfloat16  # autocast is really on for the network
     assert fd.dtype == torch.float32
     assert float((fd - exact).norm() / exact.norm()) < 1e-2
+
+
+def test_difference_quotients_run_in_ieee_float32_on_cuda_and_restore_the_setting():
+    knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    before = [k.fp32_precision for k in knobs]
+    seen = []
+    with ieee_float32("cuda"):
+        seen = [k.fp32_precision for k in knobs]
+    assert seen == ["ieee", "ieee"] and [k.fp32_precision for k in knobs] == before
+    with pytest.raises(KeyError), ieee_float32("cuda"):
+        raise KeyError("restored on error too")
+    assert [k.fp32_precision for k in knobs] == before

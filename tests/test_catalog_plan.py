@@ -41,7 +41,7 @@ class Counter:
     def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[str] = []
         cat = engine.catalog
-        for name in ("query", "append", "append_many"):
+        for name in ("query", "read", "append", "append_many"):
             original = getattr(cat, name)
 
             def wrapped(*args: Any, _name: str = name, _fn: Any = original, **kw: Any) -> Any:
@@ -96,7 +96,7 @@ def test_a_plan_costs_the_same_number_of_queries_at_any_size(
         _finish(engine, first, [i.item_id for i in first.items])
         counter = Counter(engine, monkeypatch)
         again = _plan(engine, "r2")
-        assert {i.action for i in again.items} == {"cached"} and not again.to_run
+        assert again.counts == {"cached": n} and not again.items  # nothing listed
         counts[n] = list(counter.calls)
         engine.close()
     assert counts[5] == counts[300]
@@ -124,7 +124,7 @@ def test_an_unchanged_manifest_is_not_parsed_again(
     monkeypatch.undo()
     write_talkvid_manifest(manifest, 41)  # a new release: one more clip
     third = _plan(engine, "r3")
-    assert len(third.items) == 41
+    assert third.total == 41 and len(third.to_run) == 41
     ingests = engine.catalog.query("SELECT count(*) AS n FROM datasets").to_pylist()
     assert ingests == [{"n": 2}]
     engine.close()
@@ -206,8 +206,80 @@ def test_clips_gone_from_the_manifest_are_dropped_from_the_current_view(tmp_path
         i.item_id for i in first.items if i.item_id.endswith(("scene8-scene1", "scene9-scene1"))
     )
     assert again.dropped == gone and len(gone) == 2
-    assert {i.action for i in again.items} == {"cached"}
+    assert again.counts == {"cached": 8} and not again.items
     current = engine.catalog.query("SELECT count(*) AS n FROM current_items").to_pylist()
     assert current == [{"n": 8}]
     assert _plan(engine, "r3").dropped == []  # dropped once, not again
+    engine.close()
+
+
+def test_plans_list_only_changes_and_going_back_to_a_config_finds_its_results(
+    tmp_path: Path,
+) -> None:
+    manifest = write_talkvid_manifest(tmp_path / "m.json", 6)
+    engine = _engine(tmp_path / "data", manifest)
+    cat = engine.catalog
+
+    def written(run_id: str) -> list[dict[str, Any]]:
+        return cat.query(
+            "SELECT p.action, count(*) AS n, any_value(s.lists_all) AS lists_all FROM plans p "
+            "JOIN stage_runs s USING (run_id, stage) WHERE run_id = ? GROUP BY ALL",
+            [run_id],
+        ).to_pylist()
+
+    def current() -> int:
+        return cat.query("SELECT count(*) AS n FROM current_items").to_pylist()[0]["n"]
+
+    first = _plan(engine, "r1")
+    _finish(engine, first, [i.item_id for i in first.items])
+    assert written("r1") == [{"action": "run", "n": 6, "lists_all": True}] and current() == 6
+    assert _plan(engine, "r2").counts == {"cached": 6}
+    assert written("r2") == [] and current() == 6  # nothing changed: no plan rows
+    assert cat.query("SELECT items, cached_done FROM stage_runs WHERE run_id = 'r2'").to_pylist()[
+        0
+    ] == {"items": 6, "cached_done": 6}
+    engine.close()
+
+    changed = _engine(tmp_path / "data", manifest, "download.crf=20")
+    assert len(_plan(changed, "r3").to_run) == 6
+    assert written("r3") == [{"action": "run", "n": 6, "lists_all": True}] and current() == 0
+    changed.close()
+    back = _engine(tmp_path / "data", manifest)
+    again = _plan(back, "r4")
+    assert again.counts == {"cached": 6} and len(again.items) == 6  # listed: new current keys
+    assert written("r4") == [{"action": "cached", "n": 6, "lists_all": True}] and current() == 6
+    back.close()
+
+
+def test_the_same_plan_again_is_reused_until_an_item_row_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import talkforge.planner as planner
+
+    manifest = write_talkvid_manifest(tmp_path / "m.json", 8)
+    engine = _engine(tmp_path / "data", manifest)
+    first = _plan(engine, "r1")
+    ids = [i.item_id for i in first.items]
+    _finish(engine, first, ids[:7])
+    _finish(engine, first, ids[7:], "failed")  # permanent: skipped from now on
+    decided: list[str] = []
+    real = planner._decide
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        decided.append(args[4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "_decide", spy)
+    counts = {"cached": 7, "skip_failed": 1}
+    assert _plan(engine, "r2").counts == counts and len(decided) == 1  # r1 had items to run
+    again = _plan(engine, "r3")
+    assert again.counts == counts and not again.items and len(decided) == 1  # r2 reused
+    assert ops.stage_status(engine.catalog, "r3") == ops.stage_status(engine.catalog, "r2")
+    assert len(_plan(engine, "r4").counts) == 2 and len(decided) == 1
+    # any new item row of the stage (here a late result) means the counts may be stale
+    _finish(engine, first, ids[7:])
+    assert _plan(engine, "r5").counts == {"cached": 8} and len(decided) == 2
+    retry = engine.plan("r6", "download", RunOptions(stages=["download"], retry_failed=True))
+    engine.summarize(retry, StageSummary("download"))
+    assert len(decided) == 3  # other options: another plan
     engine.close()

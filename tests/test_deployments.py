@@ -192,8 +192,7 @@ def test_a_run_triggered_through_the_client_records_itself(served: tuple) -> Non
         "SELECT run_id FROM runs WHERE event = 'started' ORDER BY event_at DESC LIMIT 1"
     ).to_pylist()[0]["run_id"]
     assert resumed != run_id and resumed in out
-    actions = catalog.query(
-        "SELECT stage, action, count(*) AS n FROM plans WHERE run_id = ? GROUP BY ALL",
-        [resumed],
+    planned = catalog.query(
+        "SELECT stage, items, cached_done, to_run FROM stage_runs WHERE run_id = ?", [resumed]
     ).to_pylist()
-    assert actions == [{"stage": "download", "action": "cached", "n": 2}]  # limit 2 kept
+    assert planned == [{"stage": "download", "items": 2, "cached_done": 2, "to_run": 0}]  # limit 2

@@ -294,11 +294,23 @@ def test_sensevoice_rows_follow_the_formula_and_map_two_per_three_frames(stage, 
     path = store._path(rec.file("sensevoice").artifact.uri)
     with safe_open(path, framework="pt") as f:
         feats, index = f.get_tensor("features"), f.get_tensor("frame_index")
+        tokens = f.get_tensor("ctc_tokens")
         meta = f.metadata()
     n = 30 * 640  # 1.2 s of audio at 16 kHz
     assert feats.shape == (sensevoice_num_frames(n), 32)  # the tiny model's hidden size
     assert feats.shape[0] == 20 and index.tolist() == [(2 * i + 1) // 3 for i in range(30)]
     assert meta["model_sha256"] == stage.env.model_fingerprints["sensevoice"].sha256
+    # CTC tokens: one int per video frame, the argmax of the frame's SenseVoice row
+    from models.sensevoice import extract_sensevoice, load_sensevoice
+    from tasks.media import read_wav
+
+    model = load_sensevoice(stage.env.model_fingerprints["sensevoice"].resolved_path)
+    wave, _ = read_wav(store._path(inputs.records["download"].audio.uri))
+    ids = extract_sensevoice(model, wave).ctc_ids
+    assert tokens.shape == (30,) and tokens.dtype == torch.int64
+    assert tokens.tolist() == [int(ids[(2 * i + 1) // 3]) for i in range(30)]
+    assert int(meta["ctc_vocab_size"]) == model.ctc.ctc_lo.out_features == 64
+    assert len(set(ids.tolist())) > 1  # random weights: varied ids, so the mapping is checked
     speech = rec.stats_rows()["speech"]
     assert len(speech) == 1 and speech[0]["model_origin"] == "random-init"
     assert rec.speech is not None and rec.speech.language == meta["language"]

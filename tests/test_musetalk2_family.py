@@ -6,18 +6,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from pydantic import TypeAdapter, ValidationError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from generators import registry
 from generators.blocks.engram_hash import read_bank
 from generators.family import TrainingAssets, unwrap
 from generators.musetalk2 import Musetalk2Config, Musetalk2Family
 from models.registry import ModelSpec, ensure_model
-from tests.musetalk2_helpers import clip_features, layout, memory_bank
+from tests.musetalk2_helpers import CTC_VOCAB, clip_features, layout, memory_bank
 
 NO_PIXELS = {"l1_pixel": 0.0, "vgg": 0.0, "sync": 0.0, "l1_latent": 1.0}
 SMALL = {"block_out_channels": [16, 32], "audio": "hubert"}
@@ -181,6 +182,78 @@ def test_sensevoice_sampling_reads_the_frame_index_and_engram_needs_the_bank(cac
     with pytest.raises(ValueError, match="memory bank"):
         s2.prepare_clip(spec2, f2, None, 0)
     assert s2.prepare_clip(spec2, f2, read_bank(bank), 0).codes.shape == (40,)
+
+
+def test_engram_ctc_keys_come_from_the_sensevoice_file_without_a_memory_bank(cache):
+    _, clips, _ = cache
+    off = {"enabled": False}
+    fam = _family(
+        training_stage="stage2",
+        n_sample_frames=2,
+        losses=NO_PIXELS | {"sync": 0},
+        engram={"keys": "ctc", "vocab_size": CTC_VOCAB},
+        mhc=off,
+        dsa=off,
+        gated_attention=off,
+    )
+    assert not fam.uses_memory_bank and fam.extra_tensors == {"sensevoice": ("ctc_tokens",)}
+    assert set(fam.features) == {
+        "vae_latents",
+        "hubert",
+        "sensevoice",
+        "liveportrait_motion",
+        "emoca_flame",
+    }
+    spec = fam.make_spec(layout("hubert"))
+    default = registry.get("musetalk2")()
+    assert default.extra_tensors_for(spec) == fam.extra_tensors
+    assert not default.uses_memory_bank_for(spec)
+    torch.manual_seed(0)
+    model = fam.build(spec)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = fam.load_training_data(spec, clips, None)  # no bank is read
+    fam.prepare_model(model, spec, data)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    module = next(iter(model.levels.engram.values()))
+    tokens = load_file(clips[0].paths["sensevoice"])["ctc_tokens"]
+    assert len(set(tokens.tolist())) > 3 and 0 in tokens.tolist()  # blanks and tokens
+    np.testing.assert_array_equal(data.clips[0].rows.numpy(), module.rows(tokens.numpy()))
+    out = fam.training_step(model, fam.training_batch(data, 0, 1, 2, 0, 2))
+    out["loss"].backward()
+    assert float(module.value.weight.grad.abs().sum()) > 0
+
+    feats = {k: load_file(clips[0].paths[k])[n] for k, n in fam.features_for(spec).items()}
+    with pytest.raises(ValueError, match="ctc_tokens"):
+        fam.prepare_clip(spec, feats, None, 0)
+    prepared = fam.prepare_clip(spec, feats | {"sensevoice/ctc_tokens": tokens}, None, 0)
+    np.testing.assert_array_equal(prepared.codes, tokens.numpy())
+    shifted = (tokens + 1) % CTC_VOCAB
+    other = fam.prepare_clip(spec, feats | {"sensevoice/ctc_tokens": shifted}, None, 0)
+    with torch.no_grad():
+        module.value.weight.normal_(0, 0.5)
+        a = fam.sample(model.eval(), prepared, torch.arange(4))
+        b = fam.sample(model, other, torch.arange(4))
+    assert not torch.allclose(a, b, atol=1e-4)  # the tokens reach the output
+    with pytest.raises(ValueError, match="vocab_size"):
+        fam.prepare_clip(spec, feats | {"sensevoice/ctc_tokens": tokens + CTC_VOCAB}, None, 0)
+    wrong = _family(
+        training_stage="stage2",
+        n_sample_frames=2,
+        losses=NO_PIXELS | {"sync": 0},
+        engram={"keys": "ctc", "vocab_size": 2 * CTC_VOCAB},
+        mhc=off,
+        dsa=off,
+    )
+    with pytest.raises(ValueError, match=f"engram.vocab_size to {CTC_VOCAB}"):
+        wrong.load_training_data(wrong.make_spec(layout("hubert")), clips, None)
+    old = Path(clips[0].paths["sensevoice"]).with_name("old_sensevoice.safetensors")
+    save_file(
+        {k: v for k, v in load_file(clips[0].paths["sensevoice"]).items() if k != "ctc_tokens"},
+        str(old),
+    )
+    stale = clips[0].model_copy(update={"paths": clips[0].paths | {"sensevoice": str(old)}})
+    with pytest.raises(ValueError, match="no tensor 'ctc_tokens'"):
+        fam.load_training_data(spec, [stale], None)
 
 
 @pytest.mark.parametrize(

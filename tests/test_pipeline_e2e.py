@@ -157,8 +157,13 @@ def test_cached_rerun_skips_everything(
         f"project.store_uri={pipeline_root / 'store'}",
     )
     run = q(root, "SELECT run_id FROM runs WHERE event='started' ORDER BY event_at DESC LIMIT 1")
-    actions = q(root, f"SELECT DISTINCT action FROM plans WHERE run_id = '{run[0]['run_id']}'")
-    assert {a["action"] for a in actions} == {"cached"}
+    run_id = run[0]["run_id"]
+    planned = q(root, f"SELECT * FROM stage_runs WHERE run_id = '{run_id}'")
+    assert planned
+    assert all(p["to_run"] == 0 and p["items"] == p["cached_done"] + p["cached_filtered"]
+               for p in planned), planned  # fmt: skip
+    # nothing changed version, so the run wrote no per-item plan row
+    assert q(root, f"SELECT count(*) AS n FROM plans WHERE run_id = '{run_id}'") == [{"n": 0}]
 
 
 def test_config_change_reruns_that_stage_and_downstream_only(
@@ -178,18 +183,19 @@ def test_config_change_reruns_that_stage_and_downstream_only(
     run_id = q(
         root, "SELECT run_id FROM runs WHERE event='started' ORDER BY event_at DESC LIMIT 1"
     )[0]["run_id"]
-    actions = q(
-        root,
-        f"SELECT stage, list_distinct(list(action)) AS a FROM plans "
-        f"WHERE run_id = '{run_id}' GROUP BY stage",
-    )
-    by_stage = {r["stage"]: set(r["a"]) for r in actions}
-    assert by_stage == {
-        "download": {"cached"},
-        "faces": {"cached"},
-        "quality": {"run"},
-        "features": {"run"},
+    planned = {
+        r["stage"]: (r["to_run"], r["items"])
+        for r in q(root, f"SELECT stage, to_run, items FROM stage_runs WHERE run_id = '{run_id}'")
     }
+    assert set(planned) == {"download", "faces", "quality", "features"}
+    assert planned["download"][0] == planned["faces"][0] == 0
+    assert planned["quality"][0] == planned["quality"][1] > 0
+    assert planned["features"][0] == planned["features"][1] > 0
+    rows = q(root, f"SELECT DISTINCT stage, action FROM plans WHERE run_id = '{run_id}'")
+    assert sorted((r["stage"], r["action"]) for r in rows) == [
+        ("features", "run"),
+        ("quality", "run"),
+    ]
     versions = invoke("versions", "quality", "--config", CONFIG, *sets(root, sample_dir))
     assert versions.count("True") == 1 and "False" in versions
 

@@ -266,6 +266,29 @@ def test_wrapped_checkpoint_and_missing_tokenizer(tiny_dir: Path, tmp_path: Path
     assert out.features.shape == (17, 32)
 
 
+def test_ctc_ids_are_the_argmax_of_every_speech_row_and_need_no_tokenizer(
+    tiny_model: SenseVoiceSmall,
+) -> None:
+    wave = _speechlike(2.0)
+    out = extract_sensevoice(tiny_model, wave)
+    with torch.inference_mode():
+        feats = torch.from_numpy(compute_features(wave, tiny_model.frontend, tiny_model.cmvn))
+        hidden = tiny_model.encoder(torch.cat([tiny_model.prompt(), feats])[None])[0]
+        logits = tiny_model.ctc.ctc_lo(hidden)
+    assert out.ctc_ids.dtype == np.int64 and out.ctc_ids.shape == (len(out.features),) == (33,)
+    np.testing.assert_array_equal(out.ctc_ids, logits[PROMPT_FRAMES:].argmax(-1).numpy())
+    assert out.vocab_size == logits.shape[-1] == 64 and len(set(out.ctc_ids.tolist())) > 1
+    _, transcript = decode_ctc(logits.argmax(-1).tolist(), tiny_model.tokens)
+    assert out.transcript == transcript
+    tokens, tiny_model.tokens = tiny_model.tokens, None
+    try:
+        bare = extract_sensevoice(tiny_model, wave)
+    finally:
+        tiny_model.tokens = tokens
+    np.testing.assert_array_equal(bare.ctc_ids, out.ctc_ids)
+    assert bare.transcript == ""
+
+
 def test_bad_input_is_rejected(tiny_model: SenseVoiceSmall) -> None:
     with pytest.raises(ValueError, match="float wave"):
         extract_sensevoice(tiny_model, (_speechlike(1.0) * 32767).astype(np.int16))

@@ -16,10 +16,17 @@
 
 Two exact implementations of the sparse core (``impl``): ``csr`` (default) computes the
 ``L·k`` scores with ``torch.sparse.sampled_addmm`` and the weighted value sum with
-``embedding_bag`` — no ``[L, k, d]`` gather is materialised, which is what makes it cheaper
-than dense attention on a CPU; ``gather`` indexes keys and values per query chunk. Sparse
-CSR tensors have no forward-mode AD, so under ``torch.func`` transforms (the pMF JVP) the
-``gather`` path is used automatically.
+``embedding_bag``, head by head (one head's keys stay in cache) — no ``[L, k, d]`` gather is
+materialised; ``gather`` indexes keys and values per query chunk (an order of magnitude
+slower on a CPU). Sparse CSR tensors have no forward-mode AD, so under ``torch.func``
+transforms (the pMF JVP) the ``gather`` path is used automatically.
+
+Without gradients (sampling, the pMF difference quotients) the indexer scores and selects
+chunk by chunk (:func:`indexer_topk`), never holding the ``(L, L)`` scores; with gradients
+the KL needs them. Costs on a CPU (``benchmarks/bench_musetalk2.py``): selection is a
+``torch.topk`` over every (query, key) pair, ≈8 ns per pair, and the sparse core's gathers
+run far below GEMM speed, so on a CPU DSA undercuts the math-backend dense attention (from
+``L ≈ 2048`` at ``k = 512``) but not the fused flash kernel, at any ``L`` measured.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from torch import nn
 
 NEG_INF = float("-inf")
 GATHER_BUDGET = 1 << 22  # gathered key elements per chunk of the gather path (16 MB fp32)
+SCORE_BUDGET = 1 << 20  # index-score block elements per chunk (4 MB fp32)
 
 
 class DSAConfig(BaseModel):
@@ -44,28 +52,43 @@ class DSAConfig(BaseModel):
     top_k: int = Field(512, ge=1)
     phase: Literal["dense", "sparse"] = "sparse"
     causal: bool = False  # frame-causal: a token sees tokens of its own and earlier frames
-    query_chunk: int = Field(1024, ge=1)  # indexer / gather rows processed at once
+    query_chunk: int = Field(256, ge=1)  # indexer / gather rows at once (cache-sized block)
+
+
+def _score_rows(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) for one chunk: ``q (c, H_I, d_I)``, ``k (S, d_I)``, ``w (c, H_I)`` → ``(c, S)``.
+
+    One ``(c·H_I, d_I) @ (d_I, S)`` product, ReLU in place, then the weighted sum over heads
+    as a batched ``(1, H_I) @ (H_I, S)`` product per query: two passes over the block
+    instead of one per head and operation."""
+    n, heads, dim = q.shape
+    rel = torch.relu_(q.reshape(n * heads, dim) @ k.T).view(n, heads, -1)
+    return torch.bmm(w[:, None, :], rel)[:, 0]
+
+
+def score_chunk(chunk: int, heads: int, keys: int) -> int:
+    """Queries scored at once: at most ``chunk``, and few enough that the ``(c·H_I, S)``
+    block stays within :data:`SCORE_BUDGET` (cache-sized; measured 1.5× faster at 16k keys)."""
+    return max(1, min(chunk, SCORE_BUDGET // (heads * keys)))
 
 
 def index_scores(
-    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, chunk: int = 1024
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, chunk: int = 256
 ) -> torch.Tensor:
-    """Eq. (1): ``q (B, L, H_I, d_I)``, ``k (B, S, d_I)``, ``w (B, L, H_I)`` → ``(B, L, S)``.
-
-    Per chunk of queries one ``(c·H_I, d_I) @ (d_I, S)`` product, ReLU in place, then the
-    weighted sum over heads as a batched ``(1, H_I) @ (H_I, S)`` product per query: two
-    passes over the ``(c, H_I, S)`` block instead of one per head and operation."""
-    b, length, heads, dim = q.shape
-    out = []
-    for bi in range(b):
-        rows = []
-        for start in range(0, length, chunk):
-            qc, wc = q[bi, start : start + chunk], w[bi, start : start + chunk]
-            n = qc.shape[0]
-            rel = torch.relu_(qc.reshape(n * heads, dim) @ k[bi].T).view(n, heads, -1)
-            rows.append(torch.bmm(wc[:, None, :], rel)[:, 0])
-        out.append(torch.cat(rows))
-    return torch.stack(out)
+    """Eq. (1): ``q (B, L, H_I, d_I)``, ``k (B, S, d_I)``, ``w (B, L, H_I)`` → ``(B, L, S)``,
+    :func:`score_chunk` queries at a time."""
+    c = score_chunk(chunk, q.shape[2], k.shape[1])
+    return torch.stack(
+        [
+            torch.cat(
+                [
+                    _score_rows(q[bi, i : i + c], k[bi], w[bi, i : i + c])
+                    for i in range(0, q.shape[1], c)
+                ]
+            )
+            for bi in range(q.shape[0])
+        ]
+    )
 
 
 def allowed_mask(frame_ids: torch.Tensor, causal: bool) -> torch.Tensor | None:
@@ -93,6 +116,30 @@ def select_topk(
     return idx, valid
 
 
+def indexer_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    top_k: int,
+    allowed: torch.Tensor | None,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_topk(index_scores(q, k, w, chunk), top_k, allowed)`` without the ``(B, L, S)``
+    score matrix: each chunk of queries is scored and selected while it is in cache (the
+    same per-chunk arithmetic, so the same selection). No gradient: the
+    selection is not differentiable, and the indexer's KL needs the full scores anyway."""
+    idx, valid = [], []
+    c = score_chunk(chunk, q.shape[2], k.shape[1])
+    for bi in range(q.shape[0]):
+        for i in range(0, q.shape[1], c):
+            scores = _score_rows(q[bi, i : i + c], k[bi], w[bi, i : i + c])
+            sel = select_topk(scores, top_k, None if allowed is None else allowed[i : i + c])
+            idx.append(sel[0])
+            valid.append(sel[1])
+    rows = q.shape[1]
+    return torch.cat(idx).view(q.shape[0], rows, -1), torch.cat(valid).view(q.shape[0], rows, -1)
+
+
 def _sparse_gather(q, k, v, idx, valid, chunk):
     """``q, k, v (B, H, L, d)``, ``idx/valid (B, L, k)`` → ``(out (B,H,L,d), probs (B,H,L,k))``."""
     b, heads, length, d = q.shape
@@ -110,28 +157,26 @@ def _sparse_gather(q, k, v, idx, valid, chunk):
     return torch.cat(outs, dim=2), torch.cat(probs, dim=2)
 
 
-def _sparse_csr(q, k, v, idx, valid):
+def _sparse_csr(q, k, v, idx, valid, need_probs):
     b, h, length, d = q.shape
     kk = idx.shape[-1]
     crow = torch.arange(0, length * kk + 1, kk, device=q.device)
-    outs, probs = [], []
+    masked = not bool(valid.all())
+    out = q.new_empty(b, length, h, d)  # heads last: the caller's (B, L, H·d) is a view
+    probs = q.new_empty(b, h, length, kk) if need_probs else None
     for bi in range(b):
         col = idx[bi].reshape(-1)
         pattern = torch.sparse_csr_tensor(
             crow, col, torch.zeros(length * kk, dtype=q.dtype, device=q.device), (length, length)
         )
-        per_head_out, per_head_p = [], []
         for hi in range(h):
             s = torch.sparse.sampled_addmm(pattern, q[bi, hi], k[bi, hi].T, beta=0.0, alpha=d**-0.5)
-            sc = s.values().view(length, kk).masked_fill(~valid[bi], NEG_INF)
-            p = torch.softmax(sc, dim=-1)
-            per_head_out.append(
-                F.embedding_bag(idx[bi], v[bi, hi], per_sample_weights=p, mode="sum")
-            )
-            per_head_p.append(p)
-        outs.append(torch.stack(per_head_out))
-        probs.append(torch.stack(per_head_p))
-    return torch.stack(outs), torch.stack(probs)
+            sc = s.values().view(length, kk)
+            p = torch.softmax(sc.masked_fill(~valid[bi], NEG_INF) if masked else sc, dim=-1)
+            out[bi, :, hi] = F.embedding_bag(idx[bi], v[bi, hi], per_sample_weights=p, mode="sum")
+            if probs is not None:
+                probs[bi, hi] = p
+    return out.transpose(1, 2), probs
 
 
 def sparse_attention(
@@ -141,13 +186,15 @@ def sparse_attention(
     idx: torch.Tensor,
     valid: torch.Tensor,
     impl: Literal["auto", "csr", "gather"] = "auto",
-    chunk: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each query over its selected keys: ``(out (B,H,L,d), probs (B,H,L,k))``."""
+    chunk: int = 256,
+    need_probs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of each query over its selected keys: ``(out (B,H,L,d), probs (B,H,L,k))``;
+    ``probs`` (the indexer's KL target) is None from ``csr`` unless ``need_probs``."""
     if impl == "auto":
         impl = "gather" if torch._C._are_functorch_transforms_active() else "csr"
     if impl == "csr":
-        return _sparse_csr(q, k, v, idx, valid)
+        return _sparse_csr(q, k, v, idx, valid, need_probs)
     return _sparse_gather(q, k, v, idx, valid, chunk)
 
 
@@ -189,12 +236,24 @@ class LightningIndexer(nn.Module):
         self.k_norm = nn.LayerNorm(head_dim)
         self.weights = nn.Linear(dim, heads, bias=False)
 
-    def forward(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I))`` of Eq. (1)."""
         b, length, _ = x.shape
         q = self.wq(x).view(b, length, self.heads, self.head_dim)
         k = self.k_norm(self.wk(x))
         w = self.weights(x) * (self.heads**-0.5 * self.head_dim**-0.5)
-        return index_scores(q, k, w, chunk)
+        return q, k, w
+
+    def forward(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Index scores ``(B, L, L)``."""
+        return index_scores(*self.project(x), chunk)
+
+    @torch.no_grad()
+    def select(
+        self, x: torch.Tensor, top_k: int, allowed: torch.Tensor | None, chunk: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``select_topk(self(x), top_k, allowed)`` without the ``(B, L, L)`` scores."""
+        return indexer_topk(*self.project(x), top_k, allowed, chunk)
 
 
 class SparseSelfAttention(nn.Module):
@@ -232,15 +291,18 @@ class SparseSelfAttention(nn.Module):
         allowed = allowed_mask(frame_ids, self.cfg.causal)
         learn = torch.is_grad_enabled()  # the KL only trains the indexer
         kl = x.new_zeros(())
+        chunk = self.cfg.query_chunk
         if self.cfg.phase == "dense":
             y, probs = dense_attention(q, k, v, allowed)
             if learn:
-                scores = self.indexer(h.detach(), self.cfg.query_chunk)
+                scores = self.indexer(h.detach(), chunk)
                 kl = indexer_kl(attention_target(probs), scores, allowed)
-        else:
-            scores = self.indexer(h.detach(), self.cfg.query_chunk)
+        elif learn:  # the KL needs the scores (with gradient) at the selected keys
+            scores = self.indexer(h.detach(), chunk)
             idx, valid = select_topk(scores.detach(), self.cfg.top_k, allowed)
-            y, probs = sparse_attention(q, k, v, idx, valid, impl, self.cfg.query_chunk)
-            if learn:
-                kl = indexer_kl(attention_target(probs), scores.gather(-1, idx), valid)
+            y, probs = sparse_attention(q, k, v, idx, valid, impl, chunk)
+            kl = indexer_kl(attention_target(probs), scores.gather(-1, idx), valid)
+        else:
+            idx, valid = self.indexer.select(h, self.cfg.top_k, allowed, chunk)
+            y, _ = sparse_attention(q, k, v, idx, valid, impl, chunk, need_probs=False)
         return x + self.out(y.transpose(1, 2).reshape(b, length, c)), kl

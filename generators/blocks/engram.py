@@ -3,10 +3,11 @@
 Per frame (following the Engram demo and TileKernels' ``engram_gate_ref``):
 
 1. keys: one discrete audio code per video frame (k-means codes of the engram stage, or
-   SenseVoice CTC tokens); n-grams of orders ``orders`` are hashed by
-   :mod:`generators.blocks.engram_hash` (odd multipliers, XOR mix, one distinct prime-sized
-   table per head) into rows of one flat embedding table. :meth:`Engram.rows` does this on
-   a whole clip's codes (the data path calls it; the network takes the rows). ``causal``
+   SenseVoice CTC argmax tokens: ``vocab_size`` = the CTC vocabulary); n-grams of orders
+   ``orders`` are hashed by :mod:`generators.blocks.engram_hash` (odd multipliers, XOR
+   mix, one distinct prime-sized table per head) into rows of one flat embedding table.
+   :meth:`Engram.rows` does this on a whole clip's codes (the data path calls it; the
+   network takes the rows). ``causal``
    n-grams read ``x_t, x_{t-1}, …``; ``centred`` ones read ``⌊(n-1)/2⌋`` codes ahead
    (right-padded): an explicit choice, since lip shapes anticipate the next phoneme but a
    centred key is not streamable;
@@ -87,23 +88,29 @@ def engram_rows(
     return np.concatenate(out, axis=1)
 
 
+def own_hashing(cfg: EngramConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(multipliers, primes, offsets)`` a module of this config hashes with until it adopts
+    a memory bank's (:meth:`Engram.init_from_bank`): a function of the config alone."""
+    primes = make_primes(cfg.table_size, len(cfg.orders), cfg.heads_per_order)
+    offsets = np.concatenate([[0], np.cumsum(primes.reshape(-1))[:-1]]).reshape(primes.shape)
+    mult = make_multipliers(cfg.seed, max(cfg.orders), cfg.vocab_size + 1)
+    return mult, primes, offsets.astype(np.int64)
+
+
 class Engram(nn.Module):
     """Engram over ``n`` streams of width ``channels`` (``n = 1`` without mHC)."""
 
     def __init__(self, cfg: EngramConfig, channels: int, streams: int = 1):
         super().__init__()
         self.cfg, self.channels, self.streams = cfg, channels, streams
-        orders = len(cfg.orders)
-        primes = make_primes(cfg.table_size, orders, cfg.heads_per_order)
-        offsets = np.concatenate([[0], np.cumsum(primes.reshape(-1))[:-1]]).reshape(primes.shape)
-        mult = make_multipliers(cfg.seed, max(cfg.orders), cfg.vocab_size + 1)
+        mult, primes, offsets = own_hashing(cfg)
         self.register_buffer("multipliers", torch.from_numpy(mult))
         self.register_buffer("primes", torch.from_numpy(primes))
-        self.register_buffer("offsets", torch.from_numpy(offsets.astype(np.int64)))
+        self.register_buffer("offsets", torch.from_numpy(offsets))
         self.pad_id = cfg.vocab_size  # one past the last code
         self.table = nn.Embedding(int(primes.sum()), cfg.head_dim)
         nn.init.normal_(self.table.weight, std=EMBED_INIT_STD)
-        mem = orders * cfg.heads_per_order * cfg.head_dim
+        mem = len(cfg.orders) * cfg.heads_per_order * cfg.head_dim
         self.key = nn.Parameter(torch.randn(streams, channels, mem) / mem**0.5)
         self.h_norm = nn.Parameter(torch.ones(streams, channels))
         self.k_norm = nn.Parameter(torch.ones(streams, channels))

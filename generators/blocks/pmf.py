@@ -17,22 +17,25 @@ Cost trade-off: one differentiable forward of every row gives ``u``, ``v`` and t
 recording, only on the rows with ``r < t`` (for ``r = t`` the ``(t - r)·du/dt`` term is
 exactly zero). Two ways to get it (:attr:`PMFConfig.jvp`):
 
-- ``exact`` (default): one ``torch.func.jvp`` — forward-mode AD, exact to rounding. Every op
+- ``exact`` (default: no step size to tune, and it holds DSA's top-k selection fixed
+  where a difference quotient can straddle a switch): one ``torch.func.jvp`` —
+  forward-mode AD, exact to rounding. Every op
   needs a forward-AD formula; none of the fused SDPA kernels has one (flash, memory-
   efficient, cuDNN, CPU flash: torch 2.14's ``derivatives.yaml`` lists backward formulas
   only), so the pass runs under the math SDPA backend (:func:`jvp_attention_backend`), and
-  forward mode carries a tangent through every op (≈2-3× a forward's work);
+  forward mode carries a tangent through every op (step costs:
+  ``benchmarks/bench_musetalk2.py``);
 - ``finite_difference``: ``du/dt`` as a difference quotient of ``u`` along the same tangent
   ``(v_c, dr = 0, dt = 1)``, in plain no-grad forwards that keep the fused attention kernels.
   ``central`` (default scheme): ``[u(z + h·v_c, t + h) - u(z - h·v_c, t - h)] / 2h``, two
   extra forwards of the ``r < t`` rows batched into one call, truncation error
   ``O(h²·‖d³u/dt³‖)``; ``one_sided``: ``[u(z + h·v_c, t + h) - u(z, t)] / h`` reusing the
   differentiable forward's ``u``, one extra forward, error ``O(h·‖d²u/dt²‖)``. Both
-  add rounding error ``≈ ε_mach·‖u‖/h``, so they run in float32 with autocast switched off
-  (a bf16 difference quotient would be noise; under autocast ``one_sided`` therefore
-  re-evaluates ``u(z, t)`` in float32 too). A stencil point never leaves
-  ``[t_min, 1]``, where ``clip(t, t_min, 1)`` has its kinks: rows within ``h`` of an end
-  step inwards only. Accuracy against ``exact`` on the tiny stage-2 network in float32
+  add rounding error ``≈ ε_mach·‖u‖/h``, so they run in IEEE float32: autocast off, and on
+  CUDA TF32 off (a bf16 or TF32 difference quotient would be noise; under autocast or on
+  CUDA ``one_sided`` therefore re-evaluates ``u(z, t)`` in float32 too). A stencil point
+  never leaves ``[t_min, 1]``, where ``clip(t, t_min, 1)`` has its kinks: rows within ``h``
+  of an end step inwards only. Accuracy against ``exact`` on the tiny stage-2 network in float32
   (‖du_fd − du_jvp‖ / ‖du_jvp‖, ``tests/test_musetalk2_network.py``): central 4e-4 at
   h = 5e-5 (2e-3 at 1e-4, 0.17 at 1e-3: truncation, since the 1000·t time embedding makes
   u oscillate on a 1e-3 scale in t; 2e-3 at 1e-5: rounding); one_sided 6e-3 at its best
@@ -42,8 +45,8 @@ exactly zero). Two ways to get it (:attr:`PMFConfig.jvp`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -118,6 +121,27 @@ def jvp_attention_backend() -> AbstractContextManager:
     return sdpa_kernel([SDPBackend.MATH])
 
 
+@contextmanager
+def ieee_float32(device_type: str) -> Iterator[None]:
+    """Full float32 matmuls and convolutions on CUDA (cuDNN convolutions default to TF32,
+    whose 10-bit mantissa would swamp a difference quotient); restored on exit."""
+    if device_type != "cuda":
+        yield
+        return
+    knobs = [
+        (torch.backends.cuda.matmul, "fp32_precision"),
+        (torch.backends.cudnn.conv, "fp32_precision"),
+    ]
+    saved = [getattr(obj, name) for obj, name in knobs]
+    try:
+        for obj, name in knobs:
+            setattr(obj, name, "ieee")
+        yield
+    finally:
+        for (obj, name), value in zip(knobs, saved, strict=True):
+            setattr(obj, name, value)
+
+
 def finite_difference_du_dt(
     fn: XPredFn,
     z: torch.Tensor,
@@ -130,9 +154,10 @@ def finite_difference_du_dt(
 ) -> torch.Tensor:
     """``du/dt`` along ``(v_c, 0, 1)`` by a difference quotient (``cfg.fd_scheme``), no grad.
 
-    ``u_base`` is ``u(z, t)`` from the caller's forward (``one_sided`` reuses it unless
-    autocast is on). The stencil points are evaluated in one batched float32 call of ``fn``
-    (``rows`` repeated per point, so whole samples stay together)."""
+    ``u_base`` is ``u(z, t)`` from the caller's forward (``one_sided`` reuses it on a CPU
+    without autocast, and evaluates ``u(z, t)`` itself otherwise). The stencil points are
+    evaluated in one batched float32 call of ``fn`` (``rows`` repeated per point, so whole
+    samples stay together)."""
     dtype = torch.promote_types(z.dtype, torch.float32)  # never below float32
     zf, vf, tf = z.to(dtype), v_c.to(dtype), t.to(dtype)
     h, zero = torch.full_like(tf, cfg.fd_step), torch.zeros_like(tf)
@@ -143,9 +168,11 @@ def finite_difference_du_dt(
         lo = zero
         hi = torch.where(tf + h <= 1.0, h, -h)
     device = z.device.type
-    reuse = cfg.fd_scheme == "one_sided" and not torch.is_autocast_enabled(device)
+    # the caller's u is IEEE float32 only on CPU without autocast (CUDA convs default to TF32)
+    reuse = cfg.fd_scheme == "one_sided" and device == "cpu"
+    reuse = reuse and not torch.is_autocast_enabled(device)
     offsets = [hi] if reuse else [lo, hi]
-    with torch.no_grad(), torch.autocast(device, enabled=False):
+    with torch.no_grad(), torch.autocast(device, enabled=False), ieee_float32(device):
         zs = torch.cat([zf + _bcast(o, zf) * vf for o in offsets])
         ts = torch.cat([tf + o for o in offsets])
         xu = _split(fn(zs, ts, r.repeat(len(offsets)), rows.repeat(len(offsets))))[0]

@@ -94,15 +94,16 @@ class TrainingData:
 
 
 def load_clips(spec: DualForceSpec, cfg: DualForceConfig, clips: list[FeatureClip]) -> TrainingData:
-    """Read every clip's features (and, when ``p_noise > 0``, compute its noisy HuBERT); the
-    clip-drawing probabilities and column statistics."""
+    """Read every clip's features (and, in stage 3 with ``p_noise > 0``, compute its noisy
+    HuBERT; stages 1 and 2 read no audio); the clip-drawing probabilities and column
+    statistics."""
     if not clips:
         raise ValueError("dualforce: no training clips")
     loaded = []
     for clip in clips:
         tensors = {f: read_tensor(clip.paths[f], name) for f, name in TENSOR_NAMES.items()}
         one = clip_tensors(clip.clip_id, tensors, clip.sampling_weight)
-        if cfg.augment.p_noise > 0:
+        if cfg.augment.p_noise > 0 and spec.training_stage == "stage3":
             if clip.audio_path is None:
                 raise ValueError(f"{clip.clip_id}: augment.p_noise > 0 needs the clip's wav")
             one.hubert_noisy = noisy_hubert(

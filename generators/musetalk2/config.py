@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from generators.blocks.engram import EngramConfig
 from generators.blocks.pmf import PMFConfig
 from generators.family import FamilyConfig, ModelSpec
 from models.registry import ModelSpec as RegistrySpec
@@ -54,11 +55,20 @@ class MHCOptions(_Strict):
 
 
 class EngramOptions(_Strict):
-    """The Engram module; vocabulary, orders, heads, table size and seed must equal the
-    engram stage's (``codebook_size``, ``ngram_orders``, ``num_heads``, ``table_size``,
-    ``seed``): the tables are initialised from its memory bank (checked at start)."""
+    """The Engram module and its keys.
+
+    ``keys: kmeans`` (default): the engram stage's k-means code of each frame's HuBERT
+    features; vocabulary, orders, heads, table size and seed must equal the engram stage's
+    (``codebook_size``, ``ngram_orders``, ``num_heads``, ``table_size``, ``seed``): the
+    tables are initialised from its memory bank (checked at start).
+    ``keys: ctc``: the features stage's SenseVoice CTC argmax token of each frame
+    (``sensevoice/ctc_tokens``); ``vocab_size`` must be the SenseVoice vocabulary (the
+    file's ``ctc_vocab_size``: 25055 for SenseVoiceSmall; checked per clip). The memory
+    bank is keyed by k-means codes, so with CTC keys it is not read: the tables start from
+    their random init and the module keeps its own hashing."""
 
     enabled: bool = False
+    keys: Literal["kmeans", "ctc"] = "kmeans"
     levels: list[str] | None = None  # default: the second down level and its mirror
     vocab_size: int = Field(16, ge=2)
     orders: list[int] = [2, 3]
@@ -232,6 +242,11 @@ class Musetalk2Spec(ModelSpec):
     @property
     def audio_tokens(self) -> int:
         return (2 * self.audio_window + 1) * self.audio_steps
+
+
+def engram_config(spec: Musetalk2Spec) -> EngramConfig:
+    """The Engram module's config (the spec's options less placement and key choice)."""
+    return EngramConfig(**spec.engram.model_dump(exclude={"enabled", "levels", "keys"}))
 
 
 def level_names(num_levels: int) -> list[str]:

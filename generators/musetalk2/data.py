@@ -7,6 +7,8 @@ Per clip (held in memory: latents fp16 plus small per-frame arrays; no video is 
   ``hubert/features`` ``(T, 2, D)`` (see :mod:`generators.musetalk2.audio`);
 - with Engram: ``hubert/features`` → the memory bank's k-means code per frame → hashed
   table rows ``(T, orders·heads)`` under the bank's hashing (which the network adopts);
+  or, with ``engram.keys: ctc``, ``sensevoice/ctc_tokens`` ``(T,)`` → rows under the
+  module's own hashing;
 - with IFS references: ``liveportrait_motion/motion`` (pitch, yaw, roll) and
   ``emoca_flame/flame`` (jaw rotation, expression) (see :mod:`generators.musetalk2.sampling`);
 - with the sync loss: the clip's wav (``FeatureClip.audio_path``) → Wav2Lip mel.
@@ -24,13 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from generators.blocks.engram import EngramConfig, engram_rows
+from generators.blocks.engram import EngramConfig, engram_rows, own_hashing
 from generators.blocks.engram_hash import assign_codes, make_primes
 from generators.blocks.pmf import PMFConfig, sample_times
 from generators.family import FeatureClip
-from generators.io import read_tensor
+from generators.io import read_metadata, read_tensor, tensor_shape
 from generators.musetalk2.audio import audio_tokens
-from generators.musetalk2.config import Musetalk2Spec
+from generators.musetalk2.config import Musetalk2Spec, engram_config
 from generators.musetalk2.sampling import ClipMeta, SamplePick, mouth_descriptor, mouth_mask
 from models.emoca import FLAME_SLICES
 from models.liveportrait import motion_slices
@@ -40,12 +42,49 @@ LATENTS, SENSEVOICE, HUBERT = "vae_latents", "sensevoice", "hubert"
 MOTION, FLAME = "liveportrait_motion", "emoca_flame"
 TENSORS = {LATENTS: "latents", SENSEVOICE: "features", HUBERT: "features"}
 TENSORS |= {MOTION: "motion", FLAME: "flame"}
-FRAME_INDEX = "frame_index"
+FRAME_INDEX, CTC_TOKENS = "frame_index", "ctc_tokens"
 
 
-def needed_features(audio: str, engram: bool, ifs: bool) -> dict[str, str]:
-    names = [LATENTS, audio] + ([HUBERT] if engram else []) + ([MOTION, FLAME] if ifs else [])
+def engram_keys(spec_or_config) -> str | None:
+    """Which feature keys the Engram module (``None``: Engram off)."""
+    engram = spec_or_config.engram
+    return engram.keys if engram.enabled else None
+
+
+def needed_features(audio: str, keys: str | None, ifs: bool) -> dict[str, str]:
+    """Feature files read (name → main tensor) for an audio kind, Engram keys, IFS."""
+    key_file = {"kmeans": [HUBERT], "ctc": [SENSEVOICE]}.get(keys or "", [])
+    names = [LATENTS, audio] + key_file + ([MOTION, FLAME] if ifs else [])
     return {n: TENSORS[n] for n in dict.fromkeys(names)}
+
+
+def needed_extra(audio: str, keys: str | None) -> dict[str, tuple[str, ...]]:
+    """Further tensors of those files: SenseVoice's frame index, CTC tokens."""
+    extra = (FRAME_INDEX,) if audio == SENSEVOICE else ()
+    extra += (CTC_TOKENS,) if keys == "ctc" else ()
+    return {SENSEVOICE: extra} if extra else {}
+
+
+def ctc_codes(
+    tokens: torch.Tensor | np.ndarray, frames: int, cfg: EngramConfig, what: str
+) -> np.ndarray:
+    """CTC tokens of the first ``frames`` frames as Engram codes; ``ValueError`` when the
+    clip has fewer or the ids do not fit ``engram.vocab_size``."""
+    codes = np.asarray(tokens, dtype=np.int64)
+    if codes.ndim != 1 or len(codes) < frames:
+        raise ValueError(f"{what}: {codes.shape} ctc_tokens for {frames} frames")
+    codes = codes[:frames]
+    if codes.size and (codes.min() < 0 or codes.max() >= cfg.vocab_size):
+        raise ValueError(
+            f"{what}: CTC token {int(codes.max())} outside engram.vocab_size {cfg.vocab_size}:"
+            " set it to the SenseVoice vocabulary (the file's ctc_vocab_size)"
+        )
+    return codes
+
+
+def own_rows(codes: np.ndarray, cfg: EngramConfig) -> np.ndarray:
+    """Table rows under the module's own hashing (no memory bank adopted)."""
+    return engram_rows(codes, *own_hashing(cfg), cfg)
 
 
 def head_pose(motion: torch.Tensor) -> np.ndarray:
@@ -57,10 +96,6 @@ def head_pose(motion: torch.Tensor) -> np.ndarray:
 def mouth_shape(flame: torch.Tensor) -> np.ndarray:
     jaw = flame[:, FLAME_SLICES["pose"]][:, 3:6]
     return mouth_descriptor(jaw.double().numpy(), flame[:, FLAME_SLICES["expression"]].numpy())
-
-
-def engram_config(spec: Musetalk2Spec) -> EngramConfig:
-    return EngramConfig(**spec.engram.model_dump(exclude={"enabled", "levels"}))
 
 
 def check_bank(bank: dict[str, torch.Tensor], cfg: EngramConfig) -> None:
@@ -124,7 +159,7 @@ def read_clip(
 ) -> ClipData:
     """One clip's tensors, checked against the spec; ``ValueError`` when they do not fit."""
     ifs = spec.sampling.reference == "ifs"
-    need = needed_features(spec.audio, spec.engram.enabled, ifs)
+    need = needed_features(spec.audio, engram_keys(spec), ifs)
     lat = read_tensor(clip.paths[LATENTS], TENSORS[LATENTS]).to(torch.float16)
     t = lat.shape[0]
     want = (spec.latent_channels, spec.latent_height, spec.latent_width)
@@ -141,7 +176,21 @@ def read_clip(
     if audio.shape[-1] != spec.audio_dim:
         raise ValueError(f"{clip.clip_id}: audio width {audio.shape[-1]} vs {spec.audio_dim}")
     rows = None
-    if spec.engram.enabled:
+    if engram_keys(spec) == "ctc":
+        path, cfg = clip.paths[SENSEVOICE], engram_config(spec)
+        try:
+            tensor_shape(path, CTC_TOKENS)
+        except KeyError as err:  # features made before the stage stored the tokens
+            raise ValueError(f"{clip.clip_id}: {err.args[0]}") from err
+        vocab = read_metadata(path).get("ctc_vocab_size")
+        if vocab is not None and int(vocab) != cfg.vocab_size:
+            raise ValueError(
+                f"{clip.clip_id}: SenseVoice vocabulary {vocab} != engram.vocab_size"
+                f" {cfg.vocab_size}: set engram.vocab_size to {vocab}"
+            )
+        codes = ctc_codes(read_tensor(path, CTC_TOKENS), t, cfg, clip.clip_id)
+        rows = torch.from_numpy(own_rows(codes, cfg))
+    elif engram_keys(spec) == "kmeans":
         if bank is None:
             raise ValueError("musetalk2 with Engram trains with a memory bank")
         codes = assign_codes(bank["codebook"], read_tensor(clip.paths[HUBERT], "features").numpy())

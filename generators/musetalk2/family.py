@@ -44,9 +44,11 @@ from generators.musetalk2.config import (
     PHASE_TRAINABLE,
     Musetalk2Config,
     Musetalk2Spec,
+    engram_config,
     make_spec,
 )
 from generators.musetalk2.data import (
+    CTC_TOKENS,
     FRAME_INDEX,
     HUBERT,
     LATENTS,
@@ -56,10 +58,12 @@ from generators.musetalk2.data import (
     TrainingData,
     check_bank,
     conditioning,
-    engram_config,
+    ctc_codes,
+    engram_keys,
     head_pose,
     make_batch,
     mouth_shape,
+    needed_extra,
     needed_features,
     read_clip,
     step_noise,
@@ -101,25 +105,28 @@ class Musetalk2Family(ModelFamily[Musetalk2Config, Musetalk2Spec]):
     features: ClassVar[dict[str, str]] = dict(TENSORS)  # the most any spec reads
     uses_memory_bank: ClassVar[bool] = True
     row_features: ClassVar[frozenset[str]] = frozenset({SENSEVOICE})
-    extra_tensors: ClassVar[dict[str, tuple[str, ...]]] = {SENSEVOICE: (FRAME_INDEX,)}
+    extra_tensors: ClassVar[dict[str, tuple[str, ...]]] = {SENSEVOICE: (FRAME_INDEX, CTC_TOKENS)}
 
     def __init__(self, config: Musetalk2Config | None = None):
         super().__init__(config)
         c = self.config
-        self.features = needed_features(c.audio, c.engram.enabled, c.sampling.reference == "ifs")
-        self.uses_memory_bank = c.engram.enabled
-        self.extra_tensors = {SENSEVOICE: (FRAME_INDEX,)} if c.audio == SENSEVOICE else {}
+        self.features = self.features_for(c)
+        self.uses_memory_bank = self.uses_memory_bank_for(c)
+        self.extra_tensors = self.extra_tensors_for(c)
         self.last_transfer: dict[str, int] | None = None
         self._frozen: FrozenModels | None = None
 
-    def features_for(self, spec: Musetalk2Spec) -> dict[str, str]:
-        return needed_features(spec.audio, spec.engram.enabled, spec.sampling.reference == "ifs")
+    # a spec and a config carry the same audio / engram / sampling fields
+    def features_for(self, spec: Musetalk2Spec | Musetalk2Config) -> dict[str, str]:
+        return needed_features(spec.audio, engram_keys(spec), spec.sampling.reference == "ifs")
 
-    def extra_tensors_for(self, spec: Musetalk2Spec) -> dict[str, tuple[str, ...]]:
-        return {SENSEVOICE: (FRAME_INDEX,)} if spec.audio == SENSEVOICE else {}
+    def extra_tensors_for(
+        self, spec: Musetalk2Spec | Musetalk2Config
+    ) -> dict[str, tuple[str, ...]]:
+        return needed_extra(spec.audio, engram_keys(spec))
 
-    def uses_memory_bank_for(self, spec: Musetalk2Spec) -> bool:
-        return spec.engram.enabled
+    def uses_memory_bank_for(self, spec: Musetalk2Spec | Musetalk2Config) -> bool:
+        return engram_keys(spec) == "kmeans"
 
     # ------------------------------------------------------------------ spec and model
 
@@ -175,16 +182,18 @@ class Musetalk2Family(ModelFamily[Musetalk2Config, Musetalk2Spec]):
         return max(w.l1_pixel, w.vgg, w.lpips, w.sync) > 0
 
     def prepare_model(self, model: torch.nn.Module, spec: Musetalk2Spec, data: Any) -> None:
-        """Engram tables start from the memory bank (see :mod:`generators.blocks.engram`)."""
-        net = unwrap(model)
-        for module in net.levels.engram.values():
+        """Engram tables start from the memory bank (see :mod:`generators.blocks.engram`);
+        with CTC keys there is none: the module keeps its own init and hashing."""
+        if data.bank is None:
+            return
+        for module in unwrap(model).levels.engram.values():
             module.init_from_bank(data.bank)
 
     def load_training_data(
         self, spec: Musetalk2Spec, clips: list[FeatureClip], bank_path: str | None
     ) -> TrainingData:
         bank = None
-        if spec.engram.enabled:
+        if self.uses_memory_bank_for(spec):
             if bank_path is None:
                 raise ValueError("musetalk2 with Engram trains with a memory bank")
             bank = read_bank(bank_path)
@@ -267,7 +276,12 @@ class Musetalk2Family(ModelFamily[Musetalk2Config, Musetalk2Spec]):
             raise ValueError(f"audio width {audio.shape[-1]}, checkpoint wants {spec.audio_dim}")
         frames = min(len(lat), len(index) if index is not None else len(audio))
         codes = None
-        if spec.engram.enabled:
+        if engram_keys(spec) == "ctc":
+            tokens = features.get(f"{SENSEVOICE}/{CTC_TOKENS}")
+            if tokens is None:
+                raise ValueError("Engram with CTC keys needs sensevoice/ctc_tokens")
+            codes = ctc_codes(tokens, frames, engram_config(spec), "sampling")
+        elif engram_keys(spec) == "kmeans":
             if bank is None:
                 raise ValueError("this checkpoint samples with the Engram memory bank")
             codes = assign_codes(bank["codebook"], features[HUBERT][:frames].float().numpy())

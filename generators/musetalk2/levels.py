@@ -31,8 +31,9 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from generators.blocks.dsa import DSAConfig, SparseSelfAttention
-from generators.blocks.engram import Engram, EngramConfig
+from generators.blocks.engram import Engram
 from generators.blocks.mhc import HyperConnection, StreamCollapse, expand
+from generators.musetalk2.config import engram_config
 
 Block = Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,7 +82,7 @@ class LevelComponents(nn.Module):
         self.collapse = nn.ModuleDict()
         self.engram = nn.ModuleDict()
         self.temporal = nn.ModuleDict()
-        engram_cfg = EngramConfig(**spec.engram.model_dump(exclude={"enabled", "levels"}))
+        engram_cfg = engram_config(spec)
         dsa_cfg = DSAConfig(**spec.dsa.model_dump(exclude={"enabled", "levels"}))
         iters = spec.mhc.sinkhorn_iters
         for level, width, events in _structure(unet):
