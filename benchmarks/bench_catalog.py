@@ -10,8 +10,12 @@ threshold), the rest cached — each (run, stage) one transaction, then compacte
 pipeline's auto-compaction leaves it). Measured: commit latency (a 4-item batch: stats +
 artifact + item rows, one transaction; median of 20), ``status`` of the last run
 (``ops.stage_status``), a no-op plan of ``faces`` through the real ``Engine.plan`` (lease,
-candidates, key states, dropped items, the plan's commit: every item cached) and three
-dashboard queries.
+candidates, the plan's commit: every item cached) twice — ``noop_plan_decided_s``: an item
+row of the stage arrived since its last plan, so every item is keyed and decided in SQL
+(key states, current versions, dropped items); ``noop_plan_s``: nothing arrived, the
+last plan's counts are reused — and three dashboard queries. Plan rows are written as
+the engine writes them: only for items that run or change key (``every_row`` for the old
+catalog, whose engine wrote a row per item and run).
 
 **Old catalog** (one parquet part per table per commit): the code of commit ``3c6e47d``
 (``storage/catalog.py``, ``storage/schema.py``, ``talkforge/ops.py``) is loaded from git
@@ -43,11 +47,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from storage.catalog import from_columns  # noqa: E402
 from storage.schema import ALL_TABLES  # noqa: E402
 from talkforge import ops  # noqa: E402
 from talkforge.config import load_config  # noqa: E402
@@ -79,8 +82,15 @@ OLD_PLAN_QUERIES = [  # the old engine's no-op plan of faces (3c6e47d talkforge/
 
 
 # ---------------------------------------------------------------------- synthetic history
-def history(n: int, runs: int, faces_key: Callable[[Any], str]) -> Iterator[dict[str, Any]]:
-    """One entry per (run, stage) commit: table -> rows (dict of columns), in commit order."""
+def history(
+    n: int, runs: int, faces_key: Callable[[Any], str], *, every_row: bool = False
+) -> Iterator[dict[str, Any]]:
+    """One entry per (run, stage) commit: table -> rows (dict of columns), in commit order.
+
+    Plan rows as the engine writes them: a row per item that runs or changed key (run 0
+    everything, later runs ``quality``), counts in ``stage_runs``; ``every_row``: a row
+    per item of every plan, as the old engine wrote them.
+    """
     start = datetime(2026, 1, 1, tzinfo=UTC)
     ids = [f"c{i:07d}" for i in range(n)]
     dl_keys = [f"dl-{i:07d}" for i in range(n)]
@@ -96,20 +106,22 @@ def history(n: int, runs: int, faces_key: Callable[[Any], str]) -> Iterator[dict
             else:
                 keys = [f"{stage}-{i:07d}-v{r if stage == 'quality' else 0}" for i in range(n)]
             failed = [i % 50 == 0 for i in range(n)]
+            listed = n if rerun or every_row else 0
             tables: dict[str, dict[str, list[Any]]] = {
                 "plans": {
-                    "run_id": [run] * n,
-                    "stage": [stage] * n,
-                    "item_id": ids,
-                    "item_key": keys,
-                    "action": ["run" if rerun else "cached"] * n,
-                    "planned_at": [at] * n,
+                    "run_id": [run] * listed,
+                    "stage": [stage] * listed,
+                    "item_id": ids[:listed],
+                    "item_key": keys[:listed],
+                    "action": ["run" if rerun else "cached"] * listed,
+                    "planned_at": [at] * listed,
                 },
                 "stage_runs": {
                     "run_id": [run],
                     "stage": [stage],
                     "planned_at": [at],
                     "complete": [True],
+                    "lists_all": [listed == n],
                     "items": [n],
                     "to_run": [n if rerun else 0],
                     "retried": [0],
@@ -167,20 +179,6 @@ def history(n: int, runs: int, faces_key: Callable[[Any], str]) -> Iterator[dict
         )
 
 
-def as_arrow(table: str, columns: dict[str, list[Any]]) -> pa.Table:
-    schema = ALL_TABLES[table]
-    rows = len(next(iter(columns.values())))
-    return pa.table(
-        {
-            f.name: pa.array(columns[f.name], f.type)
-            if f.name in columns
-            else pa.nulls(rows, f.type)
-            for f in schema
-        },
-        schema=schema,
-    )
-
-
 def batch(k: int) -> dict[str, list[dict[str, Any]]]:
     now = datetime.now(UTC)
     base = [
@@ -217,10 +215,10 @@ def bench_new(n: int, runs: int, work: Path) -> dict[str, Any]:
     t = time.perf_counter()
     for tables in history(n, runs, faces_key):
         with cat.transaction(
-            tables.get("runs", tables.get("plans", {})).get("run_id", [""])[0]
+            tables.get("runs", tables.get("stage_runs", {})).get("run_id", [""])[0]
         ) as tx:
             for name, cols in tables.items():
-                tx.append(name, as_arrow(name, cols))
+                tx.append(name, from_columns(name, cols))
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     cat.compact()
@@ -239,6 +237,15 @@ def bench_new(n: int, runs: int, work: Path) -> dict[str, Any]:
         assert not plan.to_run, f"{len(plan.to_run)} of {n} would run"
         engine.summarize(plan, StageSummary("faces"))
 
+    def decided_noop_plan() -> float:
+        """A no-op plan that must decide every item: an item row of the stage arrived
+        since its last plan (a stray one here: it changes no decision)."""
+        cat.append_many(batch(1000 + len(commit)))
+        commit.append(0.0)
+        t = time.perf_counter()
+        noop_plan()
+        return time.perf_counter() - t
+
     row: dict[str, Any] = {
         "items_per_stage": n,
         "item_rows": cat.query("SELECT count(*) AS n FROM items").to_pylist()[0]["n"],
@@ -248,6 +255,9 @@ def bench_new(n: int, runs: int, work: Path) -> dict[str, Any]:
         "compact_s": compact_s,
         "commit_ms": 1000 * statistics.median(commit),
         "status_s": timed(lambda: ops.stage_status(cat, last)),
+        # every item keyed and decided in SQL (the first plan after a run that did work)
+        "noop_plan_decided_s": min(decided_noop_plan() for _ in range(2)),
+        # the same plan again, nothing arrived since: its counts are reused
         "noop_plan_s": timed(noop_plan, 2),
     }
     for name, sql in DASHBOARDS.items():
@@ -265,7 +275,7 @@ def write_old(catalog: Any, commits: Iterator[dict[str, Any]], per_part: int) ->
         for name, cols in tables.items():
             if name not in schema:
                 continue  # stage_runs did not exist
-            rows = as_arrow(name, cols).select(
+            rows = from_columns(name, cols).select(
                 [c for c in schema[name].names if c in ALL_TABLES[name].names]
             )
             step = rows.num_rows if name in ("plans", "runs") else per_part
@@ -279,7 +289,7 @@ def bench_old(n: int, runs: int, per_part: int, work: Path) -> dict[str, Any]:
     root = work / f"old-{n}"
     cat = old_catalog(root)
     t = time.perf_counter()
-    write_old(cat, history(n, runs, lambda k: f"faces-{k['download']}"), per_part)
+    write_old(cat, history(n, runs, lambda k: f"faces-{k['download']}", every_row=True), per_part)
     files = sum(1 for _ in root.rglob("part-*.parquet"))
     row: dict[str, Any] = {"items_per_stage": n, "files": files, "write_s": time.perf_counter() - t}
     row["status_s"] = timed(lambda: old_ops.stage_status(cat, f"run-{runs - 1}"), 1)
@@ -386,7 +396,12 @@ def main() -> int:
     summary: dict[str, Any] = {}
     if len(new) > 1:
         summary["commit_ratio_largest_smallest"] = new[-1]["commit_ms"] / new[0]["commit_ms"]
-        for key in ("status_s", "noop_plan_s", *(f"{d}_s" for d in DASHBOARDS)):
+        for key in (
+            "status_s",
+            "noop_plan_decided_s",
+            "noop_plan_s",
+            *(f"{d}_s" for d in DASHBOARDS),
+        ):
             summary[f"{key}_growth_vs_rows"] = (new[-1][key] / new[0][key]) / (
                 new[-1]["items_per_stage"] / new[0]["items_per_stage"]
             )

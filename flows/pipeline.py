@@ -22,6 +22,7 @@ a Prefect server.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -38,13 +39,17 @@ os.environ.update(prefect_defaults("INFO"))
 from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, TerminationSignal
 from pydantic import Field
 
 from flows import request as req
 from flows.artifacts import StageProgress, publish_run_summary, publish_stage_tables
+from storage.lease import held_by_live_run
 from talkforge.engine import Engine, PlannedItem, RunOptions, StagePlan, StageSummary
 from talkforge.plan import LogReporter, Reporter, new_run_id
 from talkforge.stages import STAGE_ORDER
@@ -93,14 +98,25 @@ def stage_limit_name(engine: Engine, stage: str) -> str:
     return f"talkforge-{hashlib.sha256(where.encode()).hexdigest()[:12]}-{stage}"
 
 
+SLOT_LEASE_S = 60.0  # the server's minimum; renewed every 45 s, a dead holder's slot frees in ~75 s
+SLOT_POLL_S = 10.0  # how often a waiting run re-checks whether the holder is still alive
+
+
 @contextmanager
-def stage_slot(name: str, waiting_note: str = "", poll_s: float = 2.0) -> Iterator[None]:
+def stage_slot(
+    name: str, orphaned: Callable[[], bool], waiting_note: str = "", poll_s: float = SLOT_POLL_S
+) -> Iterator[None]:
     """Hold the one slot of global concurrency limit ``name`` (created on first use).
 
     Waits as long as another run holds it, logging ``waiting_note`` once. The slot is a
-    Prefect lease renewed in the background; if the holder's process dies, the server
-    frees it when the lease runs out (5 minutes). A failed renewal (server briefly away)
-    does not stop the stage: the catalog's own stage lease still guards it.
+    Prefect lease of :data:`SLOT_LEASE_S` renewed in the background; if the holder's process
+    dies, the server frees it when the lease runs out (plus up to one 15 s sweep of its
+    repossessor). A server whose leases lived in its memory and died with the holder (the
+    ephemeral server of a killed CLI run) leaves the slot occupied with no lease to expire:
+    while waiting, ``orphaned()`` (the catalog's stage lease has no live holder) tells such
+    a slot apart from a live one, and it is reset. A racing run that slips through then
+    still meets the catalog lease, which is the authority. A failed renewal (server briefly
+    away) does not stop the stage: the catalog's own stage lease still guards it.
     """
     with get_client(sync_client=True) as client:
         try:
@@ -110,13 +126,26 @@ def stage_slot(name: str, waiting_note: str = "", poll_s: float = 2.0) -> Iterat
                 client.create_global_concurrency_limit(
                     GlobalConcurrencyLimitCreate(name=name, limit=1)
                 )
-    hold = {"occupy": 1, "strict": True, "raise_on_lease_renewal_failure": False}
+    hold = {
+        "occupy": 1,
+        "strict": True,
+        "lease_duration": SLOT_LEASE_S,
+        "raise_on_lease_renewal_failure": False,
+    }
     with ExitStack() as stack:
-        try:
-            stack.enter_context(concurrency(name, timeout_seconds=poll_s, **hold))
-        except TimeoutError:
-            log.warning("waiting for %s: %s", name, waiting_note or "another run holds it")
-            stack.enter_context(concurrency(name, **hold))
+        for attempt in itertools.count():
+            try:
+                stack.enter_context(concurrency(name, timeout_seconds=poll_s, **hold))
+                break
+            except TimeoutError:
+                if orphaned():
+                    log.warning("%s: its holder is gone; freeing the orphaned slot", name)
+                    with get_client(sync_client=True) as client:
+                        client.update_global_concurrency_limit(
+                            name, GlobalConcurrencyLimitUpdate(active_slots=0)
+                        )
+                elif attempt == 0:
+                    log.warning("waiting for %s: %s", name, waiting_note or "another run")
         yield
 
 
@@ -125,7 +154,11 @@ def stage_flow(run_id: str, stage: StageName, options: RunOptions) -> dict[str, 
     """Run one stage of a run: plan, then shards on the executor, then the stage's tables."""
     engine = _ENGINES[run_id]
     busy = f"another run is processing stage {stage} of this catalog; this run waits for it"
-    with stage_slot(stage_limit_name(engine, stage), busy):
+
+    def orphaned() -> bool:
+        return not held_by_live_run(engine.catalog, stage)
+
+    with stage_slot(stage_limit_name(engine, stage), orphaned, busy):
         plan = plan_stage.with_options(task_run_name=f"plan-{stage}")(
             engine, run_id, stage, options
         )

@@ -35,10 +35,11 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from generators.io import read_metadata
 from models.registry import ModelSpec as RegistrySpec
+from models.safetensors_io import save_file
 
 
 class FamilyConfig(BaseModel):

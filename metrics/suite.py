@@ -39,6 +39,8 @@ from models.inception_fid import load_fid_inception
 from models.liveportrait import load_motion_extractor
 from models.lpips_net import load_lpips
 
+ALL_SETTINGS = frozenset(Setting)
+
 
 def base_metric(key: str) -> str:
     """``acd_at_32`` → ``acd``; ``fvd_at_128`` → ``fvd``; others unchanged."""
@@ -141,11 +143,15 @@ class MetricSuite:
         rate_hz: int,
         fps: float,
         geometry: Geometry,
+        settings: frozenset[Setting] = ALL_SETTINGS,
     ) -> Side:
-        """Run every network once on ``frames`` (``samples``: the audio that drove them)."""
+        """Run every network once on ``frames`` (``samples``: the audio that drove them),
+        skipping those whose metrics mean nothing in any of ``settings`` (e.g. I3D for a
+        cross-audio video: FVD is a self-reconstruction metric)."""
         side = Side(frames)
         n = len(frames)
-        if self.arcface is not None:
+        want = self._wanted(settings)
+        if self.arcface is not None and want & {"csim", "acd"}:
             with self._timed("arcface", n):
                 faces = (
                     centre_squares(frames, self.face_margin)
@@ -153,17 +159,19 @@ class MetricSuite:
                     else aligned_faces(frames, geometry.arcface)
                 )
                 side.identity = embed(self.arcface, faces, self.batch)
-        if self.motion is not None:
+        if self.motion is not None and "apd_deg" in want:
             with self._timed("liveportrait-motion", n):
                 side.pose_deg = head_pose_deg(self.motion, frames, self.batch)
-        if self.inception is not None:
+        if self.inception is not None and "fid" in want:
             picked = frames[:: self.stride]
             with self._timed("inception-fid", len(picked)):
                 side.inception = inception_features(self.inception, picked, self.batch)
-        if self.i3d is not None:
+        if self.i3d is not None and "fvd" in want:
             with self._timed("i3d", n):
                 self._i3d(side)
-        if self.syncnet is not None and samples is not None and geometry.syncnet is not None:
+        sync = self.syncnet is not None and want & {"sync_c", "sync_d", "av_offset_frames"}
+        if sync and samples is not None and geometry.syncnet is not None:
+            assert self.syncnet is not None
             with self._timed("syncnet", n):
                 est = self.syncnet.measure(iter(frames), geometry.syncnet, samples, rate_hz, fps)
             if not est.unmeasurable:
@@ -184,10 +192,18 @@ class MetricSuite:
             if windows:
                 side.i3d[f"upto_{n}"] = i3d_features(self.i3d, windows)
 
-    def compare(self, gen: Side, truth: Side) -> dict[str, float]:
-        """Clip-level values (means over frames) of every enabled metric, ``gen`` against the
-        first ``len(gen.frames)`` frames of ``truth``; filter with :func:`for_setting`."""
-        want = set(self.metrics)
+    def _wanted(self, settings: frozenset[Setting]) -> set[str]:
+        return {m for m in self.metrics if METRICS[m].settings & settings}
+
+    def compare(
+        self, gen: Side, truth: Side, settings: frozenset[Setting] = ALL_SETTINGS
+    ) -> dict[str, float]:
+        """Clip-level values (means over frames) of the enabled metrics that apply in any of
+        ``settings``, ``gen`` against the first ``len(gen.frames)`` frames of ``truth``
+        (filter per setting with :func:`for_setting`). ``compare(truth, truth)`` is the
+        ground-truth row (PSNR cap, SSIM 1, CSIM 1, APD 0); its LPIPS is 0 without running
+        the network on a frame against itself."""
+        want = self._wanted(settings)
         out: dict[str, float] = {}
         n = min(len(gen.frames), len(truth.frames))
         g, t = gen.frames[:n], truth.frames[:n]
@@ -198,6 +214,9 @@ class MetricSuite:
                 out["ssim"] = float(np.mean([ssim(a, b) for a, b in zip(g, t, strict=True)]))
         for net, model in self.lpips.items():
             if f"lpips_{net}" in want:
+                if gen is truth:  # identical unit-normalised features: exactly 0
+                    out[f"lpips_{net}"] = 0.0
+                    continue
                 with self._timed(f"lpips-{net}", n):
                     out[f"lpips_{net}"] = float(lpips_per_frame(model, g, t, self.batch).mean())
         if gen.pose_deg is not None and truth.pose_deg is not None and "apd_deg" in want:

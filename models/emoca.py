@@ -42,12 +42,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from models.checkpoints import check_fit, load_into, read_dropping_objects, read_state_dict
 from models.registry import ModelUnavailableError, register_tiny_builder
+from models.safetensors_io import save_file
 
 INPUT_SIZE = 224
 KPT68_BOX_FACTOR = 1.1  # bbox2point(type="kpt68")

@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from storage.guard import ReadOnlyQueryError, check_select, lock_down
 from storage.lake import LAKE, CatalogConfig, open_lake, retrying
+from storage.maintenance import Maintenance
 from storage.schema import ALL_TABLES
 from storage.views import view_statements
 
@@ -96,7 +97,7 @@ class Transaction:
             self.parts.append((table, data))
 
 
-class Catalog:
+class Catalog(Maintenance):
     """The DuckLake catalog under ``root`` (or at ``config.uri``), read and written by duckdb.
 
     Thread-safe within a process (one connection behind a lock), safe across processes
@@ -357,90 +358,6 @@ class Catalog:
         """A read-only catalog as it was at a run's last commit or at a snapshot id."""
         snap = as_of if isinstance(as_of, int) else self.resolve_snapshot(as_of)
         return Catalog(self.root, self.config, snapshot=snap)
-
-    # ------------------------------------------------------------------ maintenance
-    def compact(self) -> dict[str, int]:
-        """Flush inlined rows into parquet and merge small files; safe beside writers.
-
-        Both are DuckLake commits of their own: a concurrent writer's commit either lands
-        before (and is compacted) or after (and stays as written); no row is lost or
-        changed, only the files holding them. Old files stay until :meth:`vacuum`.
-        """
-        before = self.file_stats()
-        with self._lock:
-            con = self._shared()
-            for call in ("ducklake_flush_inlined_data", "ducklake_merge_adjacent_files"):
-                retrying(
-                    lambda call=call: con.execute(f"CALL {call}(?)", [LAKE]),
-                    self.config.commit_retries,
-                )
-        after = self.file_stats()
-        return {
-            "files_before": before["files"],
-            "inlined_rows_before": before["inlined_rows"],
-            "files_after": after["files"],
-            "inlined_rows_after": after["inlined_rows"],
-        }
-
-    def vacuum(self, older_than_s: float) -> dict[str, int]:
-        """Expire snapshots older than ``older_than_s`` and delete files nothing references.
-
-        Time travel to an expired snapshot is no longer possible. Orphaned files (a writer
-        killed mid-commit) are removed only when older than an hour, so a commit in flight
-        never loses the files it is about to reference.
-        """
-        age = f"INTERVAL '{int(older_than_s)} seconds'"
-        orphan_age = f"INTERVAL '{max(int(older_than_s), 3600)} seconds'"
-        with self._lock:
-            con = self._shared()
-            expired = con.execute(
-                f"SELECT count(*) FROM ducklake_expire_snapshots('{LAKE}', "  # noqa: S608
-                f"older_than => now() - {age})"
-            ).fetchone()
-            cleaned = con.execute(
-                f"SELECT count(*) FROM ducklake_cleanup_old_files('{LAKE}', "  # noqa: S608
-                f"older_than => now() - {age})"
-            ).fetchone()
-            orphans = con.execute(
-                f"SELECT count(*) FROM ducklake_delete_orphaned_files('{LAKE}', "  # noqa: S608
-                f"older_than => now() - {orphan_age})"
-            ).fetchone()
-        return {
-            "snapshots_expired": int(expired[0]) if expired else 0,
-            "files_deleted": int(cleaned[0]) if cleaned else 0,
-            "orphans_deleted": int(orphans[0]) if orphans else 0,
-        }
-
-    def file_stats(self) -> dict[str, int]:
-        """Data files (max over tables) and inlined rows (all tables) of the current snapshot."""
-        with self._lock:
-            con = self._shared()
-            files = con.execute(
-                "SELECT coalesce(max(file_count), 0) FROM ducklake_table_info(?)", [LAKE]
-            ).fetchone()
-            meta = f"__ducklake_metadata_{LAKE}"
-            names = con.execute(
-                f"SELECT table_name FROM {meta}.ducklake_inlined_data_tables"  # noqa: S608
-            ).fetchall()
-            inlined = 0
-            if names:  # one query over every inlined-data table (the metadata DB's own names)
-                union = " UNION ALL ".join(
-                    f"SELECT count(*) AS n FROM {meta}.{name} WHERE end_snapshot IS NULL"  # noqa: S608
-                    for (name,) in names
-                )
-                row = con.execute(f"SELECT sum(n) FROM ({union})").fetchone()  # noqa: S608
-                inlined = int(row[0]) if row and row[0] is not None else 0
-        return {"files": int(files[0]) if files else 0, "inlined_rows": inlined}
-
-    def maybe_compact(self) -> dict[str, int] | None:
-        """Compact when files or inlined rows have piled up past the configured thresholds."""
-        stats = self.file_stats()
-        if (
-            stats["files"] > self.config.compact_after_files
-            or stats["inlined_rows"] > self.config.compact_after_inlined_rows
-        ):
-            return self.compact()
-        return None
 
 
 def _run_of(parts: list[tuple[str, pa.Table]]) -> str:

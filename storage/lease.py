@@ -54,17 +54,30 @@ def _row(lease_id: str, stage: str, run_id: str, event: str, message: str = "") 
     }
 
 
-def acquire(catalog: Catalog, stage: str, run_id: str, force: bool = False) -> Lease:
-    """Hold ``stage`` for ``run_id`` or raise :class:`StageBusyError`."""
-    lease_id = uuid.uuid4().hex
-    catalog.append("leases", [_row(lease_id, stage, run_id, "acquired")])
-    holders = catalog.query(
+def _unreleased(catalog: Catalog, stage: str) -> list[dict]:
+    """Every ``acquired`` lease of ``stage`` without a ``released`` row, oldest first."""
+    return catalog.query(
         "SELECT a.lease_id, a.run_id, a.host, a.pid, a.event_at FROM lake.leases a "
         "WHERE a.stage = ? AND a.event = 'acquired' AND a.lease_id NOT IN "
         "(SELECT lease_id FROM lake.leases WHERE event = 'released') "
         "ORDER BY a.snapshot_id, a.rowid",
         [stage],
     ).to_pylist()
+
+
+def held_by_live_run(catalog: Catalog, stage: str) -> bool:
+    """Whether some run may still be processing ``stage``: an unreleased lease whose holder
+    is on another host or is a live process here (read-only; stale rows stay until the next
+    :func:`acquire` releases them)."""
+    here = socket.gethostname()
+    return any(h["host"] != here or _alive(int(h["pid"])) for h in _unreleased(catalog, stage))
+
+
+def acquire(catalog: Catalog, stage: str, run_id: str, force: bool = False) -> Lease:
+    """Hold ``stage`` for ``run_id`` or raise :class:`StageBusyError`."""
+    lease_id = uuid.uuid4().hex
+    catalog.append("leases", [_row(lease_id, stage, run_id, "acquired")])
+    holders = _unreleased(catalog, stage)
     here = socket.gethostname()
     release: list[dict] = []
     live = []

@@ -12,16 +12,17 @@ a retryable failure runs again until ``max_attempts``; anything else runs. Chang
 stage's config or code version changes its keys and therefore every downstream key,
 while upstream keys stay equal: exactly the changed stage and what follows re-run.
 
-Every plan is recorded (``plans`` table) so "current" always means the version the latest
-run asked for, and ``talkforge status`` can say what is done, failed, pending or skipped.
+Every plan is recorded so "current" always means the version the latest run asked for,
+and ``talkforge status`` can say what is done, failed, pending or skipped: its counts in
+``stage_runs``, and a ``plans`` row per item that runs, changes version or is dropped.
+Keys and decisions are computed inside the catalog (:mod:`talkforge.planner`); this
+module holds runs, leases, execution and commits (rows: :mod:`talkforge.outcome_rows`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections import defaultdict
 from typing import Any
 
 from models.registry import fingerprint
@@ -33,6 +34,7 @@ from storage.store import ArtifactStore
 from talkforge.candidates import plan_candidates
 from talkforge.config import PipelineConfig
 from talkforge.executors import LocalExecutor, RayExecutor, make_executor
+from talkforge.outcome_rows import discovery_failure, outcome_rows
 from talkforge.plan import (
     LogReporter,
     PlannedItem,
@@ -52,12 +54,9 @@ from tasks.base import (
     StageEnv,
     stable_hash,
 )
-from tasks.records import record_from_json
 from tasks.runner import Outcome, WorkItem
 
 log = logging.getLogger(__name__)
-
-DISCOVERY_WORKER = "discover"  # the worker of failures found while planning (bad manifest rows)
 
 
 class Engine:
@@ -221,7 +220,7 @@ class Engine:
         planned_at = now_utc()
         rows = [(i.item_id, i.item_key, i.action) for i in plan.items]
         rows += [(item_id, "", "dropped") for item_id in plan.dropped]
-        tables = self._outcome_rows(plan, {}, [_failed(r) for r in fresh])
+        tables = self._outcome_rows(plan, {}, [discovery_failure(r) for r in fresh])
         tables["plans"] = from_columns(
             "plans",
             {
@@ -324,78 +323,9 @@ class Engine:
     def _outcome_rows(
         self, plan: StagePlan, by_id: dict[str, PlannedItem], outcomes: list[Outcome]
     ) -> dict[str, list[dict[str, Any]]]:
-        """Stats, artifact and item rows of ``outcomes``: committed together, one snapshot."""
-        stage_cls = STAGES[plan.stage]
+        code_version = STAGES[plan.stage].code_version
         config_hash = self.config.stage(plan.stage).params_hash()
-        fps_json = json.dumps(
-            {k: v.model_dump() for k, v in plan.env.model_fingerprints.items()}, sort_keys=True
-        )
-        stats: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        artifacts: list[dict[str, Any]] = []
-        items: list[dict[str, Any]] = []
-        created_at = now_utc()
-        for o in outcomes:
-            base = {
-                "run_id": plan.run_id,
-                "stage": plan.stage,
-                "item_id": o.item_id,
-                "item_key": o.item_key,
-                "created_at": created_at,
-            }
-            if o.record_json:
-                record = record_from_json(o.record_type, o.record_json)
-                for table, rows in record.stats_rows().items():
-                    stats[table].extend({**base, **row} for row in rows)
-            for a in o.artifacts:
-                artifacts.append(
-                    {
-                        **base,
-                        **a.model_dump(),
-                        "code_version": stage_cls.code_version,
-                        "config_hash": config_hash,
-                        "model_fingerprints_json": fps_json,
-                        "input_artifact_ids": o.input_artifact_ids,
-                        "status": "committed",
-                        "error": "",
-                    }
-                )
-            planned = by_id.get(o.item_id)
-            items.append(
-                {
-                    **base,
-                    "status": o.status,
-                    "error_kind": o.error_kind,
-                    "error_message": o.error_message,
-                    "retryable": o.retryable,
-                    "attempt": o.attempt,
-                    "record_type": o.record_type,
-                    "record_json": o.record_json,
-                    "artifact_ids": [a.artifact_id for a in o.artifacts],
-                    "input_keys_json": json.dumps(
-                        planned.input_keys if planned else {}, sort_keys=True
-                    ),
-                    "code_version": stage_cls.code_version,
-                    "config_hash": config_hash,
-                    "model_fingerprints_json": fps_json,
-                    "duration_s": o.duration_s,
-                    "worker": o.worker,
-                }
-            )
-        return {**stats, "artifacts": artifacts, "items": items}
-
-
-def _failed(rejected: Rejected) -> Outcome:
-    """The permanent failure of a manifest row that cannot become an item."""
-    return Outcome(
-        item_id=rejected.item_id,
-        item_key=rejected.item_key,
-        attempt=1,
-        status="failed",
-        error_kind=str(rejected.failure.kind),
-        error_message=rejected.failure.message,
-        retryable=False,
-        worker=DISCOVERY_WORKER,
-    )
+        return outcome_rows(plan, code_version, config_hash, by_id, outcomes)
 
 
 __all__ = [

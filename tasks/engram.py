@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 from safetensors import safe_open
-from safetensors.torch import save_file
 from sklearn.cluster import KMeans
 
 from generators.blocks.engram_hash import (
@@ -42,6 +41,7 @@ from generators.blocks.engram_hash import (
     make_primes,
     ngram_context,
 )
+from models.safetensors_io import save_file
 from tasks.base import (
     AggregateInputs,
     FailureKind,

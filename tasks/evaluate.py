@@ -37,7 +37,7 @@ import torch
 from pydantic import Field, field_validator
 from safetensors.numpy import save_file
 
-from metrics.registry import METRICS
+from metrics.registry import METRICS, Setting
 from metrics.suite import Geometry, MetricSuite, Side, for_setting
 from models.registry import ModelSpec, ModelUnavailableError, ensure_model, fingerprint
 from tasks.base import (
@@ -242,7 +242,8 @@ class EvaluateStage(Stage[EvaluateConfig]):
             row = MetricRow(
                 family=video.family, checkpoint=video.checkpoint, setting=video.setting,
                 generator_origin=video.generator_origin, audio_clip_id=video.audio_clip_id,
-                num_frames=len(side.frames), values=self.suite.compare(side, gt_side),
+                num_frames=len(side.frames),
+                values=self.suite.compare(side, gt_side, frozenset({Setting(video.setting)})),
             )  # fmt: skip
             out[key] = self._commit(ctx, gen.clip_id, key, row, side)
         return out
@@ -270,7 +271,8 @@ class EvaluateStage(Stage[EvaluateConfig]):
             raise ItemFailure(FailureKind.FORMAT, f"{what}: no frames to compare")
         frames = to_size(frames[:n], truth.shape[1], truth.shape[2])
         samples, rate_hz = read_wav(ctx.local_path(video.audio))
-        return self.suite.describe(frames, samples, rate_hz, gen.fps, geometry.head(n))
+        settings = frozenset({Setting(video.setting)})  # e.g. no I3D for a cross-audio video
+        return self.suite.describe(frames, samples, rate_hz, gen.fps, geometry.head(n), settings)
 
     @staticmethod
     def _cached(ctx: ItemContext, clip_id: str, key: str) -> MetricRow | None:

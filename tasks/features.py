@@ -49,13 +49,13 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors.torch import save_file
 
 from models.emoca import FLAME_LAYOUT
 from models.fingerprint import ModelFingerprint
 from models.hubert import FRAME_RATE_HZ, SAMPLE_RATE_HZ, align_audio_steps, hubert_num_frames
 from models.liveportrait import MOTION_LAYOUT
 from models.registry import ModelSpec, fingerprint
+from models.safetensors_io import save_file
 from models.sensevoice import FRAME_RATE_HZ as FRAME_RATE_SV
 from tasks.base import (
     FailureKind,

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.catalog import Catalog, ReadOnlyQueryError, SnapshotNotFoundError
-from storage.lease import StageBusyError, acquire, release
+from storage.lease import StageBusyError, acquire, held_by_live_run, release
 from storage.migrate import migrate_parts
 from storage.schema import ALL_TABLES
 from tests.catalog_helpers import load_old_code
@@ -279,8 +279,12 @@ def test_a_dead_holder_on_this_host_is_stale(tmp_path: Path) -> None:
             }
         ],
     )
+    assert held_by_live_run(cat, "faces")  # this process holds it
+    assert not held_by_live_run(cat, "train")  # only the dead process's row is left
+    assert not held_by_live_run(cat, "quality")  # never held
     release(cat, acquire(cat, "train", "next"))
     release(cat, lease)
+    assert not held_by_live_run(cat, "faces")
 
 
 def test_migrate_a_catalog_written_by_the_previous_code(tmp_path: Path) -> None:

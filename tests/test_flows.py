@@ -52,12 +52,12 @@ def test_one_run_at_a_time_per_catalog_stage(prefect_api: str, tmp_path: Path) -
     holding, release, second_in = threading.Event(), threading.Event(), threading.Event()
 
     def first() -> None:
-        with stage_slot(name):
+        with stage_slot(name, orphaned=lambda: False):
             holding.set()
             release.wait(60)
 
     def second() -> None:
-        with stage_slot(name, poll_s=0.5):
+        with stage_slot(name, orphaned=lambda: False, poll_s=0.5):
             second_in.set()
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
@@ -75,6 +75,39 @@ def test_one_run_at_a_time_per_catalog_stage(prefect_api: str, tmp_path: Path) -
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(name)
     assert limit.limit == 1 and limit.active_slots == 0
+
+
+def test_a_slot_whose_holder_died_with_its_server_is_freed(prefect_api: str) -> None:
+    """A killed CLI run's ephemeral server takes its in-memory leases with it: the slot stays
+    occupied with nothing to expire. Only when the catalog has no live holder is it reset."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+
+    from flows.pipeline import stage_slot
+
+    name = f"orphan-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))
+    entered = threading.Event()
+    live = threading.Event()
+    live.set()
+
+    def run() -> None:
+        with stage_slot(name, orphaned=lambda: not live.is_set(), poll_s=0.5):
+            entered.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert not entered.wait(3)  # a live holder (per the catalog) is waited for
+    live.clear()
+    assert entered.wait(30)
+    thread.join(30)
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
 
 
 @pytest.mark.slow
