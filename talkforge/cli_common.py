@@ -59,8 +59,8 @@ def print_rows(rows: list[dict[str, Any]], title: str = "", fmt: str = "table") 
         console.print(f"[dim]{title + ': ' if title else ''}no rows[/]")
         return
     table = Table(title=title or None, show_lines=False)
-    for col in rows[0]:
-        table.add_column(str(col), overflow="fold")
+    for i, col in enumerate(rows[0]):  # the first column names the row: never wrapped
+        table.add_column(str(col), overflow="fold", no_wrap=i == 0)
     for row in rows:
         table.add_row(*(_cell(v) for v in row.values()))
     console.print(table)

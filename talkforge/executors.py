@@ -182,11 +182,11 @@ class RayExecutor:
         inflight: dict[Any, tuple[int, WorkItem, int]] = {}
         load = [0] * len(actors)
         while pending or inflight:
-            for idx in range(len(actors)):
-                while pending and load[idx] < self.SLOTS_PER_ACTOR:
-                    work, restarts = pending.popleft()
-                    inflight[actors[idx].process.remote(work)] = (idx, work, restarts)
-                    load[idx] += 1
+            while pending and min(load) < self.SLOTS_PER_ACTOR:
+                idx = load.index(min(load))  # the least loaded actor: spread before queueing
+                work, restarts = pending.popleft()
+                inflight[actors[idx].process.remote(work)] = (idx, work, restarts)
+                load[idx] += 1
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
                 idx, work, restarts = inflight.pop(ref)

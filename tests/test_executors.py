@@ -106,6 +106,10 @@ def test_ray_pool_loads_once_per_actor_and_uses_every_actor(tmp_path: Path) -> N
         assert len({r.pid for r in records}) == 2
         workers = executor.describe_workers("toy")
         assert [w["setup_calls"] for w in workers] == [1, 1]
+        # as many items as workers: one each, never two queued on one while another idles
+        few = collect(executor, cfg, tmp_path, ["x", "y"])
+        pids = {ToyRecord.model_validate_json(o.record_json).pid for o in few.values()}
+        assert len(pids) == 2
     finally:
         executor.release("toy")
 
