@@ -90,9 +90,35 @@ def load_lpips(directory: str | Path, net: Backbone, device: str | torch.device 
     model = LPIPS(net)
     state = read_state_dict(backbone)
     feats = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    out_channels = {
+        int(k.split(".")[0]): v.shape[0] for k, v in feats.items() if k.endswith(".weight")
+    }
+    _reshape(model, out_channels)
     load_into(model.features, feats, backbone, what=f"torchvision {net} features")
     load_into(model.heads, read_state_dict(heads), heads, what=f"lpips v0.1 {net} linear heads")
     return model.to(device).eval()
+
+
+def _reshape(model: LPIPS, out_channels: dict[int, int]) -> None:
+    """Give convolution ``i`` of the backbone ``out_channels[i]`` filters (inputs following
+    the previous one) and the heads the matching widths. The official files are full width
+    and change nothing; the random stand-ins of smoke runs are narrower (cheap on a CPU),
+    same layers, same files, same loader."""
+    cin = 3
+    widths: list[int] = []
+    for i, layer in enumerate(model.features):
+        if isinstance(layer, nn.Conv2d):
+            cout = out_channels.get(i, layer.out_channels)
+            if (cin, cout) != (layer.in_channels, layer.out_channels):
+                model.features[i] = nn.Conv2d(
+                    cin, cout, layer.kernel_size, layer.stride, layer.padding
+                )
+            cin = cout
+        if any(stop == i + 1 for _, stop in model.stages):
+            widths.append(cin)
+    for k, width in enumerate(widths):
+        if model.heads[f"lin{k}"].model[1].in_channels != width:
+            model.heads[f"lin{k}"] = _Head(width)
 
 
 def save_lpips(model: LPIPS, directory: Path) -> None:
@@ -104,9 +130,17 @@ def save_lpips(model: LPIPS, directory: Path) -> None:
     torch.save(model.heads.state_dict(), directory / HEAD_FILES[net])
 
 
+TINY_WIDTH_DIVISOR = 8  # random stand-ins: every convolution 1/8 as wide (~1/64 the cost)
+
+
 def _build_random(net: Backbone, directory: Path, seed: int) -> None:
     torch.manual_seed(seed)
     model = LPIPS(net)
+    _reshape(
+        model,
+        {i: max(4, m.out_channels // TINY_WIDTH_DIVISOR)
+         for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)},
+    )  # fmt: skip
     for head in model.heads.values():
         nn.init.uniform_(head.model[1].weight, 0.0, 0.2)  # heads are non-negative
     save_lpips(model, directory)
@@ -114,13 +148,13 @@ def _build_random(net: Backbone, directory: Path, seed: int) -> None:
 
 @register_tiny_builder("lpips-alex")
 def build_random_lpips_alex(directory: Path, seed: int) -> None:
-    """Random-init AlexNet backbone and heads (full size: the backbone is fixed)."""
+    """Random-init AlexNet backbone and heads, 1/8 width (same layers and file layout)."""
     _build_random("alex", directory, seed)
 
 
 @register_tiny_builder("lpips-vgg")
 def build_random_lpips_vgg(directory: Path, seed: int) -> None:
-    """Random-init VGG-16 backbone and heads (full size)."""
+    """Random-init VGG-16 backbone and heads, 1/8 width (same layers and file layout)."""
     _build_random("vgg", directory, seed)
 
 

@@ -35,8 +35,18 @@ from models.checkpoints import CheckpointMismatchError
 from models.i3d import load_i3d
 from models.inception_fid import load_fid_inception
 from models.liveportrait import load_motion_extractor
-from models.lpips_net import BACKBONE_FILES, HEAD_FILES, load_lpips
+from models.lpips_net import (
+    BACKBONE_FILES,
+    HEAD_FILES,
+    LPIPS,
+    build_random_lpips_alex,
+    build_random_lpips_vgg,
+    load_lpips,
+    save_lpips,
+)
 from models.registry import ModelSpec, ModelUnavailableError, ensure_model, fingerprint
+
+build_tiny_lpips = {"alex": build_random_lpips_alex, "vgg": build_random_lpips_vgg}
 
 
 def _random_model(family: str, root: Path) -> Path:
@@ -90,6 +100,28 @@ def test_lpips_equals_the_reference_package_with_identical_weights(net, tmp_path
     np.testing.assert_allclose(got, want.flatten().double().numpy(), rtol=1e-5, atol=1e-7)
     assert got[0] < got[1] < got[2]
     assert lpips_per_frame(ours, a, a) == pytest.approx(np.zeros(3), abs=1e-7)
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_narrow_random_stand_in_loads_through_the_official_path(net, tmp_path):
+    build_tiny_lpips[net](tmp_path, 0)
+    tiny = load_lpips(tmp_path, net)
+    full = load_lpips(_full_random(net, tmp_path / "full"), net)
+    narrow = [m.out_channels for m in tiny.features if isinstance(m, torch.nn.Conv2d)]
+    wide = [m.out_channels for m in full.features if isinstance(m, torch.nn.Conv2d)]
+    assert len(narrow) == len(wide) and all(n * 8 == w for n, w in zip(narrow, wide))
+    assert [type(m) for m in tiny.features] == [type(m) for m in full.features]
+    a = _face(64)[None].repeat(2, 0)
+    b = np.stack([_noisy(a[0], s, i) for i, s in enumerate((5.0, 60.0))])
+    got = lpips_per_frame(tiny, b, a)
+    assert 0 < got[0] < got[1]
+    assert lpips_per_frame(tiny, a, a) == pytest.approx(np.zeros(2), abs=1e-7)
+
+
+def _full_random(net: str, folder: Path) -> Path:
+    model = LPIPS(net)
+    save_lpips(model, folder)
+    return folder
 
 
 def test_missing_weights_say_how_to_import_them(tmp_path):
