@@ -19,7 +19,7 @@
 
 Figures go to stdout and ``<out>/bench_evaluate.json``. The metric networks are the
 config's (random-init stand-ins of the official architectures on the embedded default: the
-same compute as the real weights, except ArcFace's smaller stand-in).
+same compute as the real weights, except the smaller ArcFace and 1/8-width LPIPS stand-ins).
 """
 
 from __future__ import annotations

@@ -179,13 +179,31 @@ def status(
 
 @app.command()
 def sql(
-    query: Annotated[str, typer.Argument(help="a single SELECT over the catalog views")],
+    query: Annotated[
+        str | None, typer.Argument(help="a single SELECT over the catalog views")
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", "-f", help="read the query from a file (e.g. dashboards/*.sql)"),
+    ] = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
     as_of: Annotated[str | None, typer.Option(help="read the catalog as of a run/snapshot")] = None,
 ) -> None:
-    """Read-only SQL over the catalog (tables: clips, faces, quality, ... and current_*)."""
+    """Read-only SQL over the catalog (tables: clips, faces, quality, ... and current_*).
+
+    Pass the query as the argument, or ``--file`` for a saved one (a query starting with a
+    ``--`` comment would otherwise read as an option; ``talkforge sql -- "..."`` also works).
+    """
+    if (query is None) == (file is None):
+        fail("give a query or --file, not both or neither", 2)
+    if file is not None:
+        try:
+            query = file.read_text()
+        except OSError as exc:
+            fail(f"cannot read {file}: {exc.strerror}", 2)
+    assert query is not None
     catalog = catalog_at(open_catalog(config, set_), as_of)
     try:
         rows = catalog.query_readonly(query).to_pylist()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,16 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tf-prefect-home-"
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module() -> Iterator[None]:
+    """Restore ``sys.modules['__main__']`` after each test: Streamlit's script runner (the
+    dashboard tests) installs a fake one, and every later ``spawn`` child would then try to
+    re-run that temporary script instead of pytest's entry point and die."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 @pytest.fixture(scope="session")

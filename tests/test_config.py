@@ -94,3 +94,15 @@ def test_stage_selection() -> None:
     assert select_stages(["train", "download"]) == ["download", "train"]
     with pytest.raises(ValueError, match="unknown stage"):
         select_stages(["fces"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates_at_its_size_and_at_the_tiny_trial_size(path: Path) -> None:
+    """Each file loads as written, and the DualForce stages also with the documented tiny CPU
+    override (a seed-size value the tiny preset cannot hold, e.g. 8 shallow blocks of 3,
+    fails here rather than inside a training run)."""
+    train = load_config(path).train
+    if train.family == "dualforce":
+        full, tiny = train.arch(), load_config(path, ["train.size=tiny"]).train.arch()
+        assert tiny.num_layers < full.num_layers
+        assert 0 < tiny.fusion_depth <= tiny.num_layers and full.fusion_depth == 8

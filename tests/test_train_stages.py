@@ -93,8 +93,10 @@ def test_per_step_metrics_reach_the_catalog_and_the_dashboard(staged):
     steps = staged["recs"]["stage1"][1].steps
     assert [r["step"] for r in rows] == [*range(1, steps + 1), *range(1, steps + 1)]
     assert all(r["grad_norm"] > 0 and r["samples_per_s"] > 0 for r in rows)
-    sql = (REPO / "dashboards" / "17_train_terms.sql").read_text()
-    out = invoke("sql", sql, "--config", CONFIG, *staged["args"], "--format", "json")
+    saved = REPO / "dashboards" / "17_train_terms.sql"  # starts with a `--` comment
+    out = invoke(
+        "sql", "--file", str(saved), "--config", CONFIG, *staged["args"], "--format", "json"
+    )
     curves = json.loads(out)
     assert {c["training_stage"] for c in curves} >= {"stage1", "stage2"}
     assert all(c["term"] == "loss" for c in curves)  # musetalk15 has no other term
