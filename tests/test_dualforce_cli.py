@@ -122,7 +122,9 @@ def test_killed_stage3_worker_resumes_from_the_last_checkpoint(chain):
 
 def test_generate_samples_the_stage3_checkpoint_autoregressively(chain):
     root, (_, rec) = chain["root"], chain["recs"]["stage3"]
-    rows = _q(root, "SELECT record_json FROM items WHERE stage = 'generate' AND status = 'done'")
+    rows = _q(  # the current version of each clip (the copied catalog holds older ones)
+        root, "SELECT record_json FROM current_items WHERE stage = 'generate' AND status = 'done'"
+    )
     clips = [GeneratedClip.model_validate_json(r["record_json"]) for r in rows]
     assert clips
     for clip in clips:
