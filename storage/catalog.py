@@ -25,7 +25,6 @@ Views (:mod:`storage.views`, all read-only): ``runs_latest``, ``item_versions``,
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,7 +36,7 @@ import duckdb
 import pyarrow as pa
 
 from storage.guard import ReadOnlyQueryError, check_select, lock_down
-from storage.lake import LAKE, CatalogConfig, open_lake, retrying
+from storage.lake import LAKE, CatalogConfig, open_lake, retrying, rollback
 from storage.maintenance import Maintenance
 from storage.schema import ALL_TABLES
 from storage.views import view_statements
@@ -185,7 +184,7 @@ class Catalog(Maintenance):
                             )
                 con.execute("COMMIT")
             except BaseException:
-                _rollback(con)
+                rollback(con)
                 raise
 
         for _ in range(self.config.commit_retries):
@@ -250,7 +249,7 @@ class Catalog(Maintenance):
                         con.unregister(name)
                     con.execute("COMMIT")
                 except BaseException:
-                    _rollback(con)
+                    rollback(con)
                     raise
                 row = con.execute(
                     "SELECT id FROM ducklake_last_committed_snapshot(?)", [LAKE]
@@ -306,7 +305,7 @@ class Catalog(Maintenance):
                     out = session(con)
                     con.execute("COMMIT")  # nothing of the lake was written
                 except BaseException:
-                    _rollback(con)
+                    rollback(con)
                     raise
                 return out
 
@@ -367,8 +366,3 @@ def _run_of(parts: list[tuple[str, pa.Table]]) -> str:
         if "run_id" in data.column_names:
             runs.update(v for v in data.column("run_id").unique().to_pylist() if v)
     return next(iter(runs)) if len(runs) == 1 else ""
-
-
-def _rollback(con: duckdb.DuckDBPyConnection) -> None:
-    with contextlib.suppress(duckdb.Error):  # a failed statement may have ended it already
-        con.execute("ROLLBACK")

@@ -18,6 +18,7 @@ creating tables at once, SQLite's ``database is locked``) surfaces as a duckdb e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
@@ -188,11 +189,18 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.Error) and any(m in str(exc).lower() for m in _RETRYABLE)
 
 
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """End ``con``'s open transaction, if any (a failed statement may have ended it)."""
+    with contextlib.suppress(duckdb.Error):
+        con.execute("ROLLBACK")
+
+
 def retrying(
     fn: Callable[[], T],
     attempts: int,
     on_retry: Callable[[], None] | None = None,
     patience_s: float = 60.0,
+    retryable: Callable[[BaseException], bool] = is_retryable,
 ) -> T:
     """Call ``fn`` until it succeeds; retry only conflicts, with jittered backoff.
 
@@ -209,7 +217,7 @@ def retrying(
             return fn()
         except duckdb.Error as exc:
             late = attempt >= attempts and time.monotonic() - started >= patience_s
-            if not is_retryable(exc) or late:
+            if not retryable(exc) or late:
                 raise
             if on_retry is not None:
                 on_retry()

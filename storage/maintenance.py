@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import duckdb
 
-from storage.lake import LAKE, CatalogConfig, retrying
+from storage.lake import LAKE, CatalogConfig, is_retryable, retrying, rollback
 
 
 class Maintenance:
@@ -37,6 +37,8 @@ class Maintenance:
                 retrying(
                     lambda call=call: con.execute(f"CALL {call}(?)", [LAKE]),
                     self.config.commit_retries,
+                    on_retry=lambda: rollback(con),
+                    retryable=_maintenance_retryable,
                 )
         after = self.file_stats()
         return {
@@ -105,3 +107,9 @@ class Maintenance:
         ):
             return self.compact()
         return None
+
+
+def _maintenance_retryable(exc: BaseException) -> bool:
+    """A conflict, or a maintenance call whose own multi-step commit a concurrent writer
+    broke mid-way ("transaction is aborted"): rolled back, it is safe to run again."""
+    return is_retryable(exc) or "transaction is aborted" in str(exc).lower()
