@@ -135,7 +135,8 @@ def stage_slot(
     with ExitStack() as stack:
         for attempt in itertools.count():
             try:
-                stack.enter_context(concurrency(name, timeout_seconds=poll_s, **hold))
+                wait_s = poll_s if attempt else min(poll_s, 2.0)  # a free slot: no waiting
+                stack.enter_context(concurrency(name, timeout_seconds=wait_s, **hold))
                 break
             except TimeoutError:
                 if orphaned():
