@@ -34,11 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage.store import ArtifactStore
-from talkforge.candidates import plan_candidates
 from talkforge.config import load_config
 from talkforge.engine import Engine
 from talkforge.executors import LocalExecutor
-from talkforge.plan import RunOptions, StagePlan, select_stages
+from talkforge.plan import RunOptions, select_stages
 from tasks.base import AggregateInputs, ItemContext, ItemInputs
 from tasks.evaluate import EvaluateStage, decode
 from tasks.evaluate_set import EvaluateSetStage
@@ -73,15 +72,12 @@ def main() -> None:
 
     env = engine.stage_env(run_id, "generate")
     gen_stage = GenerateStage(cfg.stage("generate"), env)  # type: ignore[arg-type]
-    plan = StagePlan(run_id=run_id, stage="generate", env=env)
-    candidates = plan_candidates(
-        engine.catalog, GenerateStage, gen_stage.config, env, plan, RunOptions(), record=False
-    )
-    if not candidates:
+    plan = engine.plan(run_id, "generate", RunOptions(), dry_run=True)  # the planner's inputs
+    inputs = [i.inputs for i in plan.items if i.action == "run" and i.inputs is not None]
+    if not inputs:
         raise SystemExit(f"no held-out clip to generate: {plan.blocked_reason}")
     fresh = Path(tempfile.mkdtemp(prefix="bench-eval-store-", dir=root))
     store = ArtifactStore(str(fresh))
-    inputs = [c.inputs() for c in candidates]
 
     gen_stage.setup()
     generated: list[tuple[ItemInputs, GeneratedClip]] = []
