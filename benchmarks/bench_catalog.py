@@ -332,8 +332,8 @@ m._stored_rows = timed("stored_rows_s", m._stored_rows)
 m.record_hash = timed("record_hash_s", m.record_hash)
 d._read = timed("parse_s", d._read)
 d.fingerprint_files = timed("file_sha256_s", d.fingerprint_files)
-e.Engine._item_state = timed("item_states_s", e.Engine._item_state)
-e.Engine._dropped = timed("dropped_s", e.Engine._dropped)
+e.plan_candidates = timed("candidates_s", e.plan_candidates)  # manifest rows -> candidates
+e.decide = timed("decide_s", e.decide)  # keys, decisions and dropped items, in SQL
 cfg = load_config(None, ["project.data_root={work / "tv"}", "download.sample.enabled=false",
     "download.datasets=[{{kind: talkvid, metadata: {meta}}}]", "execution.executor=local"])
 engine = Engine(cfg)
