@@ -69,8 +69,12 @@ def held_by_live_run(catalog: Catalog, stage: str) -> bool:
     """Whether some run may still be processing ``stage``: an unreleased lease whose holder
     is on another host or is a live process here (read-only; stale rows stay until the next
     :func:`acquire` releases them)."""
-    here = socket.gethostname()
-    return any(h["host"] != here or _alive(int(h["pid"])) for h in _unreleased(catalog, stage))
+    return not all(_stale(h) for h in _unreleased(catalog, stage))
+
+
+def _stale(holder: dict) -> bool:
+    """A lease row whose holder was on this host and whose process is gone."""
+    return holder["host"] == socket.gethostname() and not _alive(int(holder["pid"]))
 
 
 def acquire(catalog: Catalog, stage: str, run_id: str, force: bool = False) -> Lease:
@@ -78,13 +82,12 @@ def acquire(catalog: Catalog, stage: str, run_id: str, force: bool = False) -> L
     lease_id = uuid.uuid4().hex
     catalog.append("leases", [_row(lease_id, stage, run_id, "acquired")])
     holders = _unreleased(catalog, stage)
-    here = socket.gethostname()
     release: list[dict] = []
     live = []
     for h in holders:
         if h["lease_id"] == lease_id:
             live.append(h)
-        elif h["host"] == here and not _alive(int(h["pid"])):
+        elif _stale(h):
             release.append(_row(h["lease_id"], stage, h["run_id"], "released", "stale: pid gone"))
         elif force:
             release.append(
