@@ -327,10 +327,10 @@ def timed(name, fn):
     return wrapper
 import talkforge.engine as e
 import tasks.download.datasets as d
-m.record_manifests = timed("record_s", m.record_manifests)
+m.ingest_manifest = timed("ingest_s", m.ingest_manifest)  # convert, hash, write: streamed
 m._stored_rows = timed("stored_rows_s", m._stored_rows)
 m.record_hash = timed("record_hash_s", m.record_hash)
-d._read = timed("parse_s", d._read)
+d.TalkvidReader.__init__ = timed("parse_json_s", d.TalkvidReader.__init__)
 d.fingerprint_files = timed("file_sha256_s", d.fingerprint_files)
 e.plan_candidates = timed("candidates_s", e.plan_candidates)  # manifest rows -> candidates
 e.decide = timed("decide_s", e.decide)  # keys, decisions and dropped items, in SQL

@@ -73,7 +73,7 @@ def main() -> None:
     env = engine.stage_env(run_id, "generate")
     gen_stage = GenerateStage(cfg.stage("generate"), env)  # type: ignore[arg-type]
     plan = engine.plan(run_id, "generate", RunOptions(), dry_run=True)  # the planner's inputs
-    inputs = [i.inputs for i in plan.items if i.action == "run" and i.inputs is not None]
+    inputs = list(plan.inputs_for(plan.to_run).values())
     if not inputs:
         raise SystemExit(f"no held-out clip to generate: {plan.blocked_reason}")
     fresh = Path(tempfile.mkdtemp(prefix="bench-eval-store-", dir=root))

@@ -5,12 +5,12 @@ other stage's from the current ``done`` outputs of the stages it requires, inter
 per item, plus the shared outputs of aggregate upstream stages. Candidates are a SQL
 relation, not Python objects: one row per item with its per-item key material (upstream
 item keys) as columns, so :mod:`talkforge.planner` keys and decides a 188 k-item stage
-inside duckdb and only the items that run ever become Python objects.
+inside duckdb and only the items that run ever become Python objects, a shard at a time
+(:meth:`talkforge.plan.StagePlan.inputs_for`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from storage.catalog import Catalog
 from talkforge.manifests import source_candidates
-from talkforge.plan import RunOptions, StagePlan
+from talkforge.plan import Inputs, InputsBuilder, RunOptions, StagePlan
 from talkforge.stages import STAGES
 from tasks.base import (
     AggregateInputs,
@@ -31,10 +31,6 @@ from tasks.base import (
     stable_hash,
 )
 from tasks.records import CommittedHistory, CommittedVersion, record_from_json
-
-Inputs = ItemInputs | AggregateInputs
-# (item id, its key material) of items that run -> their inputs, in one batch
-InputsBuilder = Callable[[list[tuple[str, dict[str, Any]]]], dict[str, Inputs]]
 
 
 @dataclass

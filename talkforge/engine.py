@@ -277,8 +277,14 @@ class Engine:
                 self._commit(plan, by_id, buffer)
                 buffer.clear()
 
+        inputs = plan.inputs_for(items)
         work = [
-            WorkItem(item_id=i.item_id, item_key=i.item_key, attempt=i.attempt, inputs=i.inputs)
+            WorkItem(
+                item_id=i.item_id,
+                item_key=i.item_key,
+                attempt=i.attempt,
+                inputs=inputs.get(i.item_id),
+            )
             for i in items
         ]
         try:

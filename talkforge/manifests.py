@@ -9,16 +9,24 @@ speaker" or "language mix" from ``current_manifest`` / ``manifest_summary`` with
 download, and ``clip_progress`` joins every manifest clip to its download status.
 
 An ingest is keyed by the metadata files' own sha256 plus the per-record hashes the
-source stage computes anyway for its item keys (so no record is hashed twice): re-reading
-unchanged metadata writes nothing, while a new release, a changed URL template or a reader
-fix writes a new version that supersedes the old one in the ``current_*`` views.
+source stage uses as its item keys (so no record is hashed twice): re-reading unchanged
+metadata writes nothing, while a new release, a changed URL template or a reader fix
+writes a new version that supersedes the old one in the ``current_*`` views. Metadata
+whose files, settings and reader are unchanged (the source fingerprint) is not even read.
+
+Memory at TalkVid's 188 k records: the ingest streams (:func:`ingest_manifest`): records
+are converted, hashed and appended as columnar chunks, so only one chunk is ever held as
+objects; the plan's items are then the stored rows (:class:`StoredRecord`, three strings),
+and a record is parsed again only when its item runs, a shard at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,16 +66,15 @@ def record_hash(record: SourceClip) -> str:
     return stable_hash(record.model_dump(mode="json", exclude_defaults=True))
 
 
-def content_hash(manifest: SourceManifest, record_hashes: list[str] | None = None) -> str:
+def content_hash(manifest: SourceManifest, record_hashes: Iterable[str]) -> str:
     """The ingest's identity: metadata files' sha256, dataset terms, per-record hashes.
 
     ``metadata_sha256`` is the files' own checksum; the per-record hashes add what the
-    files alone do not say (URL template, a reader fix). Callers that already hashed the
-    records for item keys pass ``record_hashes`` so nothing is hashed twice.
+    files alone do not say (URL template, a reader fix). The ingest computes the record
+    hashes while it writes the rows, and the same hashes key the source stage's items.
     """
-    hashes = record_hashes if record_hashes is not None else map(record_hash, manifest.records)
     digest = hashlib.sha256()
-    for h in hashes:
+    for h in record_hashes:
         digest.update(h.encode())
     problems = [(raw_id, str(f.kind), f.message) for raw_id, f in manifest.problems]
     return stable_hash(
@@ -118,49 +125,74 @@ def record_manifests(
     catalog: Catalog,
     manifests: list[SourceManifest],
     run_id: str = "",
-    record_hashes: dict[str, list[str]] | None = None,
     fingerprints: dict[str, str] | None = None,
 ) -> list[IngestResult]:
-    """Write each manifest whose content (or source fingerprint) differs from its dataset's
-    current ingest.
-
-    One query reads every dataset's current ingest; a changed manifest is written as one
-    transaction (``manifest`` rows in chunks of :data:`CHUNK_ROWS`, then its ``datasets``
-    row), so memory holds one chunk of rows at a time and a crash leaves no partial ingest.
-    ``record_hashes`` (dataset -> per-record hashes) skips re-hashing records;
-    ``fingerprints`` (dataset -> :attr:`ManifestSource.fingerprint`) is stored so the next
-    plan can skip reading an unchanged manifest.
-    """
-    current = _current_ingests(catalog)
+    """:func:`ingest_manifest` for each of ``manifests`` (``fingerprints``: dataset ->
+    :attr:`ManifestSource.fingerprint`, stored so the next plan can skip an unchanged
+    file)."""
     results = []
     for manifest in manifests:
-        hashes = (record_hashes or {}).get(manifest.dataset)
-        if hashes is None:
-            hashes = [record_hash(r) for r in manifest.records]
-        digest = content_hash(manifest, hashes)
+        previous = _current_ingests(catalog).get(manifest.dataset)
         source = (fingerprints or {}).get(manifest.dataset, "")
-        hours = sum(getattr(r, "duration_s", 0.0) for r in manifest.records) / 3600
-        previous = current.get(manifest.dataset)
-        unchanged = (
-            previous is not None
-            and previous["content_sha256"] == digest
-            and (previous["source_sha256"] or "") == source
-        )
-        ingest_id = previous["ingest_id"] if unchanged else uuid.uuid4().hex
-        if not unchanged:
-            _write_ingest(catalog, manifest, hashes, ingest_id, digest, source, run_id)
-        results.append(
-            IngestResult(
-                manifest.dataset,
-                ingest_id,
-                not unchanged,
-                len(manifest.records),
-                len(manifest.problems),
-                hours,
-                manifest.licence,
-            )
-        )
+        results.append(ingest_manifest(catalog, manifest, run_id, source, previous))
     return results
+
+
+class _SameContent(Exception):
+    """Aborts an ingest transaction whose content equals the current ingest's."""
+
+
+def ingest_manifest(
+    catalog: Catalog,
+    manifest: SourceManifest,
+    run_id: str,
+    source: str,
+    previous: dict[str, Any] | None,
+) -> IngestResult:
+    """Write ``manifest`` as a new ingest of its dataset, streaming its records.
+
+    One transaction: ``manifest`` rows in arrow chunks of :data:`CHUNK_ROWS` records (each
+    record hashed once, as it is written), then its problems and its ``datasets`` row, so a
+    crash leaves no partial ingest. Only the chunk being converted is held as Python
+    objects; the transaction holds the columnar chunks until it commits. When the content
+    hash equals ``previous`` (the dataset's current ingest) the transaction is abandoned:
+    nothing is written, except a ``datasets`` row carrying the new ``source`` fingerprint
+    when only that changed (say, a reader edit that reads to the same records), so the
+    next plan does not parse the file again.
+    """
+    ingest_id = uuid.uuid4().hex
+    hashes: list[str] = []
+    duration_s = 0.0
+    try:
+        with catalog.transaction(run_id) as tx:
+            for chunk in _chunks(manifest.records, CHUNK_ROWS):
+                chunk_hashes = [record_hash(r) for r in chunk]
+                tx.append("manifest", _clip_rows(chunk, chunk_hashes, ingest_id))
+                hashes += chunk_hashes
+                duration_s += sum(r.duration_s for r in chunk)
+            digest = content_hash(manifest, hashes)
+            if previous is not None and previous["content_sha256"] == digest:
+                raise _SameContent
+            tx.append("manifest", _problem_rows(manifest, ingest_id))
+            row = _dataset_row(manifest, ingest_id, len(hashes), digest, source, run_id)
+            tx.append("datasets", [row])
+        written = True
+    except _SameContent:
+        assert previous is not None
+        ingest_id, written = previous["ingest_id"], False
+        if (previous["source_sha256"] or "") != source:
+            digest = previous["content_sha256"]
+            row = _dataset_row(manifest, ingest_id, len(hashes), digest, source, run_id)
+            catalog.append("datasets", [row])
+    return IngestResult(
+        manifest.dataset,
+        ingest_id,
+        written,
+        len(hashes),
+        len(manifest.problems),
+        duration_s / 3600,
+        manifest.licence,
+    )
 
 
 def _current_ingests(catalog: Catalog) -> dict[str, dict[str, Any]]:
@@ -174,73 +206,60 @@ def _current_ingests(catalog: Catalog) -> dict[str, dict[str, Any]]:
 CHUNK_ROWS = 20_000
 
 
-def _write_ingest(
-    catalog: Catalog,
-    manifest: SourceManifest,
-    hashes: list[str],
-    ingest_id: str,
-    digest: str,
-    source: str,
-    run_id: str,
-) -> None:
-    with catalog.transaction(run_id) as tx:
-        records = manifest.records
-        for start in range(0, len(records), CHUNK_ROWS):
-            chunk = zip(
-                records[start : start + CHUNK_ROWS],
-                hashes[start : start + CHUNK_ROWS],
-                strict=True,
-            )
-            tx.append(
-                "manifest",
-                to_arrow(
-                    "manifest",
-                    (
-                        {
-                            **clip_row(r),
-                            "ingest_id": ingest_id,
-                            "record_sha256": h,
-                            "record_json": r.model_dump_json(),
-                        }
-                        for r, h in chunk
-                    ),
-                ),
-            )
-        tx.append(
-            "manifest",
-            [
-                {
-                    "ingest_id": ingest_id,
-                    "dataset": manifest.dataset,
-                    "clip_id": raw_id,
-                    "status": str(failure.kind),
-                    "error_kind": str(failure.kind),
-                    "error_message": failure.message,
-                }
-                for raw_id, failure in manifest.problems
-            ],
-        )
-        tx.append(
-            "datasets",
-            [
-                {
-                    "ingest_id": ingest_id,
-                    "ingested_at": now_utc(),
-                    "run_id": run_id,
-                    "dataset": manifest.dataset,
-                    "kind": manifest.kind,
-                    "licence": manifest.licence,
-                    "metadata_files": manifest.metadata_files,
-                    "metadata_sha256": manifest.metadata_sha256,
-                    "content_sha256": digest,
-                    "source_sha256": source,
-                    "clips": len(manifest.records),
-                    "problems": len(manifest.problems),
-                    "warnings": manifest.warnings,
-                    "summary_json": json.dumps(manifest.summary, sort_keys=True),
-                }
-            ],
-        )
+def _chunks(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(records)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _clip_rows(chunk: list[SourceClip], hashes: list[str], ingest_id: str) -> pa.Table:
+    return to_arrow(
+        "manifest",
+        (
+            {
+                **clip_row(r),
+                "ingest_id": ingest_id,
+                "record_sha256": h,
+                "record_json": r.model_dump_json(),
+            }
+            for r, h in zip(chunk, hashes, strict=True)
+        ),
+    )
+
+
+def _problem_rows(manifest: SourceManifest, ingest_id: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "ingest_id": ingest_id,
+            "dataset": manifest.dataset,
+            "clip_id": raw_id,
+            "status": str(failure.kind),
+            "error_kind": str(failure.kind),
+            "error_message": failure.message,
+        }
+        for raw_id, failure in manifest.problems
+    ]
+
+
+def _dataset_row(
+    manifest: SourceManifest, ingest_id: str, clips: int, digest: str, source: str, run_id: str
+) -> dict[str, Any]:
+    return {
+        "ingest_id": ingest_id,
+        "ingested_at": now_utc(),
+        "run_id": run_id,
+        "dataset": manifest.dataset,
+        "kind": manifest.kind,
+        "licence": manifest.licence,
+        "metadata_files": manifest.metadata_files,
+        "metadata_sha256": manifest.metadata_sha256,
+        "content_sha256": digest,
+        "source_sha256": source,
+        "clips": clips,
+        "problems": len(manifest.problems),
+        "warnings": manifest.warnings,
+        "summary_json": json.dumps(manifest.summary, sort_keys=True),
+    }
 
 
 @dataclass(frozen=True)
@@ -281,51 +300,54 @@ def stored_records(catalog: Catalog, wanted: list[StoredRecord]) -> dict[str, So
 def read_sources(
     catalog: Catalog, sources: list[ManifestSource], run_id: str, *, record: bool = True
 ) -> tuple[list[SourceManifest], dict[str, list[str]], list[IngestResult]]:
-    """Every source's manifest, its records' hashes, and what was written.
+    """Every source's manifest, its records' hashes, and what was ingested.
 
     A source whose fingerprint equals the one stored with its dataset's current ingest is
-    not read: its records come back from the catalog as :class:`StoredRecord` rows (one
-    query for all such sources). The others are read, hashed once, and recorded (unless
-    ``record`` is False: a dry run writes nothing).
+    not read. Any other is ingested (:func:`ingest_manifest`, streamed where the source
+    can: :attr:`ManifestSource.stream`), so no manifest's records are ever all held as
+    objects: every source's manifest then comes back from the catalog as
+    :class:`StoredRecord` rows (one query for all), parsed only for items that run
+    (:func:`stored_records`). A dry run (``record=False``) writes nothing: it reads the
+    changed sources into lists and hashes them.
     """
     current = _current_ingests(catalog)
-    stored_ids = {
-        s.dataset: current[s.dataset]["ingest_id"]
-        for s in sources
-        if s.fingerprint
-        and s.dataset in current
-        and current[s.dataset]["source_sha256"] == s.fingerprint
-    }
-    rows = _stored_rows(catalog, list(stored_ids.values()))
-    manifests, hashes, fingerprints = [], {}, {}
+    results: dict[str, IngestResult] = {}
+    read: dict[str, SourceManifest] = {}
     for source in sources:
-        if source.dataset in stored_ids:
-            manifest = _stored_manifest(current[source.dataset], rows.get(source.dataset, []))
-            hashes[source.dataset] = [r.sha256 for r in manifest.records]
-        else:
-            manifest = source.read()
+        previous = current.get(source.dataset)
+        if source.fingerprint and previous and previous["source_sha256"] == source.fingerprint:
+            continue
+        if not record:
+            read[source.dataset] = source.read()
+            continue
+        manifest = (source.stream or source.read)()
+        results[source.dataset] = ingest_manifest(
+            catalog, manifest, run_id, source.fingerprint, previous
+        )
+        current = _current_ingests(catalog)
+    stored = {s.dataset: current[s.dataset] for s in sources if s.dataset not in read}
+    rows = _stored_rows(catalog, [info["ingest_id"] for info in stored.values()])
+    manifests, hashes = [], {}
+    for source in sources:
+        if source.dataset in read:
+            manifest = read[source.dataset]
             hashes[manifest.dataset] = [record_hash(r) for r in manifest.records]
-            fingerprints[manifest.dataset] = source.fingerprint
+        else:
+            manifest = _stored_manifest(stored[source.dataset], rows.get(source.dataset, []))
+            hashes[manifest.dataset] = [r.sha256 for r in manifest.records]
         manifests.append(manifest)
-    fresh = [m for m in manifests if m.dataset not in stored_ids]
-    results = []
-    if record and fresh:
-        results = record_manifests(catalog, fresh, run_id, hashes, fingerprints)
-    for m in manifests:
-        if m.dataset in stored_ids:
-            info = current[m.dataset]
-            hours = sum(r["duration_s"] or 0.0 for r in rows.get(m.dataset, [])) / 3600
-            result = IngestResult(
-                m.dataset,
-                info["ingest_id"],
+        if source.dataset not in results:
+            hours = sum(r["duration_s"] or 0.0 for r in rows.get(source.dataset, [])) / 3600
+            results[source.dataset] = IngestResult(
+                manifest.dataset,
+                "" if source.dataset in read else stored[source.dataset]["ingest_id"],
                 False,
-                len(m.records),
-                len(m.problems),
+                len(manifest.records),
+                len(manifest.problems),
                 hours,
-                m.licence,
+                manifest.licence,
             )
-            results.append(result)
-    return manifests, hashes, results
+    return manifests, hashes, [results[s.dataset] for s in sources]
 
 
 def _stored_rows(catalog: Catalog, ingest_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -379,8 +401,10 @@ def source_candidates(
     (key material ``{"source": <record sha256>}``).
 
     An unchanged manifest (same fingerprint) is not read at all (:func:`read_sources`);
-    a changed one is read and every record hashed once, the same hashes identifying the
-    ingest and keying the items. ``record=False`` (a dry run) writes nothing.
+    a changed one is ingested first, every record hashed once as it is written, the same
+    hashes identifying the ingest and keying the items; either way the items are the
+    stored rows, and a record is parsed again only when its item runs. ``record=False``
+    (a dry run) writes nothing and keeps the changed manifests' records in memory.
     """
     from talkforge.candidates import Candidates
 

@@ -60,8 +60,17 @@ class PlannedItem:
     item_key: str
     action: str  # run / cached / skip_failed
     attempt: int
-    inputs: ItemInputs | AggregateInputs | None
     input_keys: dict[str, Any] = field(default_factory=dict)  # upstream keys: lineage
+
+    @property
+    def runs(self) -> bool:
+        return self.action == "run"
+
+
+Inputs = ItemInputs | AggregateInputs
+INPUTS_BLOCK = 1024  # items whose inputs one catalog query builds (StagePlan.inputs_for)
+# (item id, its key material) of items that run -> their inputs, in one batch
+InputsBuilder = Callable[[list[tuple[str, dict[str, Any]]]], dict[str, Inputs]]
 
 
 @dataclass
@@ -86,6 +95,9 @@ class StagePlan:
     dropped: list[str] = field(default_factory=list)  # current items this plan no longer holds
     digest: str = ""  # of everything the plan was made from (talkforge.planner.decide)
     item_rows: int = 0  # the stage's `items` rows once the plan is committed
+    build_inputs: InputsBuilder | None = field(default=None, repr=False)
+    _built: dict[str, Inputs | None] = field(default_factory=dict, repr=False)
+    _position: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def total(self) -> int:
@@ -94,7 +106,38 @@ class StagePlan:
 
     @property
     def to_run(self) -> list[PlannedItem]:
-        return [i for i in self.items if i.action == "run"]
+        return [i for i in self.items if i.runs]
+
+    def inputs_for(self, items: list[PlannedItem]) -> dict[str, Inputs]:
+        """The inputs of those of ``items`` that run.
+
+        A plan keeps only each item's key material; inputs (upstream records parsed from
+        the catalog) are built as the stage executes, one query per block of
+        :data:`INPUTS_BLOCK` items to run (those asked for, then the ones that follow
+        them), and handed out once: a 188 k-item plan holds at most one block, and its
+        shards cost one query per block, not one per shard. An item the builder leaves
+        out is absent (the runner fails it).
+        """
+        wanted = [i for i in items if i.runs]
+        missing = [i for i in wanted if i.item_id not in self._built]
+        if missing and self.build_inputs is not None:
+            block = missing + self._following(missing[-1], INPUTS_BLOCK - len(missing))
+            built = self.build_inputs([(i.item_id, i.input_keys) for i in block])
+            self._built = {i.item_id: built.get(i.item_id) for i in block}
+        handed = {i.item_id: self._built.pop(i.item_id, None) for i in wanted}
+        return {item_id: inputs for item_id, inputs in handed.items() if inputs is not None}
+
+    def _following(self, item: PlannedItem, count: int) -> list[PlannedItem]:
+        """Up to ``count`` items to run after ``item``, in plan order."""
+        if not self._position:
+            self._position = {i.item_id: k for k, i in enumerate(self.items)}
+        out: list[PlannedItem] = []
+        for k in range(self._position[item.item_id] + 1, len(self.items)):
+            if len(out) >= count:
+                break
+            if self.items[k].runs:
+                out.append(self.items[k])
+        return out
 
     def shards(self, size: int) -> list[list[PlannedItem]]:
         work = self.to_run

@@ -168,17 +168,9 @@ def decide(
             return {}
         return keyed[row["item_id"]] if row["item_id"] in keyed else candidates.material(row)
 
-    run = [(r["item_id"], material(r)) for r in rows if r["action"] == "run"]
-    inputs = candidates.build(run) if run else {}
+    plan.build_inputs = candidates.build
     plan.items = [
-        PlannedItem(
-            r["item_id"],
-            r["item_key"],
-            r["action"],
-            r["attempts"] + 1,
-            inputs.get(r["item_id"]) if r["action"] == "run" else None,
-            material(r),
-        )
+        PlannedItem(r["item_id"], r["item_key"], r["action"], r["attempts"] + 1, material(r))
         for r in rows
     ]
     by_id = {r.item_id: r for r in rejected}

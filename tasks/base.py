@@ -22,7 +22,7 @@ import hashlib
 import json
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -333,6 +333,10 @@ class SourceManifest:
     ``warnings`` are oddities that did not stop a row. ``metadata_sha256`` fingerprints the
     files read, so re-reading unchanged metadata is recognised; ``summary`` holds the
     reader's own counts (published numbers are pinned against them in tests).
+
+    ``records`` is a list, except in a manifest from :attr:`ManifestSource.stream`: there
+    it may be a one-shot iterator, and ``problems``, ``warnings`` and ``summary`` are
+    complete only once it is exhausted.
     """
 
     dataset: str
@@ -340,7 +344,7 @@ class SourceManifest:
     licence: str
     metadata_files: list[str]
     metadata_sha256: str
-    records: list[Any]
+    records: list[Any] | Iterator[Any]
     problems: list[tuple[str, ItemFailure]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
@@ -354,11 +358,14 @@ class ManifestSource:
     bytes, the dataset's settings, the reader's code): the planner compares it with the
     one stored with the dataset's current ingest and, when equal, uses the stored rows
     instead of calling ``read``. An empty fingerprint means "unknown": always read.
+    ``stream`` (optional) reads the same manifest for an ingest that writes its records
+    chunk by chunk and keeps none (see :class:`SourceManifest`); ``read`` returns lists.
     """
 
     dataset: str
     fingerprint: str
     read: Callable[[], SourceManifest]
+    stream: Callable[[], SourceManifest] | None = None
 
 
 class SourceStage(Stage[C]):

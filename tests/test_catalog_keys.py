@@ -59,7 +59,8 @@ def test_sql_keys_equal_stable_hash_also_for_values_json_must_escape(tmp_path: P
         for i, v in zip(ids, values, strict=True)
     }
     assert {i.item_id: i.item_key for i in plan.items} == expected
-    assert {i.action for i in plan.items} == {"run"} and built == ids
+    assert {i.action for i in plan.items} == {"run"} and not built  # inputs: when executed
+    assert set(plan.inputs_for(plan.items)) == set(ids) and built == ids
     assert plan.items[-1].input_keys == {"faces": "k0", "engram": "e1", "zz": 'c"onst'}
 
 

@@ -15,6 +15,7 @@ from talkforge.engine import Engine
 from talkforge.plan import RunOptions, StageSummary, key_hasher
 from talkforge.plan_report import dry_run
 from tasks.base import stable_hash
+from tasks.download.talkvid import read_talkvid
 from tasks.runner import Outcome
 from tests.catalog_helpers import write_talkvid_manifest
 
@@ -109,6 +110,7 @@ def test_an_unchanged_manifest_is_not_parsed_again(
     manifest = write_talkvid_manifest(tmp_path / "m.json", 40)
     engine = _engine(tmp_path / "data", manifest)
     first = _plan(engine, "r1")
+    first_id = first.to_run[0].item_id
     import tasks.download.datasets as datasets
 
     def refuse(*_: Any, **__: Any) -> Any:
@@ -119,8 +121,9 @@ def test_an_unchanged_manifest_is_not_parsed_again(
     assert [(i.item_id, i.item_key) for i in again.items] == [
         (i.item_id, i.item_key) for i in first.items
     ]
-    # the stored record is what runs: equal to the parsed one
-    assert again.to_run[0].inputs.source == first.to_run[0].inputs.source
+    # the stored record is what runs: equal to the parsed one, built only when asked
+    (parsed,) = [c for c in read_talkvid(manifest).clips if c.clip_id == first_id]
+    assert again.inputs_for(again.to_run[:1])[first_id].source == parsed
     monkeypatch.undo()
     write_talkvid_manifest(manifest, 41)  # a new release: one more clip
     third = _plan(engine, "r3")
@@ -283,3 +286,33 @@ def test_the_same_plan_again_is_reused_until_an_item_row_arrives(
     engine.summarize(retry, StageSummary("download"))
     assert len(decided) == 3  # other options: another plan
     engine.close()
+
+
+def test_inputs_are_built_a_block_at_a_time_as_shards_execute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import talkforge.plan as plan_module
+    from talkforge.plan import PlannedItem, StagePlan
+    from tasks.base import ItemInputs, StageEnv
+
+    monkeypatch.setattr(plan_module, "INPUTS_BLOCK", 4)
+    calls: list[list[str]] = []
+
+    def build(rows: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        calls.append([item_id for item_id, _ in rows])
+        return {item_id: ItemInputs(item_id=item_id) for item_id, keys in rows if keys["ok"]}
+
+    env = StageEnv(data_root="/tmp", store_uri="/tmp", run_id="r")
+    actions = ["run", "cached", "run", "run", "run", "run", "skip_failed", "run", "run"]
+    items = [
+        PlannedItem(f"i{k}", f"k{k}", action, 1, {"ok": k != 4}) for k, action in enumerate(actions)
+    ]
+    plan = StagePlan("r", "download", env, items=items, build_inputs=build)
+    got: dict[str, Any] = {}
+    for shard in plan.shards(2):
+        got.update(plan.inputs_for(shard))
+    run = [i.item_id for i in plan.to_run]
+    assert calls == [run[:4], run[4:]]  # one query per block, never one per shard
+    assert sorted(got) == sorted(set(run) - {"i4"})  # what the builder left out stays absent
+    assert plan.inputs_for(plan.to_run[:1]) == {"i0": ItemInputs(item_id="i0")}  # asked again
+    assert calls[-1] == run[:4] and not plan.inputs_for(items[1:2])  # cached items: nothing

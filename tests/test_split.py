@@ -9,7 +9,7 @@ import pytest
 from storage.catalog import Catalog
 from talkforge.config import PipelineConfig, SplitConfig
 from talkforge.engine import Engine
-from talkforge.manifests import record_hash, record_manifests
+from talkforge.manifests import record_manifests
 from talkforge.plan import RunOptions
 from talkforge.split_planner import SplitPlanner
 from tasks.base import SourceManifest, StageEnv
@@ -130,7 +130,7 @@ def _ingest(catalog: Catalog, speakers: list[str], run_id: str = "r0") -> None:
         dataset="sample", kind="hdtf", licence="test", metadata_files=[],
         metadata_sha256="x" * 64, records=records,
     )  # fmt: skip
-    record_manifests(catalog, [manifest], run_id, {"sample": [record_hash(r) for r in records]})
+    record_manifests(catalog, [manifest], run_id)
 
 
 def test_the_split_is_recorded_when_it_changes(tmp_path):

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from tasks.download.hdtf import HDTF_LICENCE, HDTF_SUBSETS, HdtfManifest, read_h
 from tasks.download.talkvid import (
     TALKVID_LICENCE,
     TalkvidManifest,
+    TalkvidReader,
     read_talkvid,
     talkvid_metadata_file,
 )
@@ -126,35 +128,63 @@ def _reader_code() -> str:
 
 
 def read_dataset(source: DatasetSource) -> SourceManifest:
-    """Run the reader of ``source.kind``.
+    """Run the reader of ``source.kind``: every record in a list.
 
     A missing metadata file (or an ambiguous folder) is a configuration error and raises.
     A file whose content cannot be read as a whole (truncated or invalid JSON, a top level
     of the wrong type) becomes one ``BAD_METADATA`` problem ``<dataset>-#metadata`` naming
     the file and the position, with no records: the other datasets of the run go on.
     """
+    return _manifest(source, stream=False)
+
+
+def stream_dataset(source: DatasetSource) -> SourceManifest:
+    """:func:`read_dataset` for an ingest that streams: a TalkVid manifest's ``records`` is
+    a one-shot iterator (:class:`~tasks.download.talkvid.TalkvidReader`) whose
+    ``problems``, ``warnings`` and ``summary`` are complete once it is exhausted; the other
+    kinds (at most tens of thousands of records) come as lists."""
+    return _manifest(source, stream=True)
+
+
+def _manifest(source: DatasetSource, *, stream: bool) -> SourceManifest:
     root = Path(source.metadata).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"{source.kind} metadata not found: {root}")
     dataset, licence = source.dataset, source.terms
     files = metadata_files(source)
-    try:
-        result = _read(source, root)
-    except ValueError as exc:
-        failure = ItemFailure(FailureKind.BAD_METADATA, str(exc))
-        result = _Unreadable(clips=[], problems=[(f"{dataset}-#metadata", failure)])
-    summary = dataclasses.asdict(result.summary) if result.summary is not None else {}
-    return SourceManifest(
+    manifest = SourceManifest(
         dataset=dataset,
         kind=source.kind,
         licence=licence,
         metadata_files=[str(p.resolve()) for p in files],
         metadata_sha256=fingerprint_files(files),
-        records=list(result.clips),
-        problems=list(result.problems),
-        warnings=list(result.warnings),
-        summary={k: float(v) for k, v in summary.items()},
+        records=[],
     )
+    try:
+        if stream and source.kind == "talkvid":
+            reader = TalkvidReader(root, source.url_template, dataset=dataset, licence=licence)
+            manifest.records = _streamed(reader, manifest)
+            manifest.problems, manifest.warnings = reader.problems, reader.warnings
+            return manifest
+        result = _read(source, root)
+    except ValueError as exc:
+        failure = ItemFailure(FailureKind.BAD_METADATA, str(exc))
+        result = _Unreadable(clips=[], problems=[(f"{dataset}-#metadata", failure)])
+    manifest.records = list(result.clips)
+    manifest.problems = list(result.problems)
+    manifest.warnings = list(result.warnings)
+    manifest.summary = _summary(result.summary)
+    return manifest
+
+
+def _streamed(reader: TalkvidReader, manifest: SourceManifest) -> Iterator[Any]:
+    yield from reader
+    manifest.summary.update(_summary(reader.summary))
+
+
+def _summary(summary: Any) -> dict[str, float]:
+    values = dataclasses.asdict(summary) if summary is not None else {}
+    return {k: float(v) for k, v in values.items()}
 
 
 @dataclasses.dataclass

@@ -38,7 +38,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from tasks.media import VideoWriter, read_wav, run_ffmpeg, write_wav
@@ -304,6 +303,8 @@ def _motion(seed: int, index: int, num_frames: int, fps: float) -> np.ndarray:
 
 def _frame_transform(face_center: np.ndarray, move: np.ndarray) -> np.ndarray:
     """2x3 affine from photo pixels to frame pixels for one frame's motion."""
+    import cv2  # here, not at module level: the download stage's config loads this module
+
     dx, dy, angle_deg, scale = move
     rot = cv2.getRotationMatrix2D(
         (float(face_center[0]), float(face_center[1])), angle_deg, FACE_SCALE * scale
@@ -315,6 +316,8 @@ def _frame_transform(face_center: np.ndarray, move: np.ndarray) -> np.ndarray:
 
 def _draw_mouth(image: np.ndarray, left: np.ndarray, right: np.ndarray, openness: float) -> None:
     """Paint an open mouth between the corners, its height proportional to ``openness``."""
+    import cv2
+
     width = float(np.linalg.norm(right - left))
     if openness < 0.05 or width <= 0:
         return
@@ -343,6 +346,8 @@ def _render_source(
     mouth_l: np.ndarray,
     mouth_r: np.ndarray,
 ) -> None:
+    import cv2
+
     num_frames = round(src.duration_s * src.fps)
     openness = _mouth_openness(speech, 22050, src.fps, num_frames)
     motion = _motion(seed, index, num_frames, src.fps)

@@ -39,7 +39,12 @@ from tasks.base import (
     StageEnv,
     stable_hash,
 )
-from tasks.download.datasets import DatasetSource, read_dataset, source_fingerprint
+from tasks.download.datasets import (
+    DatasetSource,
+    read_dataset,
+    source_fingerprint,
+    stream_dataset,
+)
 from tasks.download.errors import RetryPolicy
 from tasks.download.fetch import (
     RESERVED_YTDLP_OPTIONS,
@@ -162,7 +167,12 @@ class DownloadStage(SourceStage[DownloadConfig]):
     @classmethod
     def manifest_sources(cls, config: DownloadConfig, env: StageEnv) -> list[ManifestSource]:
         return [
-            ManifestSource(s.dataset, source_fingerprint(s), partial(read_dataset, s))
+            ManifestSource(
+                s.dataset,
+                source_fingerprint(s),
+                partial(read_dataset, s),
+                stream=partial(stream_dataset, s),
+            )
             for s in cls.dataset_sources(config, env)
         ]
 

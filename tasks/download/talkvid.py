@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,34 +105,84 @@ def read_talkvid(
     ``url_template`` (e.g. ``"file:///mirror/{id}.mp4"``) replaces the YouTube watch URL,
     formatted with the YouTube id. Clip ids are ``<dataset>-<record id>``.
     """
-    file = talkvid_metadata_file(Path(path))
-    records, undecodable = _load(file)
-    ctx = _Context(file.name, dataset, url_template, licence)
-    clips: list[SourceClip] = []
-    problems: list[Problem] = []
-    first_seen: dict[str, int] = {}
-    for index, record in enumerate(records):
-        raw_id, failure = _record_key(index, record, dataset, first_seen)
-        bad_bytes = first_undecodable(record) if undecodable else None
-        if bad_bytes:
-            failure = _bad("record", f"holds invalid UTF-8 in {bad_bytes}")
-        if failure is None:
-            try:
-                clips.append(_clip(record, raw_id, ctx))
-                continue
-            except ItemFailure as exc:
-                failure = exc
-        problems.append((raw_id, _bad(f"{file.name}[{index}]:", failure.message)))
-    summary = TalkvidSummary(
-        records=len(records),
-        clips=len(clips),
-        unique_source_ids=len({c.source_id for c in clips}),
-        speakers=len({c.speaker for c in clips}),
-        duration_s=sum(c.duration_s for c in clips),
-        languages=len({c.language for c in clips if c.language}),
-        problems=len(problems),
+    reader = TalkvidReader(path, url_template, dataset=dataset, licence=licence)
+    clips = list(reader)
+    assert reader.summary is not None
+    return TalkvidManifest(
+        clips=clips, problems=reader.problems, warnings=reader.warnings, summary=reader.summary
     )
-    return TalkvidManifest(clips=clips, problems=problems, warnings=ctx.warnings, summary=summary)
+
+
+class TalkvidReader:
+    """A TalkVid release read record by record, for an ingest that streams (≈188k clips).
+
+    The file is parsed on construction (``ValueError`` if it is not a JSON array).
+    Iterating yields its clips in file order, once; ``problems`` and ``warnings`` grow as it
+    goes and ``summary`` is set when it ends. Each parsed record is dropped as soon as it is
+    converted, so memory holds the shrinking parsed file plus what the consumer keeps (the
+    ingest keeps one chunk of clips; a list of all clips is about 5 KB per clip).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        url_template: str | None = None,
+        *,
+        dataset: str = "talkvid",
+        licence: str = TALKVID_LICENCE,
+    ) -> None:
+        self.file = talkvid_metadata_file(Path(path))
+        self._records, self._undecodable = _load(self.file)
+        self._ctx = _Context(self.file.name, dataset, url_template, licence)
+        self.problems: list[Problem] = []
+        self.summary: TalkvidSummary | None = None
+        self._started = False
+
+    @property
+    def warnings(self) -> list[str]:
+        return self._ctx.warnings
+
+    def __iter__(self) -> Iterator[SourceClip]:
+        if self._started:
+            raise RuntimeError(f"{self.file}: a TalkvidReader is iterated once")
+        self._started = True
+        records, ctx, name = self._records, self._ctx, self.file.name
+        first_seen: dict[str, int] = {}
+        sources: set[str] = set()
+        speakers: set[str] = set()
+        languages: set[str] = set()
+        clips, duration_s = 0, 0.0
+        for index, record in enumerate(records):
+            records[index] = None  # the parsed record is not needed once converted
+            raw_id, failure = _record_key(index, record, ctx.dataset, first_seen)
+            bad_bytes = first_undecodable(record) if self._undecodable else None
+            if bad_bytes:
+                failure = _bad("record", f"holds invalid UTF-8 in {bad_bytes}")
+            if failure is None:
+                try:
+                    clip = _clip(record, raw_id, ctx)
+                except ItemFailure as exc:
+                    failure = exc
+                else:
+                    clips += 1
+                    duration_s += clip.duration_s
+                    sources.add(clip.source_id)
+                    speakers.add(clip.speaker)
+                    if clip.language:
+                        languages.add(clip.language)
+                    yield clip
+                    continue
+            self.problems.append((raw_id, _bad(f"{name}[{index}]:", failure.message)))
+        self.summary = TalkvidSummary(
+            records=len(records),
+            clips=clips,
+            unique_source_ids=len(sources),
+            speakers=len(speakers),
+            duration_s=duration_s,
+            languages=len(languages),
+            problems=len(self.problems),
+        )
+        self._records = []
 
 
 def talkvid_metadata_file(path: Path) -> Path:
