@@ -39,7 +39,8 @@ SHARED_CLIP = REPO.parent / "shared" / "fixtures" / "clips" / "face_3.mp4"
 def _child(mode: str, clip_dir: Path, work: Path) -> dict:
     """Runs in a fresh process: one measurement, as a dict."""
     from tasks.base import ItemContext, ItemInputs, StageEnv
-    from tasks.faces import FacesConfig, FacesStage
+    from tasks.faces import FacesStage
+    from tasks.faces_config import FacesConfig
     from tasks.media import iter_frames, probe
     from tasks.records import NormalizedClip
 

@@ -48,7 +48,7 @@ def naive_step(step: str, data_root: Path, crops: Path, wav: Path, out: Path) ->
     from safetensors.torch import save_file
 
     from models.registry import ensure_model
-    from tasks.features import FeaturesConfig
+    from tasks.features_config import FeaturesConfig
     from tasks.media import iter_frames, probe, read_wav
 
     cfg = FeaturesConfig()
@@ -108,7 +108,8 @@ def run_stage(
     from talkforge.config import ExecutionConfig, RayConfig
     from talkforge.executors import RayExecutor
     from tasks.base import Resources, StageEnv
-    from tasks.features import ExtractorPools, FeaturesConfig, FeaturesStage
+    from tasks.features import FeaturesStage
+    from tasks.features_config import ExtractorPools, FeaturesConfig
     from tasks.runner import WorkItem
 
     config = FeaturesConfig(resources=Resources(num_workers=workers, batch_size=16))
@@ -182,7 +183,8 @@ def main() -> int:
         inputs = make_clips(root, args.clips + 2, args.frames, args.size)
         from models.registry import ensure_model
         from tasks.base import StageEnv
-        from tasks.features import FeaturesConfig, FeaturesStage
+        from tasks.features import FeaturesStage
+        from tasks.features_config import FeaturesConfig
 
         env = StageEnv(data_root=str(root), store_uri=str(root / "store"), run_id="b")
         for spec in FeaturesStage(FeaturesConfig(), env).model_specs():

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from generators.blocks.config import PMFConfig
 from generators.blocks.dsa import (
     DSAConfig,
     LightningIndexer,
@@ -51,7 +52,6 @@ from generators.blocks.dsa import (
     select_topk,
     sparse_attention,
 )
-from generators.blocks.pmf import PMFConfig
 from generators.musetalk2.config import Musetalk2Config, make_spec
 from generators.musetalk2.network import Musetalk2Net
 

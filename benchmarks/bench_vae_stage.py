@@ -81,7 +81,8 @@ def main() -> int:
     from models.registry import ModelSpec, fingerprint
     from models.vae import load_vae
     from tasks.base import ItemContext, Resources, StageEnv
-    from tasks.features import ExtractorPools, FeaturesConfig, FeaturesStage
+    from tasks.features import FeaturesStage
+    from tasks.features_config import ExtractorPools, FeaturesConfig
     from tests.features_helpers import commit_clip, face_frames
 
     device = torch.device(args.device)

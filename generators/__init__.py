@@ -3,7 +3,8 @@
 Layout::
 
     generators/
-      family.py      the contract every family implements (ModelFamily, FamilyConfig, ModelSpec)
+      family.py      the contract every family implements (ModelFamily, FeatureClip, ...)
+      family_config.py  its torch-free part: the FamilyConfig and ModelSpec bases
       registry.py    register / look up families; the train stage's config union
       blocks/        shared building blocks, one small module each (engram_hash, pmf, mhc, ...)
       musetalk15/    the MuseTalk 1.5 baseline: latent UNet, one-step regression
@@ -19,16 +20,18 @@ read catalog records and feature files, then hand the wing plain tensors and loc
 
 **How a family plugs in** (three steps):
 
-1. A config class: a subclass of :class:`generators.family.FamilyConfig` whose ``family``
-   field is a ``Literal["<name>"]`` with that default, plus the family's own fields (all
-   typed, validated, ``extra="forbid"``). The train stage merges it with its own fields
+1. A config class in the package's ``config`` module, which imports no torch (pipeline
+   configs are validated without it): a subclass of
+   :class:`generators.family_config.FamilyConfig` whose ``family`` field is a
+   ``Literal["<name>"]`` with that default, plus the family's own fields (all typed,
+   validated, ``extra="forbid"``). The train stage merges it with its own fields
    (``tasks.train_config.TrainStageConfig``: steps, batch_size, learning_rate, the
    optimizer and schedule, trainable/frozen patterns, init_from, resources, ...), so a
    family field must not reuse one of those names (``registry.config_union`` refuses a
    clash). Users select it as ``train: {family: <name>, ...}``; ``musetalk15`` is the default.
-2. A spec class (subclass of :class:`generators.family.ModelSpec`): everything needed to
-   rebuild the network from JSON (stored in the checkpoint record and in the weights'
-   safetensors header). Specs are data, never pickles.
+2. A spec class (subclass of :class:`generators.family_config.ModelSpec`): everything
+   needed to rebuild the network from JSON (stored in the checkpoint record and in the
+   weights' safetensors header). Specs are data, never pickles.
 3. A :class:`generators.family.ModelFamily` subclass, decorated with
    :func:`generators.registry.register`, implementing the small surface the stages call:
 
@@ -43,10 +46,12 @@ read catalog records and feature files, then hand the wing plain tensors and loc
    ``{"vae_latents": "latents", "hubert": "features"}``: the stages check and read exactly
    these) and ``uses_memory_bank``. Weights I/O (``save_weights`` / ``load_model``, strict
    safetensors with the spec in the header) is inherited.
-   Then add the package's module name to ``registry.BUILTIN_MODULES`` (its ``__init__``
-   must import the module holding the ``@register``-ed class).
+   Then add the family to ``registry.BUILTINS``: its name and the import paths of its
+   config class and of its ``@register``-ed family class (imported on first lookup; the
+   package's ``__init__`` imports neither).
 
-The musetalk15 package is the worked example (``generators/musetalk15/family.py``).
+The musetalk15 package is the worked example (``generators/musetalk15/config.py``,
+``family.py``).
 
 The ``train`` stage builds the manifest and runs the ranks, ``generate`` loads the
 checkpoint and decodes latents through the VAE, ``engram`` builds the memory bank with

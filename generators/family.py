@@ -1,10 +1,12 @@
 """The contract between the stages and a model family.
 
-A family is three classes: its config (:class:`FamilyConfig` subclass, the user-facing
-knobs), its spec (:class:`ModelSpec` subclass, everything needed to rebuild the network,
-derived from the config and the training data's shapes, stored as JSON with every
-checkpoint) and a :class:`ModelFamily` subclass with the methods below. The stages call
-nothing else.
+A family is three classes: its config (:class:`~generators.family_config.FamilyConfig`
+subclass, the user-facing knobs), its spec (:class:`~generators.family_config.ModelSpec`
+subclass, everything needed to rebuild the network, derived from the config and the
+training data's shapes, stored as JSON with every checkpoint) and a :class:`ModelFamily`
+subclass with the methods below. The stages call nothing else. The config and spec bases
+live in :mod:`generators.family_config` (no torch), so a family's ``config.py`` can be
+read without importing its network.
 
 Data crosses the boundary as plain values: :class:`FeatureClip` (a clip's feature files
 as local safetensors paths, keyed by feature family: ``vae_latents``, ``hubert``,
@@ -37,29 +39,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file
 
+from generators.family_config import FamilyConfig, ModelSpec
 from generators.io import read_metadata
 from models.registry import ModelSpec as RegistrySpec
 from models.safetensors_io import save_file
-
-
-class FamilyConfig(BaseModel):
-    """Base of a family's config; subclasses narrow ``family`` to ``Literal["<name>"]``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-    family: str
-    training_stage: str = "main"  # families with stages narrow it to a Literal
-
-
-class ModelSpec(BaseModel):
-    """Base of a family's model spec (rebuilds the network; stored as JSON, never pickled)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    family: str
-
-    def to_json(self) -> str:
-        return self.model_dump_json()
 
 
 class FeatureClip(BaseModel):

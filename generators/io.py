@@ -17,7 +17,10 @@ def tensor_shape(path: str | Path, name: str) -> list[int]:
 
 
 def read_tensor(path: str | Path, name: str) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors file; ``KeyError`` naming both when it is not there."""
     with safe_open(str(path), framework="pt") as f:
+        if name not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
+            raise KeyError(f"{Path(path).name} has no tensor {name!r}")
         return f.get_tensor(name)
 
 

@@ -1,38 +1,64 @@
 """Registry of model families, and the discriminated config union the train stage validates.
 
-A family registers with the :func:`register` class decorator when its package is
-imported; :data:`BUILTIN_MODULES` lists the packages imported on first lookup, so the
-registry is complete however it is reached (CLI, stage worker, training rank). A family
-package that fails to import is an error at lookup, not a silently missing family.
+The built-in families are listed in :data:`BUILTINS`: per name, the import paths of its
+config class (in the family's torch-free ``config`` module) and of its family class.
+Validating a train section reads only the configs, so a pipeline config is checked
+without importing torch or any network; :func:`get` imports a family's module on the
+first lookup, and the module registers its class with the :func:`register` class
+decorator. A family module that fails to import is an error at lookup, not a silently
+missing family. A family outside :data:`BUILTINS` (a test's, a plug-in's) registers its
+class directly and joins :func:`names` and the union from then on.
 
-:func:`config_union` turns the registered families' configs into one pydantic type:
-``base`` (the train stage's own fields) merged with each family's config, discriminated
-by ``family`` with a default, so ``train: {steps: 20}`` means ``musetalk15`` and
-``train: {family: nope}`` fails at start naming the registered families.
+:func:`config_union` turns the families' configs into one pydantic type: ``base`` (the
+train stage's own fields) merged with each family's config, discriminated by ``family``
+with a default, so ``train: {steps: 20}`` means ``musetalk15`` and ``train: {family:
+nope}`` fails at start naming the registered families.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Annotated, Any, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Union, get_args
 
 from pydantic import BaseModel, BeforeValidator, Discriminator, Tag
 
-from generators.family import FamilyConfig, ModelFamily
+from generators.family_config import FamilyConfig
+
+if TYPE_CHECKING:
+    from generators.family import ModelFamily
 
 DEFAULT_FAMILY = "musetalk15"
-BUILTIN_MODULES: tuple[str, ...] = (
-    "generators.musetalk15",
-    "generators.musetalk2",
-    "generators.dualforce",
-)
+# name -> ("module:ConfigClass", "module:FamilyClass")
+BUILTINS: dict[str, tuple[str, str]] = {
+    "musetalk15": (
+        "generators.musetalk15.config:Musetalk15Config",
+        "generators.musetalk15.family:Musetalk15Family",
+    ),
+    "musetalk2": (
+        "generators.musetalk2.config:Musetalk2Config",
+        "generators.musetalk2.family:Musetalk2Family",
+    ),
+    "dualforce": (
+        "generators.dualforce.config:DualForceConfig",
+        "generators.dualforce.family:DualForceFamily",
+    ),
+}
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}
-_loaded = False
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def register(cls: type[ModelFamily]) -> type[ModelFamily]:
-    """Class decorator: add a family under ``cls.name`` (its config's ``family`` tag)."""
+    """Class decorator: add a family under ``cls.name`` (its config's ``family`` tag); a
+    built-in name takes only the class and config :data:`BUILTINS` names."""
     tag = cls.config_type.model_fields["family"]
     if get_args(tag.annotation) != (cls.name,) or tag.default != cls.name:
         raise TypeError(
@@ -41,29 +67,34 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
     if cls.spec_type.model_fields["family"].default != cls.name:
         raise TypeError(f"{cls.__name__}: spec_type.family must default to {cls.name!r}")
     known = _FAMILIES.get(cls.name)
-    if known is not None and known is not cls:
-        raise ValueError(f"model family {cls.name!r} is already registered by {known.__name__}")
+    builtin = BUILTINS.get(cls.name)
+    owner = builtin[1] if builtin is not None else known and _path(known)
+    if owner and owner != _path(cls):
+        raise ValueError(f"model family {cls.name!r} is already registered by {owner}")
+    if builtin is not None and cls.config_type is not _load(builtin[0]):
+        raise TypeError(f"{cls.__name__}: config_type must be {builtin[0]}")
     _FAMILIES[cls.name] = cls
     return cls
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
-        _loaded = True
-
-
 def names() -> list[str]:
-    """Registered family names, sorted."""
-    _load_builtins()
-    return sorted(_FAMILIES)
+    """Registered family names (built in or registered), sorted."""
+    return sorted(BUILTINS.keys() | _FAMILIES.keys())
+
+
+def config_type(name: str) -> type[FamilyConfig]:
+    """The config class of family ``name``, without importing the family's module."""
+    if name in _FAMILIES:
+        return _FAMILIES[name].config_type
+    if name in BUILTINS:
+        return _load(BUILTINS[name][0])
+    raise KeyError(f"unknown model family {name!r}; registered: {names()}")
 
 
 def get(name: str) -> type[ModelFamily]:
     """The family class registered as ``name``; ``KeyError`` naming the known ones."""
-    _load_builtins()
+    if name in BUILTINS and name not in _FAMILIES:
+        _load(BUILTINS[name][1])  # importing the module registers the class
     try:
         return _FAMILIES[name]
     except KeyError:
@@ -72,7 +103,7 @@ def get(name: str) -> type[ModelFamily]:
 
 def family_config(config: BaseModel) -> FamilyConfig:
     """The family part of a merged stage config (or a plain family config), as its own type."""
-    cls = get(str(config.family)).config_type  # type: ignore[attr-defined]
+    cls = config_type(str(config.family))  # type: ignore[attr-defined]
     return cls.model_validate(config.model_dump(include=set(cls.model_fields)))
 
 
@@ -96,7 +127,7 @@ def config_union(base: type[BaseModel] | None = None, default: str = DEFAULT_FAM
     """
     members = []
     for name in names():
-        cfg = _FAMILIES[name].config_type
+        cfg = config_type(name)
         if base is not None:
             clash = (set(base.model_fields) & set(cfg.model_fields)) - {"family"}
             if clash:
@@ -106,7 +137,7 @@ def config_union(base: type[BaseModel] | None = None, default: str = DEFAULT_FAM
 
     def known(value: Any) -> Any:
         tag = _tag(value, default)
-        if tag not in _FAMILIES:
+        if tag not in BUILTINS and tag not in _FAMILIES:
             raise ValueError(f"unknown model family {tag!r}; registered: {', '.join(names())}")
         return value
 

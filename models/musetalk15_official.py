@@ -9,8 +9,10 @@ and ``unet.pth``, the UNet's plain ``state_dict`` (MuseTalk 1.0 names it
 read with ``weights_only=True``: a checkpoint that needs code to unpickle is refused.
 
 Nothing here builds the 2.0 network: :mod:`generators.musetalk2.transfer` maps this state
-dict into it. The tiny builder writes a random UNet in the same layout (two levels, same
-block types and channel roles) for tests of that path.
+dict into it, and the ``musetalk15`` family's ``load_official`` samples the UNet itself as an
+evaluation baseline (:mod:`generators.musetalk15.official`). The tiny builder writes a
+random UNet in the same layout (two levels, same block types and channel roles) for tests of
+those paths.
 """
 
 from __future__ import annotations

@@ -171,6 +171,21 @@ def encode_frames(vae: AnyVae, frames: np.ndarray, batch_size: int = 8) -> torch
     return torch.cat(out)
 
 
+def mask_lower_half(frames: np.ndarray) -> np.ndarray:
+    """A copy of uint8 RGB frames ``(N, H, W, 3)`` with rows ``H//2:`` set to 0 (black).
+
+    MuseTalk's ``get_latents_for_unet`` (``musetalk/models/vae.py``) masks a face crop this
+    way before encoding it: ``x * mask`` in [0, 1] pixel space (mask 1 on rows ``:H//2``),
+    then ``Normalize(0.5, 0.5)``, so the masked rows enter the encoder as -1, exactly what
+    uint8 0 becomes in :func:`encode_frames`.
+    """
+    if frames.ndim != 4:
+        raise ValueError(f"expected (N, H, W, 3) frames, got shape {frames.shape}")
+    out = np.array(frames, copy=True)
+    out[:, frames.shape[1] // 2 :] = 0
+    return out
+
+
 def _patchify(z: torch.Tensor) -> torch.Tensor:
     """``(N, C, h, w)`` → ``(N, 4C, h/2, w/2)``, channel order ``c, dy, dx`` (FLUX.2)."""
     n, c, h, w = z.shape

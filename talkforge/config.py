@@ -17,14 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from storage.lake import CatalogConfig
 from tasks.base import StageConfig
 from tasks.download.stage import DownloadConfig
-from tasks.engram import EngramConfig
-from tasks.evaluate import EvaluateConfig
-from tasks.evaluate_set import EvaluateSetConfig
-from tasks.faces import FacesConfig
-from tasks.features import FeaturesConfig
-from tasks.generate import GenerateConfig
-from tasks.quality import QualityConfig
-from tasks.train import TrainConfig, train_config
+from tasks.engram_config import EngramConfig
+from tasks.evaluate_config import EvaluateConfig
+from tasks.evaluate_set_config import EvaluateSetConfig
+from tasks.faces_config import FacesConfig
+from tasks.features_config import FeaturesConfig
+from tasks.generate_config import GenerateConfig
+from tasks.quality_config import QualityConfig
+from tasks.train_config import TrainConfig, train_config
 
 
 class _Strict(BaseModel):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.catalog import Catalog
+from talkforge.stages import STAGE_ORDER
 
 
 def latest_run_id(catalog: Catalog) -> str | None:
@@ -150,8 +151,6 @@ def lineage(catalog: Catalog, target: str) -> list[dict[str, Any]]:
         "WHERE c.item_id = ? OR contains(c.input_keys_json, ?)",
         [target, json.dumps(target)],
     ).to_pylist()
-    from talkforge.stages import STAGE_ORDER  # every stage module: only where needed
-
     order = {s: i for i, s in enumerate(STAGE_ORDER)}
     return sorted(rows, key=lambda r: (order.get(r["stage"], 99), r["kind"] or ""))
 
@@ -185,8 +184,6 @@ def _artifact_chain(catalog: Catalog, first: dict[str, Any]) -> list[dict[str, A
                 f"SELECT * FROM artifact_versions WHERE artifact_id IN ({placeholders})",  # noqa: S608
                 list(parents),
             ).to_pylist()
-    from talkforge.stages import STAGE_ORDER  # every stage module: only where needed
-
     order = {s: i for i, s in enumerate(STAGE_ORDER)}
     return sorted(chain, key=lambda r: order.get(r["stage"], 99))
 

@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.base import FailureKind, ItemFailure
-from tasks.train_data import CheckpointState, TrainJob, TrainManifest, TrainResult, load_checkpoint
 
 if TYPE_CHECKING:  # the workers import this module: keep it free of the pipeline config
     from talkforge.config import RayConfig
+    from tasks.train_data import CheckpointState, TrainJob, TrainResult
+# tasks.train_data (torch) is imported by the functions that train: every executor makes
+# a launcher, and a process that trains nothing never loads torch for it
 
 FORWARDED_ENV_PREFIXES = ("HF_", "TORCH_", "TRANSFORMERS_", "OMP_", "CUDA_", "RAY_TRAIN_")
 CONTROLLER_RETRIES = 2
@@ -51,6 +53,8 @@ class RaySession:
 
     def restore(self) -> CheckpointState | None:
         import ray.train
+
+        from tasks.train_data import load_checkpoint
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
@@ -77,6 +81,7 @@ def train_worker_entry(config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: read the manifest, run the one training loop."""
     import torch
 
+    from tasks.train_data import TrainManifest
     from tasks.train_loop import run_worker
 
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -160,6 +165,8 @@ class RayTrainLauncher:
         self.ray_config = ray_config
 
     def fit(self, job: TrainJob) -> TrainResult:
+        from tasks.train_data import TrainResult
+
         ray = _ensure_ray(self.ray_config)
         self._check_fits(ray, job)
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}

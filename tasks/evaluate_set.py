@@ -32,12 +32,9 @@ from tasks.base import (
     StageConfig,
     stable_hash,
 )
+from tasks.evaluate_set_config import EvaluateSetConfig
 from tasks.records import ClipMetrics, EvalSetMetrics, EvalSummaryRow, MetricRow
 from tasks.records_eval import GROUND_TRUTH, origins_label
-
-
-class EvaluateSetConfig(StageConfig):
-    pass
 
 
 def set_metrics() -> list[tuple[str, str]]:

@@ -32,12 +32,12 @@ import bisect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tasks.base import FailureKind, ItemFailure
 from tasks.faces_align import affine_square, aligned_affines, box_affines, warp_crop
+from tasks.faces_config import FacesConfig
 from tasks.faces_keyframes import KeyframeDetector
 from tasks.faces_shots import ContentScorer, CutFinder
 from tasks.faces_track import (
@@ -51,9 +51,6 @@ from tasks.faces_track import (
     smooth_track,
 )
 from tasks.media import VideoWriter
-
-if TYPE_CHECKING:
-    from tasks.faces import FacesConfig
 
 
 @dataclass

@@ -5,7 +5,10 @@ artifact carrying shape, dtype and the fingerprint of the weights that made it:
 
 - ``vae_latents.safetensors``: tensor ``latents`` ``(T, C, H/8, W/8)`` (``latent_dtype``),
   normalised as the VAE family's pipelines do (``(mode - shift) * scale``), one row per
-  decoded face-crop frame;
+  decoded face-crop frame; with ``masked_latents: true`` also ``masked_latents`` (same
+  shape): the same crops with their lower half (rows ``H//2:``) blacked out in pixel space
+  before encoding, MuseTalk 1.5's masked UNet input (``get_latents_for_unet``) for the
+  official ``musetalk15`` baseline;
 - ``liveportrait_motion.safetensors``: tensor ``motion`` ``(T, 133)`` (``motion: null``
   disables it) and ``emoca_flame.safetensors``: tensor ``flame`` ``(T, 159)`` (``flame:
   null`` disables it); each from its own official crop of the clip's frames, framed from
@@ -44,11 +47,10 @@ from __future__ import annotations
 import json
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.emoca import FLAME_LAYOUT
 from models.fingerprint import ModelFingerprint
@@ -65,9 +67,9 @@ from tasks.base import (
     Resources,
     Stage,
     StageConfig,
-    stable_hash,
 )
 from tasks.features_audio import SenseVoiceResult
+from tasks.features_config import FeaturesConfig
 from tasks.features_framing import framing_affines
 from tasks.features_video import extract_video
 from tasks.features_workers import (
@@ -84,102 +86,8 @@ from tasks.pools import PoolSpec, complete_pools
 from tasks.quality_measures import landmarks, read_boxes
 from tasks.records import ClipFeatures, FaceTrack, FeatureFile, NormalizedClip, SpeechTags
 
-VAE_FAMILIES = ("vae-flux1", "vae-sd", "vae-flux2")
 # feature families computed from the clip's audio (cross-audio generation swaps exactly these)
 AUDIO_FEATURES = frozenset({"hubert", "sensevoice", "whisper"})
-
-
-class ExtractorPools(BaseModel):
-    """Where each extractor runs and with what resources (see :mod:`tasks.pools`).
-
-    ``placement: own_pools`` gives every extractor a Ray actor pool of its own with the
-    CPUs, GPU fraction, pool size (``num_workers``) and batch size below; the stage's
-    workers then only decode, dispatch and write. ``in_worker`` loads every model inside
-    each stage worker (on the stage's device) and uses only the batch sizes below: on a
-    CPU-only machine this avoids moving frames between processes (measured in
-    ``benchmarks/bench_features.py``). Neither changes what is computed.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    placement: Literal["in_worker", "own_pools"] = "in_worker"
-    vae_latents: Resources = Resources(batch_size=16)
-    liveportrait_motion: Resources = Resources(batch_size=32)
-    emoca_flame: Resources = Resources(batch_size=32)
-    reference: Resources = Resources(batch_size=1)
-    hubert: Resources = Resources(batch_size=4)
-    sensevoice: Resources = Resources(batch_size=1)
-    whisper: Resources = Resources(batch_size=1)
-
-
-class FeaturesConfig(StageConfig):
-    vae: ModelSpec = ModelSpec(family="vae-flux1", source="models/vae-flux1-tiny", tiny_random=True)
-    hubert: ModelSpec = ModelSpec(family="hubert", source="models/hubert-tiny", tiny_random=True)
-    hubert_layer: int = Field(-1, description="-1: model output; 0..L: hidden_states index")
-    latent_dtype: Literal["float16", "float32"] = "float16"
-    hubert_dtype: Literal["float16", "float32"] = "float16"
-    max_misalignment_frames: int = Field(2, ge=0, description="allowed |audio - video| in frames")
-    hubert_window_s: float = Field(20.0, gt=1.0, description="HuBERT window for long audio")
-    hubert_context_s: float = Field(1.0, ge=0.0, description="extra audio each side of a window")
-    motion: ModelSpec | None = ModelSpec(
-        family="liveportrait-motion", source="models/liveportrait-motion-tiny", tiny_random=True
-    )
-    flame: ModelSpec | None = ModelSpec(
-        family="emoca", source="models/emoca-tiny", tiny_random=True
-    )
-    sensevoice: ModelSpec | None = ModelSpec(
-        family="sensevoice", source="models/sensevoice-tiny", tiny_random=True
-    )
-    reference: ModelSpec | None = ModelSpec(
-        family="dinov2", source="models/dinov2-tiny", tiny_random=True
-    )
-    whisper: ModelSpec | None = Field(
-        None, description="Whisper encoder (MuseTalk 1.5's audio input; e.g. openai/whisper-tiny)"
-    )
-    framing_window_frames: int = Field(
-        9, ge=1, description="odd; moving average over the LivePortrait / EMOCA crop boxes"
-    )
-    amp_dtype: Literal["bfloat16", "float16", "none"] = Field(
-        "bfloat16", description="autocast dtype on CUDA (mixed precision); CPU runs float32"
-    )
-    pools: ExtractorPools = ExtractorPools()
-    max_inflight_chunks: int = Field(
-        4, ge=1, description="decoded chunks awaiting the extractors (bounds memory)"
-    )
-
-    OPERATIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("resources", "pools", "max_inflight_chunks")
-
-    def params_hash(self) -> str:
-        """Placement and resources change where features are computed, not what they are."""
-        return stable_hash(self.model_dump(mode="json", exclude=set(self.OPERATIONAL_FIELDS)))
-
-    @field_validator("vae")
-    @classmethod
-    def _vae_family(cls, v: ModelSpec) -> ModelSpec:
-        if v.family not in VAE_FAMILIES:
-            raise ValueError(f"vae.family must be one of {VAE_FAMILIES}, got {v.family!r}")
-        return v
-
-    @field_validator("hubert")
-    @classmethod
-    def _hubert_family(cls, v: ModelSpec) -> ModelSpec:
-        if v.family != "hubert":
-            raise ValueError(f"hubert.family must be 'hubert', got {v.family!r}")
-        return v
-
-    @field_validator("framing_window_frames")
-    @classmethod
-    def _odd_window(cls, v: int) -> int:
-        if v % 2 == 0:
-            raise ValueError("framing_window_frames must be odd (centred window)")
-        return v
-
-    @field_validator("whisper")
-    @classmethod
-    def _whisper_family(cls, v: ModelSpec | None) -> ModelSpec | None:
-        if v is not None and v.family != "whisper":
-            raise ValueError(f"whisper.family must be 'whisper', got {v.family!r}")
-        return v
 
 
 class FeaturesStage(Stage[FeaturesConfig]):
@@ -269,6 +177,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
             self.config.max_inflight_chunks,
             clip=ctx.local_path(clip.video),
             framing=self._framing(ctx.local_path(face.boxes)),
+            masked_latents=self.config.masked_latents,
         )
         t = video["vae_latents"].shape[0]
         if abs(t - face.num_frames) > self.config.max_misalignment_frames:
@@ -286,10 +195,17 @@ class FeaturesStage(Stage[FeaturesConfig]):
         common = {"clip_id": clip.clip_id, "fps": repr(fps), "num_frames": str(t)}
         latents = torch.from_numpy(video["vae_latents"]).to(getattr(torch, cfg.latent_dtype))
         hubert = torch.from_numpy(aligned).to(getattr(torch, cfg.hubert_dtype))
+        vae_tensors, vae_meta = {"latents": latents}, _latent_meta(self.latent_layout)
+        if cfg.masked_latents:  # "latents" stays first: it describes the file
+            masked = torch.from_numpy(video["masked_latents"]).to(latents.dtype)
+            vae_tensors["masked_latents"] = masked
+            vae_meta["masked_latents"] = (
+                "same layout and normalisation; encoded from the crops with rows H//2: set to "
+                "0 (black) in pixel space, as MuseTalk's get_latents_for_unet"
+            )
         files = [
             self._save_tensors(
-                ctx, "vae_latents", {"latents": latents}, prints[cfg.vae.family], common, fps,
-                _latent_meta(self.latent_layout),
+                ctx, "vae_latents", vae_tensors, prints[cfg.vae.family], common, fps, vae_meta,
             ),
             self._save_tensors(
                 ctx, "hubert", {"features": hubert}, prints[cfg.hubert.family], common, fps,

@@ -18,7 +18,10 @@ pools (their own Ray actors, on GPUs) infer while the next chunk decodes:
   (``FLAME_LAYOUT``);
 - ``reference``: DINOv2 (:mod:`models.dinov2`) on one reference frame per clip, the
   middle frame (a frame well inside the shot, away from fades and the cut points of the
-  annotation), kept with the frame itself for the DualForce reference branch.
+  annotation), kept with the frame itself for the DualForce reference branch;
+- ``masked_latents`` (with ``masked_latents=True``): the VAE on the same crops with their
+  lower half blacked out in pixel space, MuseTalk 1.5's masked UNet input (encoded in the
+  same worker call as ``vae_latents``).
 
 Cutting the framed crops (bilinear, with an area pre-shrink for large downscales) runs on
 the CPU of the stage's worker, while the models run on their pools' devices.
@@ -78,6 +81,7 @@ def extract_video(
     max_inflight_chunks: int = 4,
     clip: Path | None = None,
     framing: dict[str, np.ndarray] | None = None,
+    masked_latents: bool = False,
 ) -> dict[str, np.ndarray]:
     """Decode ``crops`` (and ``clip``, for the framed extractors) once; run every video pool
     present on each chunk.
@@ -90,7 +94,9 @@ def extract_video(
     extractor's crop and submitted to it. With remote pools the next
     chunk decodes while they infer, and at most ``max_inflight_chunks`` chunks are
     outstanding (memory stays bounded). The reference pool gets crop frame
-    ``reference_index`` (clamped to the clip). Returns float32 arrays per family
+    ``reference_index`` (clamped to the clip). With ``masked_latents`` the VAE also encodes
+    every crop with rows ``H//2:`` set to black (:func:`models.vae.mask_lower_half`),
+    returned as ``masked_latents``. Returns float32 arrays per family
     (``reference_cls`` / ``reference_patch_tokens`` / ``reference_image`` for the
     reference), in frame order.
     """
@@ -104,11 +110,17 @@ def extract_video(
     if set(pools) & set(FRAMED_SIZES_PX) - set(framed) or (framed and clip is None):
         raise ValueError("the framed extractors need the clip and their framing affines")
     parts: dict[str, list[np.ndarray]] = {f: [] for f in FRAME_FAMILIES if f in pools}
+    if masked_latents:
+        parts["masked_latents"] = []
     inflight: deque[dict[str, PoolTask]] = deque()
 
     def collect_oldest() -> None:
         for family, task in inflight.popleft().items():
-            parts[family].append(task.result())
+            result = task.result()
+            if family == "vae_latents" and masked_latents:  # (2, N, ...): plain, masked
+                parts["masked_latents"].append(result[1])
+                result = result[0]
+            parts[family].append(result)
 
     source = _FrameSource(clip, chunk_frames) if framed and clip is not None else None
     seen, reference_frame = 0, None
@@ -116,7 +128,8 @@ def extract_video(
         for frames in iter_frames(crops, info.width, info.height, chunk=chunk_frames):
             if seen <= reference_index < seen + len(frames) or reference_frame is None:
                 reference_frame = frames[min(reference_index - seen, len(frames) - 1)].copy()
-            tasks = {"vae_latents": pools["vae_latents"].submit("encode", frames)}
+            encode = "encode_with_masked" if masked_latents else "encode"
+            tasks = {"vae_latents": pools["vae_latents"].submit(encode, frames)}
             if source is not None:
                 full = source.take(len(frames))
                 for family, affines in framed.items():

@@ -33,7 +33,14 @@ from models.hubert import (
 from models.liveportrait import MOTION_DIM, extract_motion, load_motion_extractor
 from models.registry import ModelSpec, ensure_model
 from models.sensevoice import load_sensevoice
-from models.vae import encode_frames, is_flux2, latent_factors, latent_stride, load_vae
+from models.vae import (
+    encode_frames,
+    is_flux2,
+    latent_factors,
+    latent_stride,
+    load_vae,
+    mask_lower_half,
+)
 from models.whisper import extract_whisper, load_whisper
 from tasks.base import FailureKind, ItemFailure
 from tasks.features_audio import SenseVoiceResult, run_sensevoice
@@ -99,6 +106,13 @@ class VaeWorker(ExtractorWorker):
     def encode(self, frames: np.ndarray) -> np.ndarray:
         with self.autocast():
             return encode_frames(self.vae, frames, self.batch_size).float().numpy()
+
+    def encode_with_masked(self, frames: np.ndarray) -> np.ndarray:
+        """``(2, N, ...)``: the frames' latents, then those of the frames with their lower
+        half blacked out in pixel space (MuseTalk's masked input, :func:`mask_lower_half`);
+        both in one :meth:`encode` call."""
+        both = self.encode(np.concatenate([frames, mask_lower_half(frames)]))
+        return both.reshape(2, len(frames), *both.shape[1:])
 
 
 class MotionWorker(ExtractorWorker):

@@ -15,10 +15,12 @@ family's ``load_official``) — the stage writes one video per setting:
 
 Family-agnostic: the family rebuilds its network from the checkpoint's spec, prepares the clip
 (``prepare_clip``) and predicts VAE latents for consecutive frame ranges in order
-(``sample``; DualForce carries a cache between calls). Latents are decoded by **the VAE that
-produced the clip's latents** (the ``vae_latents`` file's recorded model) and streamed into an
-mp4 with **the wav the audio features were computed from** (``ClipFeatures.audio``, the
-partner's in ``cross``) muxed in.
+(``sample``; DualForce carries a cache between calls). What a model reads follows its spec
+(``features_for`` / ``extra_tensors_for`` / ``uses_memory_bank_for``): the official MuseTalk 1.5
+baseline reads Whisper and the ``vae_latents`` file's ``masked_latents``, and no memory bank.
+Latents are decoded by **the VAE that produced the clip's latents** (the ``vae_latents``
+file's recorded model) and streamed into an mp4 with **the wav the audio features were
+computed from** (``ClipFeatures.audio``, the partner's in ``cross``) muxed in.
 
 **Caching per video.** The item key covers all checkpoints, so a new checkpoint re-plans
 every clip; each video is therefore committed under its own key — a hash of the code
@@ -35,13 +37,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from generators import registry
 from generators.blocks.engram_hash import read_bank
 from generators.family import DataLayout, ModelFamily
 from generators.io import read_tensor
-from models.registry import ModelSpec, ModelUnavailableError, ensure_model, fingerprint
+from models.registry import ModelUnavailableError, ensure_model, fingerprint
 from models.vae import decode_latents, latent_stride, load_vae
 from tasks.base import (
     FailureKind,
@@ -54,6 +56,7 @@ from tasks.base import (
     stable_hash,
 )
 from tasks.features import AUDIO_FEATURES
+from tasks.generate_config import BaselineWeights, GenerateConfig
 from tasks.media import VideoWriter
 from tasks.records import (
     ClipFeatures,
@@ -68,29 +71,6 @@ from tasks.records import (
 from tasks.split import heldout_score, is_heldout
 
 PARTNER = "features@partner"
-
-
-class BaselineWeights(BaseModel):
-    """Official weights generated through a family like a checkpoint (``load_official``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1, description="the checkpoint label in the tables")
-    family: str = Field(min_length=1, description="the model family that samples them")
-    weights: ModelSpec
-
-
-class GenerateConfig(StageConfig):
-    batch_size: int = Field(16, ge=1, description="frames per sample / VAE decode call")
-    crf: int = Field(17, ge=0, le=51, description="x264 quality of the generated mp4s")
-    reference_frame: int = Field(0, ge=0, description="clip frame used as identity reference")
-    settings: list[Literal["self", "cross"]] = Field(
-        default_factory=lambda: ["self", "cross"], min_length=1
-    )
-    checkpoints: Literal["all", "current"] = Field(
-        "all", description="every committed train checkpoint, or only the current one"
-    )
-    baselines: list[BaselineWeights] = Field(default_factory=list)
 
 
 class Generator(BaseModel):
@@ -310,7 +290,6 @@ class GenerateStage(Stage[GenerateConfig]):
             family_cls = registry.get(gen.family)
         except KeyError as exc:
             raise ItemFailure(FailureKind.MODEL, f"{gen.label}: {exc.args[0]}") from exc
-        bank_rec = inputs.get("engram", MemoryBank) if family_cls.uses_memory_bank else None
         if gen.checkpoint is not None and not ctx.store.exists(gen.checkpoint.checkpoint.uri):
             raise ItemFailure(FailureKind.MODEL, f"checkpoint file of {gen.label} is gone")
         layout = DataLayout(
@@ -320,6 +299,9 @@ class GenerateStage(Stage[GenerateConfig]):
             }
         )
         family, spec, model = self._model(gen, layout, ctx)
+        # per spec: an official baseline may read no bank where the family's checkpoints do
+        use_bank = family.uses_memory_bank_for(spec)
+        bank_rec = inputs.get("engram", MemoryBank) if use_bank else None
         tensors, hashes = self._tensors(family, spec, feats, driver, ctx)
         num_frames = next(
             int(t.shape[0]) for f, t in tensors.items()

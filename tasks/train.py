@@ -64,9 +64,7 @@ from tasks.split import is_heldout
 from tasks.train_config import (
     InitFromStage,
     InitFromWeights,
-    TrainConfig,
     TrainStageConfig,
-    train_config,
     training_stage,
 )
 from tasks.train_data import (
@@ -82,8 +80,6 @@ from tasks.train_data import (
     read_history,
 )
 from tasks.train_loop import ATTEMPTS_NAME
-
-__all__ = ["TrainConfig", "TrainStage", "train_config"]  # TrainConfig: the pipeline config's
 
 WEIGHTS_NAME = "model.safetensors"
 INIT_INPUT = "init"  # the shared input holding the parent checkpoint

@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from generators import registry
-from generators.family import DataLayout, FeatureClip, ModelFamily, ModelSpec, TrainingAssets
+from generators.family import DataLayout, FeatureClip, ModelFamily, TrainingAssets
+from generators.family_config import ModelSpec
 from tasks.records import TrainStep
 from tasks.train_config import TrainStageConfig
 

@@ -16,7 +16,8 @@ from models.fingerprint import ModelFingerprint
 from models.registry import fingerprint
 from storage.store import ArtifactStore
 from tasks.base import ItemContext, ItemInputs, Record, Resources, StageEnv
-from tasks.features import FeaturesConfig, FeaturesStage
+from tasks.features import FeaturesStage
+from tasks.features_config import FeaturesConfig
 from tasks.media import VideoWriter, write_wav
 from tasks.records import (
     ClipFeatures,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from generators.blocks.engram import Engram, EngramConfig
+from generators.blocks.config import EngramConfig
+from generators.blocks.engram import Engram
 from generators.blocks.engram_hash import collision_rates
 
 CFG = EngramConfig(vocab_size=16, orders=[2, 3], heads_per_order=3, table_size=97, head_dim=4)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from generators.blocks.config import PMFConfig
 from generators.blocks.pmf import (
-    PMFConfig,
     adaptive_weight,
     ieee_float32,
     one_step_sample,

@@ -106,3 +106,14 @@ def test_every_shipped_config_validates_at_its_size_and_at_the_tiny_trial_size(p
         full, tiny = train.arch(), load_config(path, ["train.size=tiny"]).train.arch()
         assert tiny.num_layers < full.num_layers
         assert 0 < tiny.fusion_depth <= tiny.num_layers and full.fusion_depth == 8
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_local_model_of_a_shipped_config_can_be_imported(path: Path, tmp_path: Path) -> None:
+    """A weights source meant as a folder under data_root must not read as a hub id, or
+    ``talkforge models import`` refuses it ("is a hub id; use download")."""
+    from talkforge.weights import needed_models
+
+    config = load_config(path, [f"project.data_root={tmp_path}"])
+    hub = [m.spec.source for m in needed_models(config) if m.path is None]
+    assert not [s for s in hub if s.split("/")[0] in {"models", "data", "weights"}], hub

@@ -21,7 +21,7 @@ from tests.dualforce_helpers import (
 
 
 def test_registered_and_selected_by_the_train_config():
-    from tasks.train import train_config
+    from tasks.train_config import train_config
 
     assert "dualforce" in registry.names()
     cfg = train_config(family="dualforce", training_stage="stage1", clip_frames=16)

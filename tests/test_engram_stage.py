@@ -18,7 +18,8 @@ from generators.blocks.engram_hash import (
 )
 from storage.store import ArtifactStore
 from tasks.base import AggregateInputs, FailureKind, ItemContext, ItemFailure, ItemInputs
-from tasks.engram import EngramConfig, EngramStage
+from tasks.engram import EngramStage
+from tasks.engram_config import EngramConfig
 from tasks.split import heldout_score
 from tests.features_helpers import env_for, synthetic_features
 

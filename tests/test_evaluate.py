@@ -18,8 +18,10 @@ from metrics.image import PSNR_CAP_DB, psnr_db
 from metrics.registry import METRICS, Level, Setting
 from storage.store import ArtifactStore
 from tasks.base import AggregateInputs, FailureKind, ItemContext, ItemFailure, ItemInputs, StageEnv
-from tasks.evaluate import ARCFACE_PX, EvaluateConfig, EvaluateStage, arcface_affines
-from tasks.evaluate_set import EvaluateSetConfig, EvaluateSetStage
+from tasks.evaluate import ARCFACE_PX, EvaluateStage, arcface_affines
+from tasks.evaluate_config import EvaluateConfig
+from tasks.evaluate_set import EvaluateSetStage
+from tasks.evaluate_set_config import EvaluateSetConfig
 from tasks.faces_align import ARCFACE_TEMPLATE_112
 from tasks.media import VideoWriter, iter_frames, write_wav
 from tasks.records import ClipFeatures, ClipMetrics, EvalSetMetrics, FaceTrack, GeneratedClip

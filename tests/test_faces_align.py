@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from models.face_detector import load_detector
-from tasks.faces import AFFINE_COLUMNS, FacesConfig, FacesStage
+from tasks.faces import AFFINE_COLUMNS, FacesStage
 from tasks.faces_align import (
     ARCFACE_TEMPLATE_112,
     affine_square,
@@ -15,6 +15,7 @@ from tasks.faces_align import (
     box_affines,
     warp_crop,
 )
+from tasks.faces_config import FacesConfig
 from tasks.faces_track import crop_square
 from tasks.media import iter_frames
 from tasks.quality_measures import read_boxes

@@ -284,7 +284,8 @@ def test_unknown_detector_and_missing_weights(tmp_path: Path):
 def test_faces_stage_runs_retinaface_from_a_data_root_path(random_retinaface, tmp_path):
     """Wiring only (random weights find no real faces): path, fingerprint label, typed result."""
     from tasks.base import FailureKind, ItemFailure
-    from tasks.faces import FacesConfig, FacesStage
+    from tasks.faces import FacesStage
+    from tasks.faces_config import FacesConfig
     from tests.faces_helpers import (
         inputs_for,
         make_ctx,

@@ -12,9 +12,11 @@ import pytest
 
 from models.face_detector import load_detector
 from tasks.base import FailureKind, ItemFailure
-from tasks.faces import BOXES_SCHEMA, LANDMARK_COLUMNS, FacesConfig, FacesStage
+from tasks.faces import BOXES_SCHEMA, LANDMARK_COLUMNS, FacesStage
+from tasks.faces_config import FacesConfig
 from tasks.media import count_frames, iter_frames, probe
-from tasks.quality import QualityConfig, QualityStage
+from tasks.quality import QualityStage
+from tasks.quality_config import QualityConfig
 from tests.faces_helpers import (
     CLIPS,
     canvas,

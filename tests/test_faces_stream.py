@@ -14,8 +14,8 @@ import pytest
 
 from models.face_detector import iou, load_detector
 from tasks.base import FailureKind, ItemFailure
-from tasks.faces import FacesConfig
 from tasks.faces_align import affine_square, aligned_affines, box_affines
+from tasks.faces_config import FacesConfig
 from tasks.faces_keyframes import KeyframeDetector
 from tasks.faces_shots import ContentScorer, detect_cuts
 from tasks.faces_stream import FaceStream

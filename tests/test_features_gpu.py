@@ -17,7 +17,8 @@ from storage.store import ArtifactStore
 from talkforge.config import ExecutionConfig, RayConfig
 from talkforge.executors import RayExecutor
 from tasks.base import Resources
-from tasks.features import ExtractorPools, FeaturesConfig, FeaturesStage
+from tasks.features import FeaturesStage
+from tasks.features_config import ExtractorPools, FeaturesConfig
 from tasks.records import ClipFeatures, record_from_json
 from tasks.runner import WorkItem
 from tests.features_helpers import commit_clip, env_for, make_features_stage, run_item

@@ -19,7 +19,8 @@ from talkforge.config import ExecutionConfig, RayConfig
 from talkforge.executors import LocalExecutor, RayExecutor
 from talkforge.ray_pools import RayPool, check_fits
 from tasks.base import Resources
-from tasks.features import ExtractorPools, FeaturesConfig, FeaturesStage
+from tasks.features import FeaturesStage
+from tasks.features_config import ExtractorPools, FeaturesConfig
 from tasks.features_video import FRAME_FAMILIES
 from tasks.records import record_from_json
 from tasks.runner import WorkItem

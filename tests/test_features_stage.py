@@ -314,3 +314,37 @@ def test_sensevoice_rows_follow_the_formula_and_map_two_per_three_frames(stage, 
     speech = rec.stats_rows()["speech"]
     assert len(speech) == 1 and speech[0]["model_origin"] == "random-init"
     assert rec.speech is not None and rec.speech.language == meta["language"]
+
+
+def test_masked_latents_are_the_sd_vae_encoding_of_half_blacked_crops(tmp_path):
+    """``masked_latents: true`` (the official MuseTalk 1.5 baseline's input) stores, beside
+    ``latents``, the encoding of each crop with rows ``H//2:`` black in pixel space."""
+    from models.registry import ModelSpec
+    from models.vae import encode_frames
+    from tasks.media import iter_frames
+
+    vae = ModelSpec(family="vae-sd", source="models/vae-sd-tiny", tiny_random=True)
+    stage = make_features_stage(
+        tmp_path, vae=vae, masked_latents=True, latent_dtype="float32",
+        motion=None, flame=None, reference=None, sensevoice=None,
+    )  # fmt: skip
+    inputs = commit_clip(tmp_path, "clip-m", num_frames=8, size_px=64, seed=4)
+    rec, _ = run_item(stage, tmp_path, inputs)
+    lat_file = rec.file("vae_latents")
+    assert lat_file.shape == [8, 4, 8, 8]  # "latents" still describes the file
+    store = ArtifactStore(str(tmp_path / "store"))
+    path = store._path(lat_file.artifact.uri)
+    lat, meta = read(path, "latents")
+    masked, _ = read(path, "masked_latents")
+    assert masked.shape == lat.shape == (8, 4, 8, 8)
+    assert "H//2" in meta["masked_latents"] and meta["scaling_factor"] == "0.18215"
+    crops = Path(store._path(inputs.records["faces"].crops.uri))
+    frames = np.concatenate(list(iter_frames(crops, 64, 64)))
+    hand = frames.copy()
+    hand[:, 32:] = 0
+    worker_vae = stage.pools["vae_latents"].worker.vae
+    np.testing.assert_allclose(masked, encode_frames(worker_vae, hand), atol=1e-5)
+    np.testing.assert_allclose(lat, encode_frames(worker_vae, frames), atol=1e-5)
+    assert (masked - lat).abs().mean() > 0.01  # not the unmasked latents
+    off = stage.config.model_copy(update={"masked_latents": False})
+    assert off.params_hash() != stage.config.params_hash()  # the option keys the features

@@ -8,17 +8,22 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from generators import registry
+from generators.io import read_tensor
 from generators.musetalk15.model import make_spec
 from models.vae import decode_latents
 from storage.store import ArtifactStore
 from tasks.base import FailureKind, ItemContext, ItemFailure, ItemInputs
-from tasks.generate import BaselineWeights, GenerateConfig, GenerateStage, cross_partners
+from tasks.generate import GenerateStage, cross_partners
+from tasks.generate_config import BaselineWeights, GenerateConfig
 from tasks.media import VideoWriter, count_frames, iter_frames, probe, read_wav, write_wav
 from tasks.records import (
+    ClipFeatures,
     CommittedHistory,
     CommittedVersion,
+    FeatureFile,
     GeneratedClip,
     TrainedCheckpoint,
 )
@@ -280,38 +285,124 @@ def test_unusable_models_fail_typed_or_become_notes(world):
     assert len(rec.videos) == 1 and any("checkpoint file of" in n for n in rec.notes)
 
 
-def test_baseline_weights_are_fingerprinted_and_generated_through_their_family(world, monkeypatch):
-    """Official weights (here: a folder the test writes) go through the family's
-    ``load_official``; a family without one makes a note and the checkpoints still run."""
-    from generators.musetalk15.family import Musetalk15Family
+def _official_features(world, clip) -> ClipFeatures:
+    """The clip's features as the features stage writes them for the official MuseTalk 1.5
+    baseline (``vae: vae-sd``, ``masked_latents: true``, ``whisper``): tiny SD-VAE latents of
+    the crops and of the half-blacked crops; Whisper-tiny-shaped (random) features."""
+    from models.fingerprint import ModelFingerprint
+    from models.registry import ModelSpec, ensure_model, fingerprint
+    from models.vae import encode_frames, load_vae, mask_lower_half
+
+    spec = ModelSpec(family="vae-sd", source="models/vae-sd-tiny", tiny_random=True)
+    vae = load_vae(ensure_model(spec, world["tmp"]))
+    n = len(clip.frames)
+    tensors = {
+        "vae_latents": {"latents": encode_frames(vae, clip.frames).half(),
+                        "masked_latents": encode_frames(vae, mask_lower_half(clip.frames)).half()},
+        "whisper": {"features": torch.randn(n, 2, 5, 384, generator=torch.Generator()
+                                            .manual_seed(1)).half()},
+    }  # fmt: skip
+    prints = {
+        "vae_latents": fingerprint(spec, world["tmp"]),
+        "whisper": ModelFingerprint(name="whisper", source="random", resolved_path="",
+                                    sha256="0" * 64, origin="random-init"),
+    }  # fmt: skip
+    ctx = ItemContext(world["env"].store(), "features", clip.clip_id, "w" * 40)
+    files = []
+    for family, named in tensors.items():
+        path = ctx.scratch / f"{family}.safetensors"
+        save_file({k: v.contiguous() for k, v in named.items()}, str(path))
+        first = next(iter(named.values()))
+        files.append(FeatureFile(
+            family=family, artifact=ctx.commit(path, path.name, "features"),
+            shape=list(first.shape), dtype="float16", frame_rate_hz=25.0, model=prints[family],
+        ))  # fmt: skip
+    ctx.close()
+    return clip.inputs.records["features"].model_copy(update={"files": files})
+
+
+def test_the_official_musetalk15_baseline_generates_through_load_official(world):
+    """The released UNet (here the tiny stand-in in the release layout, as ``talkforge
+    models import musetalk15-official`` leaves it) is fingerprinted in preflight and sampled
+    by the real ``Musetalk15Family.load_official`` from Whisper + SD-VAE + masked latents,
+    without the memory bank; the frames are the VAE decode of the official prediction."""
+    from models.musetalk15_official import build_tiny_official_unet
     from models.registry import ModelSpec
 
     folder = world["tmp"] / "official-mt15"
-    folder.mkdir(exist_ok=True)
-    family = registry.get("musetalk15")()
-    spec = make_spec(16, AUDIO_DIM, SIZE // 8, tiny=True)
-    torch.manual_seed(7)
-    family.save_weights(folder / "model.safetensors", family.build(spec), spec)
+    build_tiny_official_unet(folder, seed=7)
     weights = ModelSpec(family="musetalk15-official", source=str(folder))
     baseline = BaselineWeights(name="mt15", family="musetalk15", weights=weights)
     stage = _stage(world, settings=["self"], baselines=[baseline])
     assert stage.model_specs() == [weights]  # preflight fingerprints them
     clip, ckpt = world["held"][0], _checkpoint(world, "one", seed=1)
+    feats = _official_features(world, clip)
+    rec = _generate(stage, world, clip, [ckpt], key="o", features=feats)
+    (base,) = rec.videos  # the trained checkpoint reads HuBERT, which these features lack
+    assert any(n.startswith("main-step1-") and "hubert" in n for n in rec.notes)
+    assert (base.checkpoint, base.generator_origin, base.family) == ("mt15", "pretrained",
+                                                                    "musetalk15")  # fmt: skip
+    assert stage._banks == {}  # the official path never read the memory bank
+    path = _path(world, base.video)
+    assert count_frames(path) == FRAMES[0] and probe(path).width == SIZE
+    # the stage's loaded model fed by hand: prepare_clip, sample, decode
+    ((family, spec, model),) = [
+        m for k, m in stage._models.items() if k.startswith(base.checkpoint_sha256)
+    ]
+    assert spec.official and family.features_for(spec).keys() == {"vae_latents", "whisper"}
+    store = world["env"].store()
+    read = {f.family: store.local_path(f.artifact.uri, world["tmp"]) for f in feats.files}
+    features = {"vae_latents": read_tensor(read["vae_latents"], "latents"),
+                "vae_latents/masked_latents": read_tensor(read["vae_latents"], "masked_latents"),
+                "whisper": read_tensor(read["whisper"], "features")}  # fmt: skip
+    with torch.inference_mode():
+        pred = family.sample(model, family.prepare_clip(spec, features, None, 0),
+                             torch.arange(FRAMES[0]))  # fmt: skip
+    expected = decode_latents(stage._vae(feats), pred)
+    ref_path = world["tmp"] / "official-expected.mp4"  # through the same x264 settings
+    with VideoWriter(ref_path, SIZE, SIZE, 25.0, crf=stage.config.crf) as vw:
+        vw.write(expected)
+    ref = np.concatenate(list(iter_frames(ref_path, SIZE, SIZE))).astype(np.int16)
+    frames = np.concatenate(list(iter_frames(path, SIZE, SIZE))).astype(np.int16)
+    assert frames.shape == ref.shape and np.abs(frames - ref).mean() < 1.0
+    # not any decode: the frames' own (unmasked) latents decode far from it
+    own = decode_latents(stage._vae(feats), features["vae_latents"].float()).astype(np.int16)
+    assert np.abs(own - expected.astype(np.int16)).mean() > 5.0
 
-    class WithOfficial(Musetalk15Family):
-        def load_official(self, path, layout):
-            assert layout.shapes["vae_latents"] == [16, SIZE // 8, SIZE // 8]
-            return spec, self.load_model(path / "model.safetensors", spec)
 
-    monkeypatch.setitem(registry._FAMILIES, "musetalk15", WithOfficial)
-    rec = _generate(stage, world, clip, [ckpt], key="o")
-    (base,) = [v for v in rec.videos if v.checkpoint == "mt15"]
-    assert base.generator_origin == "pretrained" and base.family == "musetalk15"
-    assert count_frames(_path(world, base.video)) == FRAMES[0] and len(rec.videos) == 2
+def test_a_baseline_its_family_cannot_feed_is_a_note_beside_the_checkpoints(world):
+    """On Flux latents and HuBERT (no Whisper) the official UNet is refused with the reason
+    (a typed MODEL note beside the checkpoint's video); on features without
+    ``masked_latents`` its video fails FORMAT, naming the missing tensor."""
+    from models.musetalk15_official import build_tiny_official_unet
+    from models.registry import ModelSpec
 
-    monkeypatch.setitem(registry._FAMILIES, "musetalk15", Musetalk15Family)
-    if not hasattr(Musetalk15Family, "load_official"):
-        rec = _generate(_stage(world, settings=["self"], baselines=[baseline]), world, clip,
-                        [ckpt], key="n")  # fmt: skip
-        assert [v.checkpoint for v in rec.videos] == [f"main-step1-{ckpt.checkpoint.sha256[:12]}"]
-        assert any(n.startswith("mt15/self: model: cannot load") for n in rec.notes)
+    folder = world["tmp"] / "official-mt15-refused"
+    build_tiny_official_unet(folder, seed=7)
+    weights = ModelSpec(family="musetalk15-official", source=str(folder))
+    baseline = BaselineWeights(name="mt15", family="musetalk15", weights=weights)
+    clip, ckpt = world["held"][0], _checkpoint(world, "one", seed=1)
+    rec = _generate(_stage(world, settings=["self"], baselines=[baseline]), world, clip,
+                    [ckpt], key="n")  # fmt: skip
+    assert [v.checkpoint for v in rec.videos] == [f"main-step1-{ckpt.checkpoint.sha256[:12]}"]
+    (note,) = [n for n in rec.notes if n.startswith("mt15/self")]
+    assert note.startswith("mt15/self: model: cannot load") and "vae-sd" in note
+    feats = _official_features(world, clip)
+    lat = feats.file("vae_latents")
+    lat_path = world["env"].store().local_path(lat.artifact.uri, world["tmp"])
+    plain = world["tmp"] / "plain" / "vae_latents.safetensors"
+    plain.parent.mkdir(exist_ok=True)
+    save_file({"latents": read_tensor(lat_path, "latents")}, str(plain))
+    ctx = ItemContext(world["env"].store(), "features", clip.clip_id, "u" * 40)
+    ref = ctx.commit(plain, plain.name, "features")
+    ctx.close()
+    files = [f.model_copy(update={"artifact": ref}) if f is lat else f for f in feats.files]
+    plain_feats = feats.model_copy(update={"files": files})
+    stage = _stage(world, settings=["self"], baselines=[baseline])
+    inputs = _inputs(world, clip, [ckpt], features=plain_feats)
+    (gen,) = [g for g in stage.generators(inputs) if g.baseline is not None]
+    ctx = ItemContext(world["env"].store(), "generate", clip.clip_id, "m" * 40)
+    with pytest.raises(ItemFailure) as exc:
+        stage._video(inputs, ctx, gen, "self", plain_feats, plain_feats, 25.0)
+    ctx.close()
+    assert exc.value.kind == FailureKind.FORMAT and "masked_latents" in exc.value.message

@@ -12,8 +12,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from generators import registry
-from generators.family import DataLayout, FamilyConfig, ModelSpec
-from generators.musetalk15 import Musetalk15Config, Musetalk15Family
+from generators.family import DataLayout
+from generators.family_config import FamilyConfig, ModelSpec
+from generators.musetalk15.config import Musetalk15Config
+from generators.musetalk15.family import Musetalk15Family
 from generators.musetalk15.model import (
     audio_window_tokens,
     build_unet_from_spec,

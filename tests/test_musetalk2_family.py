@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from generators import registry
 from generators.blocks.engram_hash import read_bank
 from generators.family import TrainingAssets, unwrap
-from generators.musetalk2 import Musetalk2Config, Musetalk2Family
+from generators.musetalk2.config import Musetalk2Config
+from generators.musetalk2.family import Musetalk2Family
 from models.registry import ModelSpec, ensure_model
 from tests.musetalk2_helpers import CTC_VOCAB, clip_features, layout, memory_bank
 

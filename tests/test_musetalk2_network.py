@@ -10,11 +10,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from generators.blocks.config import PMFConfig
 from generators.blocks.dsa import SparseSelfAttention
 from generators.blocks.engram import Engram
 from generators.blocks.gated_attention import GatedAttnProcessor
 from generators.blocks.mhc import HyperConnection
-from generators.blocks.pmf import PMFConfig, pmf_objective, velocity
+from generators.blocks.pmf import pmf_objective, velocity
 from generators.musetalk2.config import Musetalk2Config, make_spec
 from generators.musetalk2.levels import Context, run_unet
 from generators.musetalk2.network import Musetalk2Net, masked_input

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from generators.musetalk2 import Musetalk2Config, Musetalk2Family
+from generators.musetalk2.config import Musetalk2Config
+from generators.musetalk2.family import Musetalk2Family
 from tests.musetalk2_helpers import H, clip_features, layout
 
 STEPS = 300

@@ -17,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.base import FailureKind, ItemFailure
-from tasks.faces import FacesConfig, FacesStage
+from tasks.faces import FacesStage
+from tasks.faces_config import FacesConfig
 from tasks.media import read_wav, write_wav
-from tasks.quality import RULES, QualityConfig, QualityStage, laplacian_variance
+from tasks.quality import QualityStage, laplacian_variance
+from tasks.quality_config import RULES, QualityConfig
 from tasks.records import QualityVerdict
 from tests.faces_helpers import (
     astronaut_face,

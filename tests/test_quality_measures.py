@@ -110,7 +110,7 @@ def test_lip_motion_ignores_face_size_and_contrast_and_separates_still_mouths(tm
     and at half contrast, measures alike and above the threshold; swaying and frozen
     stills stay well below it. (Below ~64 px sampling noise lifts a swaying still towards
     the threshold: such faces fail ``face_size`` long before.)"""
-    from tasks.quality import QualityConfig
+    from tasks.quality_config import QualityConfig
     from tasks.quality_measures import scan_crops
 
     def lip(name: str, face_px: int, kind: str, contrast: float = 1.0) -> float:

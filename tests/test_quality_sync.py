@@ -24,9 +24,11 @@ from models.syncnet import (
     save_state_dict,
     sync_scores,
 )
-from tasks.faces import FacesConfig, FacesStage
+from tasks.faces import FacesStage
+from tasks.faces_config import FacesConfig
 from tasks.media import read_wav, write_wav
-from tasks.quality import QualityConfig, QualityStage
+from tasks.quality import QualityStage
+from tasks.quality_config import QualityConfig
 from tasks.quality_measures import mouth_roi, read_boxes
 from tasks.quality_sync import (
     OffsetEstimate,

@@ -201,7 +201,8 @@ def commit_clip(
 
 def build_bank(env: StageEnv, clips: list[ClipFixture]) -> MemoryBank:
     """Run the real engram stage on the training clips (small tables)."""
-    from tasks.engram import EngramConfig, EngramStage
+    from tasks.engram import EngramStage
+    from tasks.engram_config import EngramConfig
 
     stage = EngramStage(
         EngramConfig(codebook_size=4, num_heads=2, table_size=31, kmeans_iters=20), env

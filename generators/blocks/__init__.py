@@ -1,5 +1,7 @@
 """Shared building blocks of the model families, one small module each.
 
+- :mod:`~generators.blocks.config`: the blocks' hyper-parameters (Engram, pMF) as pydantic
+  models without torch, for family configs to embed;
 - :mod:`~generators.blocks.engram_hash`: Engram n-gram hashing, bank lookup and bank I/O
   (the engram stage builds the memory bank with it; families read it);
 - :mod:`~generators.blocks.engram`: the Engram module (hashed-n-gram lookup, context gate,

@@ -35,25 +35,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from generators.blocks.config import EngramConfig
 from generators.blocks.engram_hash import hash_ngrams, make_multipliers, make_primes
 
 EMBED_INIT_STD = 0.02
-
-
-class EngramConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    vocab_size: int = Field(64, ge=1)  # number of distinct codes (k-means K or CTC vocab)
-    orders: list[int] = [2, 3]
-    heads_per_order: int = Field(4, ge=1)
-    table_size: int = Field(1021, ge=2)  # each head's table: a distinct prime ≥ this
-    head_dim: int = Field(16, ge=1)
-    window: str = Field("causal", pattern="^(causal|centred)$")
-    conv_kernel: int = Field(4, ge=1)
-    seed: int = 0
 
 
 def signed_sqrt(z: torch.Tensor) -> torch.Tensor:

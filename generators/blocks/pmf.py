@@ -15,7 +15,7 @@ Conventions (MeanFlow, Geng et al. 2505.13447; pMF 2601.22158, official ``Lyy-ii
 Cost trade-off: one differentiable forward of every row gives ``u``, ``v`` and the tangent
 ``v_c = sg(v)`` (no separate forward for it); ``du/dt`` is then needed, without gradient
 recording, only on the rows with ``r < t`` (for ``r = t`` the ``(t - r)·du/dt`` term is
-exactly zero). Two ways to get it (:attr:`PMFConfig.jvp`):
+exactly zero). Two ways to get it (:attr:`generators.blocks.config.PMFConfig.jvp`):
 
 - ``exact`` (default: no step size to tune, and it holds DSA's top-k selection fixed
   where a difference quotient can straddle a switch): one ``torch.func.jvp`` —
@@ -48,11 +48,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from generators.blocks.config import PMFConfig
 
 # f(z_t, t, r, rows) -> (x̂_u, x̂_v) or (x̂_u, x̂_v, aux): t, r are (len(rows),); ``rows``
 # indexes the batch rows these inputs belong to, so the caller slices its conditioning to
@@ -67,26 +67,6 @@ def _split(out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, t
     xu, xv = out[0], out[1]
     aux = out[2] if len(out) > 2 else xu.new_zeros(())
     return xu, xv, aux
-
-
-class PMFConfig(BaseModel):
-    """Objective hyper-parameters (pMF B/16 defaults)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    p_mean: float = 0.8  # logit-normal location of t and r
-    p_std: float = Field(0.8, gt=0)
-    data_proportion: float = Field(0.5, ge=0, le=1)  # share of each batch with r = t
-    t_min: float = Field(0.05, gt=0, lt=1)  # clip(t, t_min, 1) in the velocity denominators
-    norm_p: float = 1.0  # adaptive weight exponent
-    norm_eps: float = 0.01
-    v_loss_weight: float = 1.0  # auxiliary v-head term
-    jvp: Literal["exact", "finite_difference"] = "exact"  # how du/dt is computed (see above)
-    fd_scheme: Literal["central", "one_sided"] = "central"
-    # h in units of t. The UNet embeds 1000·t sinusoidally (top frequency 1000 rad per unit
-    # t), so u turns on a t-scale of 1e-3: central at 5e-5 balances the h² truncation against
-    # float32 rounding (one_sided's optimum is ≈1e-5); see the module docstring
-    fd_step: float = Field(5e-5, gt=0, le=1e-2)
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

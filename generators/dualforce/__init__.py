@@ -1,9 +1,7 @@
 """The ``dualforce`` family (causal video + 3D-structure diffusion forcing, issue 12).
 
-Importing the package registers :class:`~generators.dualforce.family.DualForceFamily`.
+``config`` holds the typed config and spec (no torch); ``family``
+(:class:`~generators.dualforce.family.DualForceFamily`) is registered when imported. The
+package imports neither: :mod:`generators.registry` reads ``config`` to validate a train
+section and imports ``family`` on the first lookup of the family.
 """
-
-from generators.dualforce.config import DualForceConfig, DualForceSpec
-from generators.dualforce.family import DualForceFamily
-
-__all__ = ["DualForceConfig", "DualForceFamily", "DualForceSpec"]

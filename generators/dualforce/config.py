@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from generators.family import FamilyConfig, ModelSpec
+from generators.family_config import FamilyConfig, ModelSpec
 
 FAMILY = "dualforce"
 Stage = Literal["stage1", "stage2", "stage3"]

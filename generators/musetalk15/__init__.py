@@ -1,8 +1,8 @@
 """The ``musetalk15`` baseline family (MuseTalk 1.5 layout, one-step latent regression).
 
-Importing the package registers :class:`~generators.musetalk15.family.Musetalk15Family`.
+Modules: ``config`` (typed config, no torch), ``model`` (the latent UNet and its spec),
+``data`` (feature files → batches), ``family``
+(:class:`~generators.musetalk15.family.Musetalk15Family`, registered when imported). The
+package imports none of them: :mod:`generators.registry` reads ``config`` to validate a
+train section and imports ``family`` on the first lookup of the family.
 """
-
-from generators.musetalk15.family import Musetalk15Config, Musetalk15Family
-
-__all__ = ["Musetalk15Config", "Musetalk15Family"]

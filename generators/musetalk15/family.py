@@ -3,25 +3,27 @@
 Training minimises the MSE between the predicted and the true latents of a frame (no
 noise, timestep 0); sampling is the same single forward pass with a fixed reference frame
 of the clip. Both read the Engram memory bank as a mouth prior in the input channels.
+
+:meth:`Musetalk15Family.load_official` turns the released MuseTalk 1.5 UNet (imported with
+``talkforge models import musetalk15-official DIR``) into a sampling baseline: its spec is
+an :class:`~generators.musetalk15.official.OfficialUNetSpec`, for which the family reads
+Whisper features and the SD-VAE ``latents`` + ``masked_latents`` (no HuBERT, no memory
+bank) and samples through the official data path (:mod:`generators.musetalk15.official`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from diffusers import UNet2DConditionModel as UNet
 
-from generators.family import (
-    Batch,
-    DataLayout,
-    FamilyConfig,
-    FeatureClip,
-    ModelFamily,
-    ModelSpec,
-)
+from generators.family import Batch, DataLayout, FeatureClip, ModelFamily
+from generators.family_config import FamilyConfig, ModelSpec
+from generators.musetalk15.config import FAMILY, Musetalk15Config
 from generators.musetalk15.data import (
     AUDIO,
     LATENTS,
@@ -33,7 +35,6 @@ from generators.musetalk15.data import (
     step_picks,
 )
 from generators.musetalk15.model import (
-    FAMILY,
     LatentUNetSpec,
     audio_window_tokens,
     build_unet_from_spec,
@@ -42,15 +43,17 @@ from generators.musetalk15.model import (
     spec_summary,
     unet_input,
 )
+from generators.musetalk15.official import (
+    MASKED,
+    WHISPER,
+    OfficialClip,
+    OfficialUNetSpec,
+    official_spec,
+    prepare_official_clip,
+    sample_official,
+)
 from generators.registry import register
-
-
-class Musetalk15Config(FamilyConfig):
-    family: Literal["musetalk15"] = FAMILY
-    audio_window_frames: int = Field(2, ge=0, le=16, description="w: frames t-w..t+w")
-    unet: Literal["tiny", "full"] = Field(
-        "tiny", description="tiny (~0.4 M params, CPU) or the full musetalk.json layout"
-    )
+from models.musetalk15_official import read_official_unet
 
 
 @dataclass
@@ -80,6 +83,20 @@ class Musetalk15Family(ModelFamily[Musetalk15Config, LatentUNetSpec]):
     features: ClassVar[dict[str, str]] = {k: TENSOR_NAMES[k] for k in (LATENTS, AUDIO)}
     uses_memory_bank: ClassVar[bool] = True
 
+    # the official baseline (OfficialUNetSpec) reads other features than trained checkpoints
+    def features_for(self, spec: LatentUNetSpec | OfficialUNetSpec) -> dict[str, str]:
+        if isinstance(spec, OfficialUNetSpec):
+            return {LATENTS: TENSOR_NAMES[LATENTS], WHISPER: "features"}
+        return dict(self.features)
+
+    def extra_tensors_for(
+        self, spec: LatentUNetSpec | OfficialUNetSpec
+    ) -> dict[str, tuple[str, ...]]:
+        return {LATENTS: (MASKED,)} if isinstance(spec, OfficialUNetSpec) else {}
+
+    def uses_memory_bank_for(self, spec: LatentUNetSpec | OfficialUNetSpec) -> bool:
+        return not isinstance(spec, OfficialUNetSpec)
+
     def make_spec(self, layout: DataLayout) -> LatentUNetSpec:
         lat, hub = layout.shapes[LATENTS], layout.shapes[AUDIO]
         if len(lat) != 3 or len(hub) != 2:
@@ -100,6 +117,20 @@ class Musetalk15Family(ModelFamily[Musetalk15Config, LatentUNetSpec]):
 
     def describe(self, spec: LatentUNetSpec) -> str:
         return spec_summary(spec)
+
+    def load_official(self, weights: Path, layout: DataLayout) -> tuple[OfficialUNetSpec, UNet]:
+        """The released MuseTalk 1.5 UNet (``musetalk.json`` + ``unet.pth`` or
+        ``unet.safetensors``, read without unpickling code) as an eval-mode
+        ``UNet2DConditionModel``, loaded strictly. ``ValueError`` when the clips' ``layout``
+        cannot feed it (see :func:`~generators.musetalk15.official.official_spec`)."""
+        config, state = read_official_unet(weights)
+        spec = official_spec(config, layout)
+        try:
+            model = UNet(**spec.unet_config)
+        except TypeError as exc:  # a key UNet2DConditionModel does not take
+            raise ValueError(f"{weights}: musetalk.json is not a UNet config: {exc}") from exc
+        model.load_state_dict(state, strict=True)
+        return spec, model.eval()
 
     # ------------------------------------------------------------------ training
 
@@ -125,11 +156,15 @@ class Musetalk15Family(ModelFamily[Musetalk15Config, LatentUNetSpec]):
 
     def prepare_clip(
         self,
-        spec: LatentUNetSpec,
+        spec: LatentUNetSpec | OfficialUNetSpec,
         features: dict[str, torch.Tensor],
         bank: dict[str, torch.Tensor] | None,
         reference_frame: int,
-    ) -> PreparedClip:
+    ) -> PreparedClip | OfficialClip:
+        """Official spec: each frame is its own reference (``reference_frame`` and ``bank``
+        are unused); trained spec: the fixed ``reference_frame`` and the Engram prior."""
+        if isinstance(spec, OfficialUNetSpec):
+            return prepare_official_clip(spec, features)
         latents, hubert = features[LATENTS], features[AUDIO]
         if latents.ndim != 4 or hubert.ndim != 3 or latents.shape[0] == 0:
             raise ValueError(f"latents {tuple(latents.shape)} / hubert {tuple(hubert.shape)}")
@@ -148,8 +183,10 @@ class Musetalk15Family(ModelFamily[Musetalk15Config, LatentUNetSpec]):
         return PreparedClip(tensors, ref, spec.audio_window_frames)
 
     def sample(
-        self, model: torch.nn.Module, clip: PreparedClip, frames: torch.Tensor
+        self, model: torch.nn.Module, clip: PreparedClip | OfficialClip, frames: torch.Tensor
     ) -> torch.Tensor:
+        if isinstance(clip, OfficialClip):
+            return sample_official(model, clip, frames)
         device = next(model.parameters()).device
         t = clip.tensors
         target = t.latents[frames].float()

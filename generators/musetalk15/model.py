@@ -29,9 +29,8 @@ from typing import Any, Literal
 import torch
 from diffusers import UNet2DConditionModel
 
-from generators.family import ModelSpec
-
-FAMILY = "musetalk15"
+from generators.family_config import ModelSpec
+from generators.musetalk15.config import FAMILY
 
 
 def tiny_unet_config(

@@ -21,9 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from generators.blocks.engram import EngramConfig
-from generators.blocks.pmf import PMFConfig
-from generators.family import FamilyConfig, ModelSpec
+from generators.blocks.config import EngramConfig, PMFConfig
+from generators.family_config import FamilyConfig, ModelSpec
 from models.registry import ModelSpec as RegistrySpec
 
 FAMILY = "musetalk2"
@@ -187,10 +186,10 @@ class Musetalk2Config(FamilyConfig):
     perceptual_options: PerceptualOptions = PerceptualOptions()
     pmf: PMFConfig = PMFConfig()
     sampling: SamplingOptions = SamplingOptions()
-    vgg19: RegistrySpec = RegistrySpec(family="vgg19", source="models/vgg19")
-    lpips: RegistrySpec = RegistrySpec(family="lpips-vgg", source="models/lpips-vgg")
+    vgg19: RegistrySpec = RegistrySpec(family="vgg19", source="./models/vgg19")
+    lpips: RegistrySpec = RegistrySpec(family="lpips-vgg", source="./models/lpips-vgg")
     syncnet: RegistrySpec = RegistrySpec(
-        family="syncnet-latentsync", source="models/syncnet-latentsync"
+        family="syncnet-latentsync", source="./models/syncnet-latentsync"
     )
 
     @model_validator(mode="before")

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from generators.blocks.engram import EngramConfig, engram_rows, own_hashing
+from generators.blocks.config import EngramConfig, PMFConfig
+from generators.blocks.engram import engram_rows, own_hashing
 from generators.blocks.engram_hash import assign_codes, make_primes
-from generators.blocks.pmf import PMFConfig, sample_times
+from generators.blocks.pmf import sample_times
 from generators.family import FeatureClip
 from generators.io import read_metadata, read_tensor, tensor_shape
 from generators.musetalk2.audio import audio_tokens

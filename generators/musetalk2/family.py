@@ -29,15 +29,8 @@ from safetensors.torch import load_file
 
 from generators.blocks.engram import engram_rows
 from generators.blocks.engram_hash import assign_codes, read_bank
-from generators.family import (
-    Batch,
-    DataLayout,
-    FamilyConfig,
-    FeatureClip,
-    ModelFamily,
-    ModelSpec,
-    unwrap,
-)
+from generators.family import Batch, DataLayout, FeatureClip, ModelFamily, unwrap
+from generators.family_config import FamilyConfig, ModelSpec
 from generators.io import read_metadata
 from generators.musetalk2.config import (
     FAMILY,

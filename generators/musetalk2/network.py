@@ -32,8 +32,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from generators.blocks.config import PMFConfig
 from generators.blocks.gated_attention import install_gated_attention
-from generators.blocks.pmf import PMFConfig, flow_matching_objective, one_step_sample, pmf_objective
+from generators.blocks.pmf import flow_matching_objective, one_step_sample, pmf_objective
 from generators.musetalk2.config import Musetalk2Spec
 from generators.musetalk2.levels import Context, LevelComponents, run_unet
 
