@@ -10,21 +10,26 @@ and only comparable between runs of the same size.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from metrics.frechet import frechet_of_features
-from models.inception_fid import FidInception
+
+if TYPE_CHECKING:
+    from models.inception_fid import FidInception
 
 
-@torch.inference_mode()
 def inception_features(model: FidInception, frames: np.ndarray, batch: int = 16) -> np.ndarray:
     """``(N, H, W, 3)`` uint8 RGB → ``(N, 2048)`` float32 pool features."""
+    import torch
+
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(frames), batch):
-        x = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch])).to(device)
-        out.append(model(x.permute(0, 3, 1, 2).float() / 255.0).float().cpu().numpy())
+    with torch.inference_mode():
+        for i in range(0, len(frames), batch):
+            x = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch])).to(device)
+            out.append(model(x.permute(0, 3, 1, 2).float() / 255.0).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 2048), np.float32)
 
 

@@ -10,12 +10,18 @@ curve (FVD at 32 / 128 / 256 / 512 frames over the clips at least that long).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
-import torch
 
 from metrics.frechet import frechet_of_features
-from models.i3d import I3D, INPUT_PX, WINDOW_FRAMES
+
+if TYPE_CHECKING:
+    from models.i3d import I3D
+
+INPUT_PX = 224  # I3D's input: 16-frame windows of 224 px frames
+WINDOW_FRAMES = 16
 
 PROTOCOL_START = 20
 CURVE_LENGTHS = (32, 128, 256, 512)
@@ -46,15 +52,17 @@ def windows_upto(frames: np.ndarray, n: int) -> list[np.ndarray]:
     ]
 
 
-@torch.inference_mode()
 def i3d_features(model: I3D, windows: list[np.ndarray]) -> np.ndarray:
     """Windows ``(16, 224, 224, 3)`` uint8 RGB → ``(W, 400)`` float32 features."""
+    import torch
+
     device = next(model.parameters()).device
     out = []
-    for w in windows:
-        x = torch.from_numpy(np.ascontiguousarray(w)).to(device)
-        x = x.permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, T, H, W] in [-1, 1]
-        out.append(model(x).float().cpu().numpy())
+    with torch.inference_mode():
+        for w in windows:
+            x = torch.from_numpy(np.ascontiguousarray(w)).to(device)
+            x = x.permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # [1, 3, T, H, W] in [-1, 1]
+            out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 400), np.float32)
 
 

@@ -47,6 +47,16 @@ def register(info: MetricInfo) -> MetricInfo:
     return info
 
 
+def base_metric(key: str) -> str:
+    """``acd_at_32`` → ``acd``; ``fvd_at_128`` → ``fvd``; others unchanged."""
+    return key.split("_at_")[0]
+
+
+def for_setting(values: dict[str, float], setting: Setting) -> dict[str, float]:
+    """The values of the metrics that mean something in ``setting`` (see :data:`METRICS`)."""
+    return {k: v for k, v in values.items() if setting in METRICS[base_metric(k)].settings}
+
+
 def metrics_for(setting: Setting, level: Level | None = None) -> list[MetricInfo]:
     """The metrics that apply in ``setting`` (optionally of one level), in registry order."""
     return [

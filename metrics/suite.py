@@ -6,9 +6,9 @@ caller through the model registry). :meth:`MetricSuite.describe` runs the networ
 one side of a comparison (a generated video or the ground truth) — identity embeddings,
 pose, Inception and I3D features, SyncNet scores against the driving audio — and
 :meth:`MetricSuite.compare` turns a generated side and the ground-truth side into numbers
-(:func:`for_setting` keeps those that mean something in a setting). The ground-truth row is
-``compare(truth, truth)``: PSNR at its cap, SSIM 1, LPIPS 0, APD 0, CSIM 1 (FID/FVD 0 at set
-level); its Sync-C/D are the real clip's with its own audio.
+(:func:`metrics.registry.for_setting` keeps those that mean something in a setting). The
+ground-truth row is ``compare(truth, truth)``: PSNR at its cap, SSIM 1, LPIPS 0, APD 0, CSIM 1
+(FID/FVD 0 at set level); its Sync-C/D are the real clip's with its own audio.
 
 ``timings`` accumulates, per metric family (``pixel`` for PSNR/SSIM, else the network
 family), the seconds spent and frames seen: what ``benchmarks/bench_evaluate.py`` reports.
@@ -40,16 +40,6 @@ from models.liveportrait import load_motion_extractor
 from models.lpips_net import load_lpips
 
 ALL_SETTINGS = frozenset(Setting)
-
-
-def base_metric(key: str) -> str:
-    """``acd_at_32`` → ``acd``; ``fvd_at_128`` → ``fvd``; others unchanged."""
-    return key.split("_at_")[0]
-
-
-def for_setting(values: dict[str, float], setting: Setting) -> dict[str, float]:
-    """The values of the metrics that mean something in ``setting`` (see the registry)."""
-    return {k: v for k, v in values.items() if setting in METRICS[base_metric(k)].settings}
 
 
 @dataclass(frozen=True)
@@ -200,9 +190,9 @@ class MetricSuite:
     ) -> dict[str, float]:
         """Clip-level values (means over frames) of the enabled metrics that apply in any of
         ``settings``, ``gen`` against the first ``len(gen.frames)`` frames of ``truth``
-        (filter per setting with :func:`for_setting`). ``compare(truth, truth)`` is the
-        ground-truth row (PSNR cap, SSIM 1, CSIM 1, APD 0); its LPIPS is 0 without running
-        the network on a frame against itself."""
+        (filter per setting with :func:`metrics.registry.for_setting`). ``compare(truth,
+        truth)`` is the ground-truth row (PSNR cap, SSIM 1, CSIM 1, APD 0); its LPIPS is 0
+        without running the network on a frame against itself."""
         want = self._wanted(settings)
         out: dict[str, float] = {}
         n = min(len(gen.frames), len(truth.frames))

@@ -21,22 +21,17 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
-from models.syncnet import (
-    FPS,
-    LIP_FRAMES,
-    LIP_SIZE_PX,
-    SAMPLE_RATE_HZ,
-    SyncScores,
-    load_syncnet,
-    mfcc,
-    mfcc_windows,
-    sync_scores,
-)
+from models.syncnet_spec import FPS, LIP_FRAMES, LIP_SIZE_PX, SAMPLE_RATE_HZ
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.syncnet import SyncScores
 
 MAX_LAG_FRAMES = 15
 SYNCNET_CROP_SCALE = 0.4  # syncnet_python's ``cs``
@@ -91,6 +86,8 @@ class SyncNetScorer:
     """SyncNet offset, Sync-C and Sync-D of a clip (25 fps, 16 kHz); loads the net once."""
 
     def __init__(self, weights: Path, device: str = "cpu", batch_windows: int = 16) -> None:
+        from models.syncnet import load_syncnet
+
         self.device = device
         self.model = load_syncnet(weights, device)
         self.batch_windows = max(1, batch_windows)
@@ -132,11 +129,15 @@ class SyncNetScorer:
         max_lag: int = MAX_LAG_FRAMES,
     ) -> SyncScores:
         """The per-lag mean distances and scores of the first ``count`` windows."""
+        from models.syncnet import sync_scores
+
         lips = self.lip_embeddings(frames, crop_affines, count)
         return sync_scores(lips, self.audio_embeddings(samples, count), max_lag)
 
     def audio_embeddings(self, samples: np.ndarray, count: int) -> np.ndarray:
         """``(count, 1024)`` embeddings of the MFCC windows of 16 kHz ``samples``."""
+        from models.syncnet import mfcc, mfcc_windows
+
         windows = mfcc_windows(mfcc(samples, SAMPLE_RATE_HZ), count)
         return self._embed(windows, self.model.forward_aud)
 
@@ -149,6 +150,8 @@ class SyncNetScorer:
     def _embed(
         self, inputs: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]
     ) -> np.ndarray:
+        import torch
+
         out = []
         with torch.inference_mode():
             for start in range(0, len(inputs), self.batch_windows):
@@ -176,6 +179,8 @@ class SyncNetScorer:
             yield self._lips(buf)
 
     def _lips(self, frames: list[np.ndarray]) -> np.ndarray:
+        import torch
+
         stack = torch.from_numpy(np.stack(frames)).float()  # [F, 224, 224, 3]
         windows = stack.unfold(0, LIP_FRAMES, 1)  # [F − 4, 224, 224, 3, 5]
         return self._embed(windows.permute(0, 3, 4, 1, 2), self.model.forward_lip)

@@ -37,7 +37,6 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ import cv2
 import numpy as np
 import torch
 
+from models.face_detection import DETECTOR_NAMES, Detection, mtcnn_weights_dir
 from models.fingerprint import ModelFingerprint
 from models.mtcnn_cascade import LIBRARY_GROUP_IOU, detect_faces
 from models.registry import ModelSpec, ModelUnavailableError
@@ -54,60 +54,8 @@ from models.retinaface_weights import (
     FlavourChoice,
     load_retinaface_model,
     resolve_retinaface_weights,
-    retinaface_hub_path,
 )
 from storage.store import sha256_file
-
-DETECTOR_NAMES = ("mtcnn", "retinaface")
-
-
-@dataclass(frozen=True, slots=True)
-class Detection:
-    """One face: box corners in pixels of the input frame, detector score, 5 landmarks."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    landmarks: tuple[tuple[float, float], ...]  # 5 (x, y) points, or () when unavailable
-
-    @property
-    def width(self) -> float:
-        return self.x2 - self.x1
-
-    @property
-    def height(self) -> float:
-        return self.y2 - self.y1
-
-    @property
-    def size_px(self) -> float:
-        """The face's side: ``max(width, height)``, the quantity crops and size rules use."""
-        return max(self.width, self.height)
-
-    @property
-    def area(self) -> float:
-        return max(self.width, 0.0) * max(self.height, 0.0)
-
-    def box(self) -> np.ndarray:
-        return np.array([self.x1, self.y1, self.x2, self.y2], dtype=np.float64)
-
-    def scaled(self, factor: float) -> Detection:
-        """The same detection in pixels of a frame ``factor`` times larger."""
-        x1, y1, x2, y2 = (v * factor for v in (self.x1, self.y1, self.x2, self.y2))
-        points = tuple((x * factor, y * factor) for x, y in self.landmarks)
-        return Detection(x1, y1, x2, y2, self.score, points)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two ``x1, y1, x2, y2`` boxes."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 class FaceDetector(ABC):
@@ -260,13 +208,6 @@ def _points(lm: np.ndarray) -> tuple[tuple[float, float], ...]:
     return tuple((float(x), float(y)) for x, y in lm.reshape(5, 2))
 
 
-def mtcnn_weights_dir() -> Path:
-    """The ``data/`` folder of the installed facenet-pytorch (pnet/rnet/onet ``.pt``)."""
-    import facenet_pytorch
-
-    return Path(facenet_pytorch.__file__).resolve().parent / "data"
-
-
 class RetinaFaceDetector(FaceDetector):
     """retinaface-pytorch's ResNet-50 RetinaFace, batched on the network.
 
@@ -408,13 +349,3 @@ def load_detector(
         raise ValueError(f"unknown face detector {name!r}; choose one of {DETECTOR_NAMES}")
     detector.num_threads = num_threads
     return detector
-
-
-def detector_model_spec(name: str, weights_path: str | None) -> ModelSpec:
-    """The registry spec for a detector's weights, without loading the network."""
-    if name == "mtcnn":
-        return ModelSpec(family="mtcnn", source=str(mtcnn_weights_dir()))
-    if name == "retinaface":  # a missing file fails in ensure_model, with the fix to apply
-        path = Path(weights_path).expanduser() if weights_path else retinaface_hub_path()
-        return ModelSpec(family="retinaface", source=str(path))
-    raise ValueError(f"unknown face detector {name!r}; choose one of {DETECTOR_NAMES}")

@@ -27,8 +27,6 @@ from models.registry import ModelSpec, ModelUnavailableError, register_tiny_buil
 FAMILY = "i3d"
 WEIGHTS_FILE = "i3d_pretrained_400.pt"
 NUM_CLASSES = 400
-INPUT_PX = 224
-WINDOW_FRAMES = 16
 
 Triple = tuple[int, int, int]
 

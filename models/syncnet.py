@@ -32,17 +32,14 @@ import torch
 from torch import nn
 
 from models.checkpoints import load_into, read_state_dict
-from models.registry import ModelSpec, ModelUnavailableError, register_tiny_builder
+from models.registry import ModelUnavailableError, register_tiny_builder
+from models.syncnet_spec import SAMPLE_RATE_HZ
 
 WEIGHTS_FILE = "syncnet_v2.model"
 EMBED_DIM = 1024
-FPS = 25.0
-SAMPLE_RATE_HZ = 16_000
 MFCC_RATE_HZ = 100
 MFCC_PER_FRAME = 4  # 100 Hz MFCC steps per 25 fps video frame
 MFCC_WINDOW = 20  # steps per audio window (0.2 s)
-LIP_FRAMES = 5
-LIP_SIZE_PX = 224
 INT16_SCALE = 32768.0
 
 
@@ -157,11 +154,6 @@ def build_random_syncnet(directory: Path, seed: int) -> None:
     """
     torch.manual_seed(seed)
     save_state_dict(SyncNet(), directory / WEIGHTS_FILE)
-
-
-def syncnet_model_spec(weights: str) -> ModelSpec:
-    """The registry spec of a SyncNet weights file or directory (local path only)."""
-    return ModelSpec(family="syncnet", source=weights)
 
 
 def _hz_to_mel(hz: np.ndarray | float) -> np.ndarray:

@@ -25,22 +25,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 from safetensors import safe_open
-from sklearn.cluster import KMeans
 
-from generators.blocks.engram_hash import (
-    assign_codes,
-    collision_rates,
-    hash_ngrams,
-    make_multipliers,
-    make_primes,
-    ngram_context,
-)
-from models.safetensors_io import save_file
 from tasks.base import (
     AggregateInputs,
     FailureKind,
@@ -54,6 +43,9 @@ from tasks.engram_config import EngramConfig
 from tasks.records import ClipFeatures, MemoryBank
 from tasks.split import is_heldout
 
+if TYPE_CHECKING:
+    import torch
+
 
 def mouth_region(latents: torch.Tensor, rows: str = "lower_half") -> torch.Tensor:
     """The mouth part of latents ``(..., h, w)``: rows ``h//2:`` for ``lower_half``."""
@@ -66,12 +58,16 @@ def _mouth_shape(latent_shape: list[int], rows: str) -> list[int]:
     """Per-frame value shape ``[C, h_mouth, w]`` for latents declared as ``[T, C, h, w]``."""
     if len(latent_shape) != 4:
         raise ItemFailure(FailureKind.FORMAT, f"latents declared as {latent_shape}, not T,C,h,w")
+    import torch
+
     probe = torch.empty(0, *latent_shape[1:])
     return list(mouth_region(probe, rows).shape[1:])
 
 
 def fit_codebook(features: np.ndarray, size: int, seed: int, iters: int) -> np.ndarray:
     """Seeded k-means (k-means++ init, one run) over ``(N, D)`` features → ``(size, D)``."""
+    from sklearn.cluster import KMeans
+
     km = KMeans(n_clusters=size, n_init=1, max_iter=iters, random_state=seed)
     km.fit(np.asarray(features, dtype=np.float32))
     return km.cluster_centers_.astype(np.float32)
@@ -99,6 +95,17 @@ class EngramStage(Stage[EngramConfig]):
         return not is_heldout(item_id, self.env)
 
     def process(self, inputs: AggregateInputs, ctx: ItemContext) -> MemoryBank:
+        import torch
+
+        from generators.blocks.engram_hash import (
+            collision_rates,
+            hash_ngrams,
+            make_multipliers,
+            make_primes,
+            ngram_context,
+        )
+        from models.safetensors_io import save_file
+
         cfg = self.config
         clips = sorted(
             (it.item_id, it.get("features", ClipFeatures))
@@ -216,6 +223,8 @@ class EngramStage(Stage[EngramConfig]):
         self, clips: list[tuple[str, ClipFeatures]], ctx: ItemContext
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """(a) Seeded k-means over per-frame audio features; one code per video frame."""
+        from generators.blocks.engram_hash import assign_codes
+
         cfg = self.config
         audio: list[np.ndarray] = []
         for clip_id, feats in clips:

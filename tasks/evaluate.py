@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import cv2
 import numpy as np
-import torch
 from safetensors.numpy import save_file
 
-from metrics.registry import Setting
-from metrics.suite import Geometry, MetricSuite, Side, for_setting
+from metrics.registry import Setting, for_setting
 from models.registry import ModelUnavailableError, ensure_model, fingerprint
 from tasks.base import (
     FailureKind,
@@ -55,6 +53,9 @@ from tasks.quality_measures import AFFINE_COLUMNS, LANDMARK_COLUMNS, landmarks, 
 from tasks.quality_sync import syncnet_crop_affines
 from tasks.records import ClipFeatures, ClipMetrics, FaceTrack, GeneratedClip, MetricRow
 from tasks.records_eval import GROUND_TRUTH, GeneratedVideo
+
+if TYPE_CHECKING:
+    from metrics.suite import Geometry, MetricSuite, Side
 
 ARCFACE_PX = 112
 
@@ -103,6 +104,10 @@ class EvaluateStage(Stage[EvaluateConfig]):
         return list(self.config.network_specs().values())
 
     def setup(self) -> None:
+        import torch
+
+        from metrics.suite import MetricSuite
+
         root = Path(self.env.data_root)
         paths: dict[str, Path] = {}
         origins: dict[str, str] = {}
@@ -180,6 +185,8 @@ class EvaluateStage(Stage[EvaluateConfig]):
         cached: dict[str, MetricRow | None],
     ) -> dict[str, MetricRow]:
         """Decode the ground truth once and each uncached video once; commit their rows."""
+        from metrics.suite import Geometry
+
         assert self.suite is not None
         cfg = self.config
         truth = decode(ctx.local_path(face.crops), cfg.chunk_frames)

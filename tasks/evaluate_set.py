@@ -21,8 +21,7 @@ from safetensors.numpy import load_file
 
 from metrics.fid import fid
 from metrics.fvd import CURVE_LENGTHS, fvd
-from metrics.registry import METRICS
-from metrics.suite import base_metric
+from metrics.registry import METRICS, base_metric
 from tasks.base import (
     AggregateInputs,
     FailureKind,

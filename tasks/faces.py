@@ -27,13 +27,13 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.face_detector import FaceDetector, detector_model_spec, load_detector
+from models.face_detection import detector_model_spec
 from tasks.base import FailureKind, ItemContext, ItemFailure, ItemInputs, Stage
 from tasks.faces_config import FacesConfig
 from tasks.faces_keyframes import KeyframeDetector
@@ -41,6 +41,9 @@ from tasks.faces_stream import FaceStream, StreamResult
 from tasks.faces_track import SOURCE_DETECTED, SOURCE_INTERPOLATED, SOURCE_TRACKED
 from tasks.media import ReadAhead, VideoWriter, iter_frames
 from tasks.records import FaceTrack, NormalizedClip
+
+if TYPE_CHECKING:
+    from models.face_detector import FaceDetector
 
 # Frames waiting in the look-ahead keep their whole decoded chunk alive, so smaller chunks
 # lower peak memory (bench_faces' 2000-frame clip: 1160 MiB at 32 frames, 1056 at 16) at
@@ -99,6 +102,8 @@ class FacesStage(Stage[FacesConfig]):
         return [detector_model_spec(self.config.detector, self._weights_path())]
 
     def setup(self) -> None:
+        from models.face_detector import load_detector
+
         cfg = self.config
         device = "cuda" if cfg.resources.num_gpus > 0 else "cpu"
         self.detector = load_detector(

@@ -21,11 +21,15 @@ the first keyframe, after a shot change and after any miss (:mod:`tasks.faces_st
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from models.face_detector import Detection, FaceDetector
+from models.face_detection import Detection
+
+if TYPE_CHECKING:
+    from models.face_detector import FaceDetector
 
 ADAPTIVE_GROUP_IOU = 0.3  # one O-net box per face (models.mtcnn_cascade); misses are retried
 

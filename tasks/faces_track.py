@@ -28,7 +28,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from models.face_detector import Detection, iou
+from models.face_detection import Detection, iou
 from tasks.base import FailureKind, ItemFailure
 
 SOURCE_DETECTED = "detected"

@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 
 from metrics.sync import SyncNetScorer
-from models.syncnet import syncnet_model_spec
+from models.syncnet_spec import syncnet_model_spec
 from tasks.base import ItemContext, ItemInputs, Stage
 from tasks.media import read_wav, write_wav
 from tasks.quality_audio import SileroVad, silero_model_spec

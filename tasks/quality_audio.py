@@ -19,11 +19,11 @@ dB); espeak-ng speech with white noise of σ = 0.05 measures ≈ 6 dB.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from models.registry import ModelSpec
 from tasks.base import FailureKind, ItemFailure
@@ -33,10 +33,12 @@ POWER_FLOOR = 1e-10
 
 
 def silero_weights_path() -> Path:
-    """The TorchScript model inside the installed silero-vad package."""
-    import silero_vad
-
-    return Path(silero_vad.__file__).resolve().parent / "data" / "silero_vad.jit"
+    """The TorchScript model inside the installed silero-vad package, found without importing
+    the package (which imports torch)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("No module named 'silero_vad'", name="silero_vad")
+    return Path(spec.origin).resolve().parent / "data" / "silero_vad.jit"
 
 
 def silero_model_spec() -> ModelSpec:
@@ -71,6 +73,8 @@ class SileroVad:
         self.window_samples(rate_hz)
         if samples.size == 0:
             return np.zeros(0, dtype=np.float32)
+        import torch
+
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

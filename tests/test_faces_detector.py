@@ -19,13 +19,8 @@ import pytest
 import torch
 from skimage import data
 
-from models.face_detector import (
-    MtcnnDetector,
-    RetinaFaceDetector,
-    detector_model_spec,
-    load_detector,
-    mtcnn_weights_dir,
-)
+from models.face_detection import detector_model_spec, mtcnn_weights_dir
+from models.face_detector import MtcnnDetector, RetinaFaceDetector, load_detector
 from models.registry import ModelUnavailableError
 from models.retinaface_weights import (
     FLAVOURS,

@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from models.face_detector import iou, load_detector
+from models.face_detection import iou
+from models.face_detector import load_detector
 from tasks.base import FailureKind, ItemFailure
 from tasks.faces_align import affine_square, aligned_affines, box_affines
 from tasks.faces_config import FacesConfig

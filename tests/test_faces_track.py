@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.face_detector import Detection
+from models.face_detection import Detection
 from tasks.base import FailureKind, ItemFailure
 from tasks.faces_track import (
     SOURCE_DETECTED,

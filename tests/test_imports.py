@@ -30,9 +30,9 @@ HEAVY = (
 )
 
 
-def _heavy_after(code: str) -> list[str]:
-    """The heavy modules a fresh interpreter holds after running ``code``."""
-    report = f"import json, sys; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+def _heavy_after(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """The ``heavy`` modules a fresh interpreter holds after running ``code``."""
+    report = f"import json, sys; print(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
     done = subprocess.run(
         [sys.executable, "-c", f"{code}\n{report}"],
         cwd=REPO,
@@ -76,3 +76,32 @@ def test_every_stage_resolves_to_its_class_and_its_config_section():
         cls = STAGES[name]
         assert cls.name == name
         assert isinstance(config.stage(name), cls.config_type), name
+
+
+# stages whose module, class and planning-time methods need none of these (the rest still
+# import them at module level)
+PLANNING_LIGHT_STAGES = ("faces", "quality", "engram", "evaluate", "evaluate_set")
+PLANNING_FREE = (
+    "torch",
+    "torchvision",
+    "transformers",
+    "diffusers",
+    "facenet_pytorch",
+    "sklearn",
+    "scipy",
+)
+
+
+def test_planning_a_stage_imports_none_of_its_models_libraries(tmp_path):
+    code = f"""
+from talkforge.config import load_config
+from talkforge.stages import STAGES
+from tasks.base import StageEnv
+
+env = StageEnv(data_root={str(tmp_path)!r}, store_uri={str(tmp_path / "store")!r}, run_id="t")
+for name in {PLANNING_LIGHT_STAGES!r}:
+    stage = STAGES[name](load_config(None).stage(name), env)
+    stage.model_specs()
+    stage.pool_specs()
+"""
+    assert _heavy_after(code, PLANNING_FREE) == []

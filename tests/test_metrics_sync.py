@@ -22,7 +22,8 @@ import torch
 
 from metrics.sync import SyncNetScorer, syncnet_crop_affines
 from models.registry import ModelSpec, ensure_model
-from models.syncnet import LIP_FRAMES, mfcc, mfcc_windows, sync_scores
+from models.syncnet import mfcc, mfcc_windows, sync_scores
+from models.syncnet_spec import LIP_FRAMES
 from tasks.media import iter_frames, probe, read_wav
 from tests.faces_helpers import real_clips
 
