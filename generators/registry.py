@@ -17,7 +17,7 @@ nope}`` fails at start naming the registered families.
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 from typing import TYPE_CHECKING, Annotated, Any, Union, get_args
 
 from pydantic import BaseModel, BeforeValidator, Discriminator, Tag
@@ -47,11 +47,6 @@ BUILTINS: dict[str, tuple[str, str]] = {
 _FAMILIES: dict[str, type[ModelFamily]] = {}
 
 
-def _load(path: str) -> Any:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def _path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -71,7 +66,7 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
     owner = builtin[1] if builtin is not None else known and _path(known)
     if owner and owner != _path(cls):
         raise ValueError(f"model family {cls.name!r} is already registered by {owner}")
-    if builtin is not None and cls.config_type is not _load(builtin[0]):
+    if builtin is not None and cls.config_type is not pkgutil.resolve_name(builtin[0]):
         raise TypeError(f"{cls.__name__}: config_type must be {builtin[0]}")
     _FAMILIES[cls.name] = cls
     return cls
@@ -87,14 +82,14 @@ def config_type(name: str) -> type[FamilyConfig]:
     if name in _FAMILIES:
         return _FAMILIES[name].config_type
     if name in BUILTINS:
-        return _load(BUILTINS[name][0])
+        return pkgutil.resolve_name(BUILTINS[name][0])
     raise KeyError(f"unknown model family {name!r}; registered: {names()}")
 
 
 def get(name: str) -> type[ModelFamily]:
     """The family class registered as ``name``; ``KeyError`` naming the known ones."""
     if name in BUILTINS and name not in _FAMILIES:
-        _load(BUILTINS[name][1])  # importing the module registers the class
+        pkgutil.resolve_name(BUILTINS[name][1])  # importing the module registers the class
     try:
         return _FAMILIES[name]
     except KeyError:

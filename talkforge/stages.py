@@ -10,7 +10,7 @@ config lives in a light ``tasks/<stage>_config.py``) import none of the others.
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -39,8 +39,7 @@ class _LazyStages(Mapping[str, type[Stage[Any]]]):
 
     def __getitem__(self, name: str) -> type[Stage[Any]]:
         if name not in self._loaded:
-            module, _, attr = self._paths[name].partition(":")
-            cls = getattr(importlib.import_module(module), attr)
+            cls = pkgutil.resolve_name(self._paths[name])
             if cls.name != name:
                 raise TypeError(f"{self._paths[name]} is stage {cls.name!r}, not {name!r}")
             self._loaded[name] = cls

@@ -167,23 +167,26 @@ def sinusoidal_positions(num_tokens: int, dim: int) -> torch.Tensor:
     return enc[:, :dim]
 
 
-def audio_window_tokens(
-    features: torch.Tensor, frames: torch.Tensor, window_frames: int
-) -> torch.Tensor:
-    """Cross-attention tokens for ``frames`` of a clip.
-
-    ``features`` is ``(T, S, D)`` (S audio steps per video frame). Frame ``t`` gets frames
-    ``t-w .. t+w`` (zeros beyond the clip's edges) flattened to ``(2w+1)·S`` tokens, plus the
-    sinusoidal position encoding. Returns ``(len(frames), (2w+1)·S, D)`` float32.
-    """
+def frame_windows(features: torch.Tensor, frames: torch.Tensor, window_frames: int) -> torch.Tensor:
+    """``(T, S, D)`` per-frame audio (S steps per video frame) → ``(len(frames), (2w+1)·S, D)``
+    float32: frame ``t`` gets frames ``t-w .. t+w`` in order (zeros beyond the clip's
+    edges), each frame's ``S`` steps in order. No position encoding."""
     num_frames, steps, dim = features.shape
     offsets = torch.arange(-window_frames, window_frames + 1)
     idx = frames.long()[:, None] + offsets[None, :]  # (N, 2w+1)
     valid = (idx >= 0) & (idx < num_frames)
     gathered = features[idx.clamp(0, max(0, num_frames - 1))].float()  # (N, 2w+1, S, D)
     gathered = torch.where(valid[:, :, None, None], gathered, torch.zeros(()))
-    tokens = gathered.reshape(len(frames), (2 * window_frames + 1) * steps, dim)
-    return tokens + sinusoidal_positions(tokens.shape[1], dim)[None]
+    return gathered.reshape(len(frames), (2 * window_frames + 1) * steps, dim)
+
+
+def audio_window_tokens(
+    features: torch.Tensor, frames: torch.Tensor, window_frames: int
+) -> torch.Tensor:
+    """Cross-attention tokens for ``frames`` of a clip: :func:`frame_windows` of ``(T, S,
+    D)`` features plus the sinusoidal position encoding, ``(len(frames), (2w+1)·S, D)``."""
+    tokens = frame_windows(features, frames, window_frames)
+    return tokens + sinusoidal_positions(tokens.shape[1], tokens.shape[2])[None]
 
 
 def predict_latents(

@@ -45,7 +45,7 @@ import torch
 from generators.family import DataLayout
 from generators.family_config import ModelSpec
 from generators.musetalk15.config import FAMILY
-from generators.musetalk15.model import predict_latents
+from generators.musetalk15.model import frame_windows, predict_latents
 
 LATENTS, MASKED, WHISPER = "vae_latents", "masked_latents", "whisper"
 MASKED_KEY = f"{LATENTS}/{MASKED}"  # how the stages pass an extra tensor of a feature file
@@ -144,12 +144,7 @@ def whisper_window(
     if whisper.ndim != 4:
         raise ValueError(f"expected whisper features (T, S, L, D), got {tuple(whisper.shape)}")
     num_frames, steps, layers, dim = whisper.shape
-    offsets = torch.arange(-window_frames, window_frames + 1)
-    idx = frames.long()[:, None] + offsets[None, :]  # (N, 2w+1)
-    valid = (idx >= 0) & (idx < num_frames)
-    gathered = whisper[idx.clamp(0, max(0, num_frames - 1))].float()  # (N, 2w+1, S, L, D)
-    gathered = torch.where(valid[:, :, None, None, None], gathered, torch.zeros(()))
-    return gathered.reshape(len(frames), (2 * window_frames + 1) * steps * layers, dim)
+    return frame_windows(whisper.reshape(num_frames, steps * layers, dim), frames, window_frames)
 
 
 def official_audio_tokens(
