@@ -86,9 +86,6 @@ from tasks.pools import PoolSpec, complete_pools
 from tasks.quality_measures import landmarks, read_boxes
 from tasks.records import ClipFeatures, FaceTrack, FeatureFile, NormalizedClip, SpeechTags
 
-# feature families computed from the clip's audio (cross-audio generation swaps exactly these)
-AUDIO_FEATURES = frozenset({"hubert", "sensevoice", "whisper"})
-
 
 class FeaturesStage(Stage[FeaturesConfig]):
     """Face-crop VAE latents + frame-aligned HuBERT features for each accepted clip."""

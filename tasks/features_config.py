@@ -15,6 +15,9 @@ from tasks.base import Resources, StageConfig, stable_hash
 
 VAE_FAMILIES = ("vae-flux1", "vae-sd", "vae-flux2")
 
+# feature families computed from the clip's audio (cross-audio generation swaps exactly these)
+AUDIO_FEATURES = frozenset({"hubert", "sensevoice", "whisper"})
+
 
 class ExtractorPools(BaseModel):
     """Where each extractor runs and with what resources (see :mod:`tasks.pools`).

@@ -9,7 +9,7 @@ family's ``load_official``) — the stage writes one video per setting:
 - ``cross``: the clip's visual conditioning driven by **another held-out clip's audio**
   (its ``partner``: the held-out clip ``B ≠ A`` with the lowest ``sha256(seed:A|B)``, so the
   pairing is deterministic, recorded in every video's ``audio_clip_id`` and changes only if a
-  new clip hashes lower). Exactly the audio features (``tasks.features.AUDIO_FEATURES`` and
+  new clip hashes lower). Exactly the audio features (``tasks.features_config.AUDIO_FEATURES`` and
   their ``extra_tensors``) come from the partner; every per-frame feature is cut to the
   shorter clip.
 
@@ -55,7 +55,7 @@ from tasks.base import (
     StageConfig,
     stable_hash,
 )
-from tasks.features import AUDIO_FEATURES
+from tasks.features_config import AUDIO_FEATURES
 from tasks.generate_config import BaselineWeights, GenerateConfig
 from tasks.media import VideoWriter
 from tasks.records import (
