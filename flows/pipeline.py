@@ -12,6 +12,11 @@ Which items run is decided by the engine from the catalog, not by Prefect's resu
 results are not persisted and caching is off (``NO_CACHE``), so a resumed run is a new
 flow run that skips committed items.
 
+The leading stages with nothing to do (:meth:`talkforge.engine.Engine.settle_current`) are
+planned and recorded in one task of the run's flow, without a subflow, slot, lease or
+executor; they publish no stage artifacts (the run summary lists them). A fully cached
+re-run is therefore one flow run with two tasks.
+
 Stage subflows send no heartbeats of their own; the run's flow does (a crashed process
 stops both). Prefect joins a flow's heartbeat thread, which sleeps in 1 s steps, when the
 flow ends: about 0.6 s per stage of every run, most of a cached re-run's stage time.
@@ -54,6 +59,7 @@ from pydantic import Field
 
 from flows import request as req
 from flows.artifacts import StageProgress, publish_run_summary, publish_stage_tables
+from storage.catalog import Catalog
 from storage.lease import held_by_live_run
 from talkforge.engine import Engine, PlannedItem, RunOptions, StagePlan, StageSummary
 from talkforge.plan import LogReporter, Reporter, new_run_id
@@ -70,7 +76,7 @@ class LocalHooks:
 
     reporter: Reporter | None = None
     command: str = ""
-    on_start: Callable[[str, ResolvedRun], None] | None = None
+    on_start: Callable[[str, ResolvedRun, Catalog], None] | None = None  # the run's catalog
 
 
 _HOOKS: ContextVar[LocalHooks | None] = ContextVar("talkforge_hooks", default=None)
@@ -90,6 +96,11 @@ def local_hooks(hooks: LocalHooks) -> Iterator[None]:
 @task(name="plan-stage", cache_policy=NO_CACHE, persist_result=False)
 def plan_stage(engine: Engine, run_id: str, stage: str, options: RunOptions) -> StagePlan:
     return engine.plan(run_id, stage, options)
+
+
+@task(name="settle-current-stages", cache_policy=NO_CACHE, persist_result=False)
+def settle_current(engine: Engine, run_id: str, options: RunOptions) -> list[StageSummary]:
+    return engine.settle_current(run_id, options.stages, options)
 
 
 @task(name="run-shard", cache_policy=NO_CACHE, persist_result=False)
@@ -266,11 +277,19 @@ def talkforge_run(
     _ENGINES[run_id] = engine
     get_run_logger().info("talkforge run %s: stages %s", run_id, ", ".join(run.options.stages))
     if hooks.on_start:
-        hooks.on_start(run_id, run)
+        hooks.on_start(run_id, run, engine.catalog)
     state, message, summaries = "failed", "", []
     try:
+        current = settle_current(engine, run_id, run.options)
+        summaries = [vars(s) for s in current]
+        if current:
+            get_run_logger().info(
+                "nothing to run in stage(s) %s: recorded as current, no subflow",
+                ", ".join(s.stage for s in current),
+            )
+        settled = {s.stage for s in current}
         for stage in STAGE_ORDER:
-            if stage in run.options.stages:
+            if stage in run.options.stages and stage not in settled:
                 with temporary_settings(updates={"flows.heartbeat_frequency": None}):
                     summaries.append(
                         stage_flow.with_options(flow_run_name=f"{run_id}-{stage}")(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -52,7 +53,18 @@ def _quiet_prefect_console() -> None:
 
 
 def _execute(request: dict[str, Any]) -> str:
-    """Call the entry flow in this process with progress bars; one clear line on failure."""
+    """Call the entry flow in this process with progress bars; one clear line on failure.
+
+    Without a configured Prefect server, a temporary one boots while the run gets ready
+    (:mod:`flows.temporary_server`) and stops when the run ends.
+    """
+    from flows.temporary_server import temporary_server
+
+    with temporary_server() as wait_ready:
+        return _execute_flow(request, wait_ready)
+
+
+def _execute_flow(request: dict[str, Any], wait_ready: Callable[[], None]) -> str:
     from flows.pipeline import LocalHooks, local_hooks, talkforge_run
     from flows.request import run_log_path
     from models.registry import ModelUnavailableError
@@ -62,8 +74,7 @@ def _execute(request: dict[str, Any]) -> str:
     reporter = RichReporter(console)
     started: dict[str, Any] = {}
 
-    def on_start(run_id: str, run: Any) -> None:
-        catalog = Catalog(run.config.data_root / "catalog", run.config.catalog)
+    def on_start(run_id: str, run: Any, catalog: Catalog) -> None:
         started.update(run_id=run_id, data_root=run.config.data_root, catalog=catalog)
         console.print(
             f"run [bold]{run_id}[/] · stages: {', '.join(run.options.stages)}"
@@ -74,6 +85,7 @@ def _execute(request: dict[str, Any]) -> str:
     _quiet_prefect_console()
     run_id = ""
     try:
+        wait_ready()
         with reporter, local_hooks(hooks):
             state = talkforge_run(**request, return_state=True)
         run_id = started.get("run_id", "")

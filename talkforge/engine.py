@@ -25,8 +25,10 @@ import logging
 import time
 from typing import Any
 
+import pyarrow as pa
+
 from models.registry import fingerprint
-from storage.catalog import Catalog, from_columns
+from storage.catalog import Catalog, from_columns, to_arrow
 from storage.lease import Lease
 from storage.lease import acquire as lease_acquire
 from storage.lease import release as lease_release
@@ -184,6 +186,17 @@ class Engine:
             return self._plan(run_id, stage, options, dry_run)
 
     def _plan(self, run_id: str, stage: str, options: RunOptions, dry_run: bool) -> StagePlan:
+        plan, fresh = self._decide(run_id, stage, options, record=not dry_run)
+        if not dry_run:
+            self.catalog.append_many(self._plan_tables(plan, fresh, options))
+            self.reporter.stage_planned(plan)
+        return plan
+
+    def _decide(
+        self, run_id: str, stage: str, options: RunOptions, *, record: bool
+    ) -> tuple[StagePlan, list[Rejected]]:
+        """The stage's plan, and its rejected rows never recorded before. ``record=False``
+        writes nothing (a changed manifest is read, not ingested; the split is not saved)."""
         stage_cls = STAGES[stage]
         env = self.stage_env(run_id, stage)
         plan = StagePlan(run_id=run_id, stage=stage, env=env)
@@ -195,7 +208,7 @@ class Engine:
             env,
             plan,
             options,
-            record=not dry_run,
+            record=record,
         )
         rejected = [
             Rejected(raw_id, f, stable_hash({**common, "raw_id": raw_id, "message": f.message}))
@@ -211,21 +224,26 @@ class Engine:
             self.config.execution.max_attempts,
         )
         if stage_cls.uses_split:  # a split with nothing held out says so, not silence
-            if not dry_run:
+            if record:
                 self._split.record(run_id)
             if not plan.total and self._split.plan(run_id).problem():
                 plan.blocked_reason = self._split.plan(run_id).problem()
-        if dry_run:
-            return plan
+        return plan, fresh
+
+    def _plan_tables(
+        self, plan: StagePlan, fresh: list[Rejected], options: RunOptions
+    ) -> dict[str, Any]:
+        """The rows that record a plan: its items' actions, its counts, new rejections."""
+        stage_cls = STAGES[plan.stage]
         planned_at = now_utc()
         rows = [(i.item_id, i.item_key, i.action) for i in plan.items]
         rows += [(item_id, "", "dropped") for item_id in plan.dropped]
-        tables = self._outcome_rows(plan, {}, [discovery_failure(r) for r in fresh])
+        tables: dict[str, Any] = self._outcome_rows(plan, {}, [discovery_failure(r) for r in fresh])
         tables["plans"] = from_columns(
             "plans",
             {
-                "run_id": [run_id] * len(rows),
-                "stage": [stage] * len(rows),
+                "run_id": [plan.run_id] * len(rows),
+                "stage": [plan.stage] * len(rows),
                 "item_id": [r[0] for r in rows],
                 "item_key": [r[1] for r in rows],
                 "action": [r[2] for r in rows],
@@ -234,8 +252,8 @@ class Engine:
         )
         tables["stage_runs"] = [
             {
-                "run_id": run_id,
-                "stage": stage,
+                "run_id": plan.run_id,
+                "stage": plan.stage,
                 "planned_at": planned_at,
                 "complete": options.limit is None,
                 "lists_all": len(plan.items) == plan.total,
@@ -248,14 +266,51 @@ class Engine:
                 "dropped": len(plan.dropped),
                 "blocked_reason": plan.blocked_reason,
                 "code_version": stage_cls.code_version,
-                "config_hash": common["config_hash"],
+                "config_hash": self.config.stage(plan.stage).params_hash(),
                 "inputs_digest": plan.digest,
                 "stage_item_rows": plan.item_rows,
             }
         ]
-        self.catalog.append_many(tables)  # plan, its summary and discovery failures: one commit
-        self.reporter.stage_planned(plan)
-        return plan
+        return tables
+
+    def settle_current(
+        self, run_id: str, stages: list[str], options: RunOptions
+    ) -> list[StageSummary]:
+        """Plan and record the leading ``stages`` that have nothing to do; the rest is left.
+
+        A stage is *current* when its plan lists no item (nothing runs or changes version),
+        drops and newly rejects nothing, reads no changed manifest and is not blocked: then
+        recording it changes nothing a later stage reads, so the next one can be planned
+        before it is recorded. Those plans are
+        made without a stage lease or executor and recorded in **one** commit, with the
+        same rows a normal plan writes (``stage_runs``, ``plans``); the pipeline then runs
+        only the stages from the first one with work onwards. Another run working on a
+        stage meanwhile only makes that stage not current (its items are still to run),
+        except after its last commit, when "all cached" is what the catalog says too.
+        """
+        settled: list[tuple[StagePlan, list[Rejected]]] = []
+        for stage in stages:
+            plan, fresh = self._decide(run_id, stage, options, record=False)
+            changes = plan.items or plan.count("run") or plan.dropped or fresh
+            if changes or plan.blocked_reason or plan.sources_read:
+                break
+            settled.append((plan, fresh))
+        if not settled:
+            return []
+        if any(STAGES[p.stage].uses_split for p, _ in settled):
+            self._split.record(run_id)
+        parts: dict[str, list[pa.Table]] = {}
+        for plan, fresh in settled:
+            for table, rows in self._plan_tables(plan, fresh, options).items():
+                data = rows if isinstance(rows, pa.Table) else to_arrow(table, rows)
+                parts.setdefault(table, []).append(data)
+        self.catalog.append_many({t: pa.concat_tables(p) for t, p in parts.items()})
+        summaries = []
+        for plan, _ in settled:
+            self.reporter.stage_planned(plan)
+            summaries.append(self.summarize(plan, StageSummary(stage=plan.stage), compact=False))
+        self.catalog.maybe_compact()
+        return summaries
 
     # ------------------------------------------------------------------ execution
     def execute(self, plan: StagePlan, items: list[PlannedItem]) -> StageSummary:
@@ -301,13 +356,16 @@ class Engine:
         self.executor_release(stage)
         return self.summarize(plan, summary)
 
-    def summarize(self, plan: StagePlan, ran: StageSummary) -> StageSummary:
+    def summarize(
+        self, plan: StagePlan, ran: StageSummary, *, compact: bool = True
+    ) -> StageSummary:
         ran.planned = plan.total
         ran.cached = plan.count("cached")
         ran.skipped_failed = plan.count("skip_failed")
         ran.blocked_reason = plan.blocked_reason
         self._release_lease(plan.stage)
-        self.catalog.maybe_compact()
+        if compact:
+            self.catalog.maybe_compact()
         self.reporter.stage_finished(ran)
         return ran
 

@@ -404,12 +404,14 @@ def source_candidates(
     a changed one is ingested first, every record hashed once as it is written, the same
     hashes identifying the ingest and keying the items; either way the items are the
     stored rows, and a record is parsed again only when its item runs. ``record=False``
-    (a dry run) writes nothing and keeps the changed manifests' records in memory.
+    (a dry run) writes nothing and keeps the changed manifests' records in memory (their
+    datasets in ``plan.sources_read``).
     """
     from talkforge.candidates import Candidates
 
     sources = stage_cls.manifest_sources(cfg, env)
-    manifests, hashes, _ = read_sources(catalog, sources, env.run_id, record=record)
+    manifests, hashes, results = read_sources(catalog, sources, env.run_id, record=record)
+    plan.sources_read = [r.dataset for r in results if not r.ingest_id]
     hash_of = {
         id(r): h for m in manifests for r, h in zip(m.records, hashes[m.dataset], strict=True)
     }

@@ -93,6 +93,7 @@ class StagePlan:
     blocked_reason: str = ""
     discovery_failures: list[tuple[str, Any]] = field(default_factory=list)  # (raw id, failure)
     dropped: list[str] = field(default_factory=list)  # current items this plan no longer holds
+    sources_read: list[str] = field(default_factory=list)  # datasets a dry run read, not ingested
     digest: str = ""  # of everything the plan was made from (talkforge.planner.decide)
     item_rows: int = 0  # the stage's `items` rows once the plan is committed
     build_inputs: InputsBuilder | None = field(default=None, repr=False)

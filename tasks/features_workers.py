@@ -1,9 +1,10 @@
 """The features stage's model workers: one class per extractor, one model load each.
 
-Every worker is built by a picklable factory (``functools.partial`` of the class) inside
-the process that will run it: the stage's own worker, or an actor of the extractor's own
-Ray pool (see :mod:`tasks.pools`). The constructor resolves the device and loads the model
-once; the methods take and return plain numpy arrays so calls can cross processes.
+Every worker is built by a picklable factory (:func:`tasks.features.build_worker`, which
+names the class by import path) inside the process that will run it: the stage's own
+worker, or an actor of the extractor's own Ray pool (see :mod:`tasks.pools`). The
+constructor resolves the device and loads the model once; the methods take and return
+plain numpy arrays so calls can cross processes.
 
 Device and precision: a worker uses CUDA when its resources ask for a GPU fraction and one
 is visible, else the CPU, where everything runs in float32. On CUDA, calls run under

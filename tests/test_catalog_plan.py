@@ -316,3 +316,58 @@ def test_inputs_are_built_a_block_at_a_time_as_shards_execute(
     assert sorted(got) == sorted(set(run) - {"i4"})  # what the builder left out stays absent
     assert plan.inputs_for(plan.to_run[:1]) == {"i0": ItemInputs(item_id="i0")}  # asked again
     assert calls[-1] == run[:4] and not plan.inputs_for(items[1:2])  # cached items: nothing
+
+
+def test_stages_with_nothing_to_do_are_settled_in_one_commit_as_a_plan_would_record_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = write_talkvid_manifest(tmp_path / "m.json", 6)
+    engine = _engine(tmp_path / "data", manifest)
+    cat = engine.catalog
+    first = _plan(engine, "r1")
+    _finish(engine, first, [i.item_id for i in first.items])
+    assert _plan(engine, "r2").counts == {"cached": 6}  # the normal path, for comparison
+
+    counter = Counter(engine, monkeypatch)
+    (settled,) = engine.settle_current("r3", ["download"], DOWNLOAD)
+    assert (settled.stage, settled.planned, settled.cached, settled.done) == ("download", 6, 6, 0)
+    assert counter.calls.count("append_many") == 1  # one commit, no stage lease taken
+    assert cat.query("SELECT count(*) AS n FROM leases WHERE run_id = 'r3'").to_pylist() == [
+        {"n": 0}
+    ]
+
+    def recorded(run_id: str) -> dict[str, Any]:
+        (row,) = cat.query("SELECT * FROM stage_runs WHERE run_id = ?", [run_id]).to_pylist()
+        return {k: v for k, v in row.items() if k not in ("run_id", "planned_at")}
+
+    assert recorded("r3") == recorded("r2")
+    assert ops.stage_status(cat, "r3") == ops.stage_status(cat, "r2")
+    monkeypatch.undo()
+
+    engine.close()
+
+    # going back to a config changes the current version: that is a plan to record, not settle
+    changed = _engine(tmp_path / "data", manifest, "download.crf=20")
+    _plan(changed, "r4")
+    changed.close()
+    back = _engine(tmp_path / "data", manifest)
+    assert back.settle_current("r5", ["download"], DOWNLOAD) == []
+    back_plan = _plan(back, "r6")
+    assert back_plan.counts == {"cached": 6} and len(back_plan.items) == 6
+
+    # a stage with something to do ends the settled prefix: later stages are not planned
+    planned: list[str] = []
+    real = back._decide
+
+    def spy(run_id: str, stage: str, *args: Any, **kwargs: Any) -> Any:
+        planned.append(stage)
+        return real(run_id, stage, *args, **kwargs)
+
+    monkeypatch.setattr(back, "_decide", spy)
+    write_talkvid_manifest(manifest, 7)  # a new clip: download has work, faces must wait
+    both = RunOptions(stages=["download", "faces"])
+    assert back.settle_current("r7", both.stages, both) == [] and planned == ["download"]
+    assert cat.query("SELECT count(*) AS n FROM stage_runs WHERE run_id = 'r7'").to_pylist() == [
+        {"n": 0}
+    ]
+    back.close()

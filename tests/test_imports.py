@@ -80,7 +80,7 @@ def test_every_stage_resolves_to_its_class_and_its_config_section():
 
 # stages whose module, class and planning-time methods need none of these (the rest still
 # import them at module level)
-PLANNING_LIGHT_STAGES = ("faces", "quality", "engram", "evaluate", "evaluate_set")
+PLANNING_LIGHT_STAGES = ("faces", "quality", "features", "engram", "evaluate", "evaluate_set")
 PLANNING_FREE = (
     "torch",
     "torchvision",
