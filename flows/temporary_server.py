@@ -17,6 +17,7 @@ ends, and killed by the kernel if the CLI process dies, SIGKILL included
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
@@ -58,6 +59,7 @@ class TemporaryServer:
         }
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self.ready = False
 
     @property
     def api_url(self) -> str:
@@ -82,7 +84,7 @@ class TemporaryServer:
     def wait_ready(self, timeout_s: float) -> None:
         """Block until ``/api/health`` answers; a port taken meanwhile gets another."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while not self.ready and time.monotonic() < deadline:
             assert self.process is not None
             status = self.process.poll()
             if status == PORT_IN_USE_EXIT:
@@ -92,10 +94,13 @@ class TemporaryServer:
                 raise RuntimeError(f"the temporary Prefect server exited with status {status}")
             try:
                 if httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200:
+                    self.ready = True
                     return
             except httpx.TransportError:
                 pass
             time.sleep(POLL_S)
+        if self.ready:
+            return
         self.stop()
         raise RuntimeError(f"the temporary Prefect server did not start within {timeout_s:.0f} s")
 
@@ -111,9 +116,13 @@ class TemporaryServer:
         self.process = None
 
 
+_SERVER: TemporaryServer | None = None  # one per process, like Prefect's own
+
+
 @contextmanager
 def temporary_server() -> Iterator[Callable[[], None]]:
-    """Start Prefect's API server now unless one is configured; use it inside the block.
+    """Use this process's temporary Prefect server inside the block, unless one is
+    configured; start it now if it is not running yet.
 
     Yields ``wait_ready``: the server boots in the background, so enter the block as early
     as possible and call ``wait_ready()`` just before the first Prefect API call (a no-op
@@ -122,37 +131,41 @@ def temporary_server() -> Iterator[Callable[[], None]]:
     In a fresh process the server is spawned *before* Prefect is imported (another second
     of overlap), unless ``PREFECT_API_URL`` is in the environment; should Prefect's
     settings then name a server after all (a profile, ``prefect.toml``), it is stopped
-    unused. The server reads the same settings sources itself. Flow-run heartbeats are
-    off while it serves: nobody outlives this process to watch for a missing one, and the
-    run's flow would otherwise wait up to 1 s for its heartbeat thread when it ends.
+    unused. The server reads the same settings sources itself. Like Prefect's own, it
+    serves every run of the process (Prefect keeps per-process clients and services bound
+    to one API URL) and stops when the process exits. Flow-run heartbeats are off while
+    it serves: nobody outlives this process to watch for a missing one, and the run's
+    flow would otherwise wait up to 1 s for its heartbeat thread when it ends.
     """
-    server: TemporaryServer | None = None
-    if "prefect" not in sys.modules and "PREFECT_API_URL" not in os.environ:
-        server = TemporaryServer({})
-        server.spawn()
-    try:
-        from prefect.settings import (
-            PREFECT_API_URL,
-            PREFECT_SERVER_EPHEMERAL_ENABLED,
-            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-            get_current_settings,
-            temporary_settings,
-        )
+    global _SERVER
+    early = _SERVER is None and "prefect" not in sys.modules and "PREFECT_API_URL" not in os.environ
+    if early:
+        _SERVER = _started(TemporaryServer({}))
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+        temporary_settings,
+    )
 
-        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-            if server is not None:
-                server.stop()
-            yield lambda: None
-            return
-        if server is None:
-            settings = get_current_settings().to_environment_variables(exclude_unset=True)
-            server = TemporaryServer({k: str(v) for k, v in settings.items()})
-            server.spawn()
-        ready = server.wait_ready
-        timeout_s = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-        updates = {PREFECT_API_URL: server.api_url, "flows.heartbeat_frequency": None}
-        with temporary_settings(updates=updates):
-            yield lambda: ready(timeout_s)
-    finally:
-        if server is not None:
-            server.stop()
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        if early and _SERVER is not None:
+            _SERVER.stop()
+            _SERVER = None
+        yield lambda: None
+        return
+    if _SERVER is None:
+        settings = get_current_settings().to_environment_variables(exclude_unset=True)
+        _SERVER = _started(TemporaryServer({k: str(v) for k, v in settings.items()}))
+    server = _SERVER
+    timeout_s = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    updates = {PREFECT_API_URL: server.api_url, "flows.heartbeat_frequency": None}
+    with temporary_settings(updates=updates):
+        yield lambda: server.wait_ready(timeout_s)
+
+
+def _started(server: TemporaryServer) -> TemporaryServer:
+    server.spawn()
+    atexit.register(server.stop)
+    return server
