@@ -4,7 +4,8 @@ Layout::
 
     generators/
       family.py      the contract every family implements (ModelFamily, FeatureClip, ...)
-      family_config.py  its torch-free part: the FamilyConfig and ModelSpec bases
+      family_config.py  its torch-free part: the FamilyConfig and ModelSpec bases, and the
+                     plain values (FeatureClip, DataLayout, TrainingAssets)
       registry.py    register / look up families; the train stage's config union
       blocks/        shared building blocks, one small module each (engram_hash, pmf, mhc, ...)
       musetalk15/    the MuseTalk 1.5 baseline: latent UNet, one-step regression
@@ -29,6 +30,8 @@ read catalog records and feature files, then hand the wing plain tensors and loc
    optimizer and schedule, trainable/frozen patterns, init_from, resources, ...), so a
    family field must not reuse one of those names (``registry.config_union`` refuses a
    clash). Users select it as ``train: {family: <name>, ...}``; ``musetalk15`` is the default.
+   Frozen models its losses need (``asset_specs()``, by config) are declared here too: the
+   train stage fingerprints them when it plans, without importing the family.
 2. A spec class (subclass of :class:`generators.family_config.ModelSpec`): everything
    needed to rebuild the network from JSON (stored in the checkpoint record and in the
    weights' safetensors header). Specs are data, never pickles.

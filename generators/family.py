@@ -5,13 +5,15 @@ subclass, the user-facing knobs), its spec (:class:`~generators.family_config.Mo
 subclass, everything needed to rebuild the network, derived from the config and the
 training data's shapes, stored as JSON with every checkpoint) and a :class:`ModelFamily`
 subclass with the methods below. The stages call nothing else. The config and spec bases
-live in :mod:`generators.family_config` (no torch), so a family's ``config.py`` can be
-read without importing its network.
+and the plain values below live in :mod:`generators.family_config` (no torch), so a
+family's ``config.py`` and the stages' planning read them without importing a network;
+this module imports the values for its signatures, and the families take them from here.
 
 Data crosses the boundary as plain values: :class:`FeatureClip` (a clip's feature files
 as local safetensors paths, keyed by feature family: ``vae_latents``, ``hubert``,
 ``sensevoice``, ...), :class:`DataLayout` (per-frame shapes common to all training clips),
-tensors read from those files, and the memory bank as a dict of tensors
+:class:`TrainingAssets` (frozen loss models as local paths), tensors read from those
+files, and the memory bank as a dict of tensors
 (:func:`generators.blocks.engram_hash.read_bank`).
 
 Training contract: ``training_batch(data, seed, step, global_batch, start, stop)`` returns
@@ -36,48 +38,18 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file
 
-from generators.family_config import FamilyConfig, ModelSpec
+from generators.family_config import (
+    DataLayout,
+    FamilyConfig,
+    FeatureClip,
+    ModelSpec,
+    TrainingAssets,
+)
 from generators.io import read_metadata
 from models.registry import ModelSpec as RegistrySpec
 from models.safetensors_io import save_file
-
-
-class FeatureClip(BaseModel):
-    """One clip's feature files as local paths, keyed by feature family."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    clip_id: str
-    num_frames: int
-    paths: dict[str, str]  # feature family -> local safetensors path
-    sampling_weight: float = Field(1.0, ge=0)  # the quality verdict's soft-rule weight
-    audio_path: str | None = None  # the 16 kHz wav the audio features were computed from
-
-
-class TrainingAssets(BaseModel):
-    """Frozen models a family's losses need, as local paths (filled by the train stage).
-
-    ``vae`` is the folder of the VAE that made the training latents (its decoder turns
-    predictions into pixels); ``models`` maps each name of ``ModelFamily.asset_specs()`` to
-    the local path the model registry resolved for it.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    vae: str | None = None
-    models: dict[str, str] = {}
-
-
-class DataLayout(BaseModel):
-    """Per-frame shapes of each required feature (the file's shape without its ``T``;
-    the full shape for ``clip_features``, without the row axis for ``row_features``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    shapes: dict[str, list[int]]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -191,8 +163,10 @@ class ModelFamily(ABC, Generic[ConfigT, SpecT]):
     # ------------------------------------------------------------------ training
 
     def asset_specs(self) -> dict[str, RegistrySpec]:
-        """Frozen models the losses need (name -> model-registry spec), from the config."""
-        return {}
+        """Frozen models the losses need (name -> model-registry spec): the config's
+        :meth:`~generators.family_config.FamilyConfig.asset_specs`, which the train stage
+        reads when it plans, without this module."""
+        return self.config.asset_specs()
 
     def needs_vae_decoder(self) -> bool:
         """Whether the losses decode predictions through the features' VAE."""

@@ -32,9 +32,10 @@ from tasks.base import FailureKind, ItemFailure
 
 if TYPE_CHECKING:  # the workers import this module: keep it free of the pipeline config
     from talkforge.config import RayConfig
-    from tasks.train_data import CheckpointState, TrainJob, TrainResult
-# tasks.train_data (torch) is imported by the functions that train: every executor makes
-# a launcher, and a process that trains nothing never loads torch for it
+    from tasks.train_checkpoint import CheckpointState
+    from tasks.train_data import TrainJob, TrainResult
+# the training modules (torch) are imported by the functions that train: every executor
+# makes a launcher, and a process that trains nothing never loads torch for it
 
 FORWARDED_ENV_PREFIXES = ("HF_", "TORCH_", "TRANSFORMERS_", "OMP_", "CUDA_", "RAY_TRAIN_")
 CONTROLLER_RETRIES = 2
@@ -54,7 +55,7 @@ class RaySession:
     def restore(self) -> CheckpointState | None:
         import ray.train
 
-        from tasks.train_data import load_checkpoint
+        from tasks.train_checkpoint import load_checkpoint
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:

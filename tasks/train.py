@@ -27,6 +27,9 @@ checkpoint of that training stage, found in the catalog when the stage is planne
 is part of this run's key, and its artifact is read through the item context, so lineage
 records it); ``{weights: ..., source_family: ...}`` is an official checkpoint resolved and
 fingerprinted by the model registry and converted by the family's ``transfer_weights``.
+
+**Planning imports no torch**: it reads the family's config (``FamilyConfig.asset_specs``);
+the family, the checkpoint format (:mod:`tasks.train_checkpoint`) and the loop load in runs.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from generators import registry
-from generators.family import DataLayout, TrainingAssets
+from generators.family_config import DataLayout, TrainingAssets
 from generators.io import tensor_shape
 from models.registry import ModelUnavailableError, ensure_model
 from storage.store import ArtifactRef
@@ -68,6 +71,7 @@ from tasks.train_config import (
     training_stage,
 )
 from tasks.train_data import (
+    ATTEMPTS_NAME,
     HISTORY_NAME,
     MANIFEST_NAME,
     RANKS_DIR,
@@ -76,10 +80,8 @@ from tasks.train_data import (
     TrainJob,
     TrainManifest,
     TrainResult,
-    load_checkpoint,
     read_history,
 )
-from tasks.train_loop import ATTEMPTS_NAME
 
 WEIGHTS_NAME = "model.safetensors"
 INIT_INPUT = "init"  # the shared input holding the parent checkpoint
@@ -110,8 +112,9 @@ class TrainStage(Stage[TrainStageConfig]):
         return not is_heldout(item_id, self.env)
 
     def model_specs(self) -> list:
+        """The family config's loss networks and official init weights (in the key)."""
         init = self.config.init_from
-        assets = list(registry.instantiate(self.config).asset_specs().values())
+        assets = list(registry.family_config(self.config).asset_specs().values())
         return assets + ([init.weights] if isinstance(init, InitFromWeights) else [])
 
     def prior_outputs(self) -> dict[str, PriorOutput]:
@@ -358,6 +361,8 @@ class TrainStage(Stage[TrainStageConfig]):
         return {**rank0, "resumed_from_step": first["resumed_from_step"]}, len(attempts) - 1
 
     def process(self, inputs: AggregateInputs, ctx: ItemContext) -> TrainedCheckpoint:
+        from tasks.train_checkpoint import load_checkpoint  # torch: only when training runs
+
         cfg = self.config
         work = work_dir_for(self.env.data_root, ctx.item_key)
         work.mkdir(parents=True, exist_ok=True)

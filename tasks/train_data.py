@@ -1,4 +1,4 @@
-"""The train stage's hand-off to its workers (manifest) and the resumable checkpoint format.
+"""The train stage's hand-off to its workers: the manifest, the job, the work dir's files.
 
 Family-agnostic: the manifest lists the training clips' feature files (local paths plus
 content hashes), the memory bank, the per-frame feature shapes, the loop settings, the
@@ -7,12 +7,9 @@ against the registry's union, so a worker rebuilds exactly the configured family
 sample is, how batches are drawn and what the loss is belong to the family
 (:mod:`generators`).
 
-A checkpoint is a directory (what Ray Train's ``Checkpoint`` carries) holding two files:
-``state.safetensors`` (``model.<name>`` tensors, and the optimizer state flattened to
-``optim.<param name>.<key>``: keyed by parameter name, not position, so it is the same
-for DDP and FSDP and survives frozen parameters) and ``state.json`` (step, manifest
-fingerprint, optimizer param groups, LR-scheduler state, sampler state, RNG scheme, the
-model spec). No pickle anywhere: both read back with safetensors and JSON.
+No torch: the train stage plans and writes the manifest with this module alone; the
+checkpoint format the workers write (torch tensors) is :mod:`tasks.train_checkpoint`, and
+the loop that runs them :mod:`tasks.train_loop`.
 """
 
 from __future__ import annotations
@@ -22,27 +19,24 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from generators import registry
-from generators.family import DataLayout, FeatureClip, ModelFamily, TrainingAssets
-from generators.family_config import ModelSpec
+from generators.family_config import DataLayout, FeatureClip, ModelSpec, TrainingAssets
 from tasks.records import TrainStep
 from tasks.train_config import TrainStageConfig
 
+if TYPE_CHECKING:
+    from generators.family import ModelFamily
+
+# the work dir's files
 MANIFEST_NAME = "manifest.json"
 HISTORY_NAME = "history.jsonl"
 RANKS_DIR = "ranks"
+ATTEMPTS_NAME = "attempts.jsonl"  # in RANKS_DIR: one line per (re)start of the worker group
 TENSORBOARD_DIR = "tensorboard"
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
-CHECKPOINT_FORMAT = 2
-RNG_SCHEME = "torch.manual_seed(micro_step_seed(seed, micro_step, rank)) before each micro-step"
 
 FamilyConfigUnion = registry.config_union()
 
@@ -142,102 +136,6 @@ class TrainLauncher(Protocol):
     def fit(self, job: TrainJob) -> TrainResult:
         """Run the job to its last step (resuming from its checkpoints); ``ItemFailure``
         when it fails."""
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class CheckpointState:
-    """A training checkpoint read back from its directory."""
-
-    step: int
-    fingerprint: str
-    world_size: int
-    model: dict[str, torch.Tensor]
-    optimizer: dict  # torch.distributed.checkpoint "full" layout, keyed by parameter name
-    scheduler: dict
-    sampler: dict
-    meta: dict
-
-
-def _json_safe(value: object) -> object:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    return value
-
-
-def save_checkpoint(
-    directory: Path,
-    *,
-    step: int,
-    fingerprint: str,
-    world_size: int,
-    model_state: dict[str, torch.Tensor],
-    optimizer_state: dict,
-    scheduler_state: dict,
-    sampler: dict,
-    spec: ModelSpec,
-) -> None:
-    """Write one checkpoint into ``directory`` (an empty folder Ray Train then persists).
-
-    ``optimizer_state`` is the name-keyed full layout of
-    ``torch.distributed.checkpoint.state_dict.get_state_dict``.
-    """
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model_state.items()}
-    for name, state in optimizer_state["state"].items():
-        for key, value in state.items():
-            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"optim.{name}.{key}"] = t.detach().contiguous().cpu()
-    groups = [
-        {k: _json_safe(v) for k, v in group.items()} for group in optimizer_state["param_groups"]
-    ]
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "fingerprint": fingerprint,
-        "world_size": world_size,
-        "param_groups": groups,
-        "scheduler": {k: _json_safe(v) for k, v in scheduler_state.items()},
-        "sampler": sampler,
-        "rng": RNG_SCHEME,
-        "family": spec.family,
-        "model_spec": json.loads(spec.to_json()),
-    }
-    save_file(tensors, str(directory / STATE_TENSORS))
-    (directory / STATE_JSON).write_text(json.dumps(meta, indent=1))
-
-
-def read_checkpoint_meta(directory: Path) -> dict:
-    return json.loads((Path(directory) / STATE_JSON).read_text())
-
-
-def load_checkpoint(directory: Path, *, with_optimizer: bool = True) -> CheckpointState:
-    meta = read_checkpoint_meta(directory)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{directory}: checkpoint format {meta.get('format')}, not 2")
-    model: dict[str, torch.Tensor] = {}
-    optim_state: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(Path(directory) / STATE_TENSORS), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open has no iter
-            kind, _, rest = key.partition(".")
-            if kind == "model":
-                model[rest] = f.get_tensor(key)
-            elif kind == "optim" and with_optimizer:
-                name, _, field = rest.rpartition(".")
-                optim_state.setdefault(name, {})[field] = f.get_tensor(key)
-    return CheckpointState(
-        step=int(meta["step"]),
-        fingerprint=str(meta["fingerprint"]),
-        world_size=int(meta["world_size"]),
-        model=model,
-        optimizer={"state": optim_state, "param_groups": meta["param_groups"]},
-        scheduler=meta["scheduler"],
-        sampler=meta["sampler"],
-        meta=meta,
-    )
 
 
 # ---------------------------------------------------------------------------- history

@@ -47,19 +47,17 @@ from torch.utils.data import DataLoader, Dataset
 from generators.family import ModelFamily
 from tasks.lifetime import die_with_parent, guard_current_process
 from tasks.records import TrainStep
+from tasks.train_checkpoint import CheckpointState, save_checkpoint
 from tasks.train_data import (
+    ATTEMPTS_NAME,
     HISTORY_NAME,
     RANKS_DIR,
     TENSORBOARD_DIR,
-    CheckpointState,
     TrainManifest,
     append_history,
-    save_checkpoint,
     truncate_history,
 )
 from tasks.train_params import apply_trainable, build_optimizer, build_scheduler
-
-ATTEMPTS_NAME = "attempts.jsonl"
 
 
 class TrainSession(Protocol):

@@ -168,7 +168,7 @@ def test_both_settings_per_checkpoint_with_frames_fps_and_the_driving_audio(worl
         muxed = _decoded_audio(path)
         assert _best_correlation(muxed, wav[: len(muxed)]) > 0.8
     # one load per model and VAE on this worker
-    assert len(stage._models) == 2 and len(stage._vaes) == 1
+    assert len(stage.worker._models) == 2 and len(stage.worker._vaes) == 1
 
 
 def test_videos_already_in_the_store_are_reused_not_regenerated(world, monkeypatch):
@@ -176,7 +176,7 @@ def test_videos_already_in_the_store_are_reused_not_regenerated(world, monkeypat
     ckpt = _checkpoint(world, "one", seed=1)
     first = _generate(_stage(world), world, a, [ckpt], partner=b, key="p")
     again = _stage(world)
-    monkeypatch.setattr(again, "_render", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr(again.worker, "_render", lambda *a, **k: pytest.fail("regenerated"))
     second = _generate(again, world, a, [ckpt], partner=b, key="q")  # another item key
     assert [v.video for v in second.videos] == [v.video for v in first.videos]
     # a new checkpoint adds videos; the known ones still come from the store
@@ -342,12 +342,12 @@ def test_the_official_musetalk15_baseline_generates_through_load_official(world)
     assert any(n.startswith("main-step1-") and "hubert" in n for n in rec.notes)
     assert (base.checkpoint, base.generator_origin, base.family) == ("mt15", "pretrained",
                                                                     "musetalk15")  # fmt: skip
-    assert stage._banks == {}  # the official path never read the memory bank
+    assert stage.worker._banks == {}  # the official path never read the memory bank
     path = _path(world, base.video)
     assert count_frames(path) == FRAMES[0] and probe(path).width == SIZE
     # the stage's loaded model fed by hand: prepare_clip, sample, decode
     ((family, spec, model),) = [
-        m for k, m in stage._models.items() if k.startswith(base.checkpoint_sha256)
+        m for k, m in stage.worker._models.items() if k.startswith(base.checkpoint_sha256)
     ]
     assert spec.official and family.features_for(spec).keys() == {"vae_latents", "whisper"}
     store = world["env"].store()
@@ -358,7 +358,7 @@ def test_the_official_musetalk15_baseline_generates_through_load_official(world)
     with torch.inference_mode():
         pred = family.sample(model, family.prepare_clip(spec, features, None, 0),
                              torch.arange(FRAMES[0]))  # fmt: skip
-    expected = decode_latents(stage._vae(feats), pred)
+    expected = decode_latents(stage.worker._vae(feats), pred)
     ref_path = world["tmp"] / "official-expected.mp4"  # through the same x264 settings
     with VideoWriter(ref_path, SIZE, SIZE, 25.0, crf=stage.config.crf) as vw:
         vw.write(expected)
@@ -366,7 +366,7 @@ def test_the_official_musetalk15_baseline_generates_through_load_official(world)
     frames = np.concatenate(list(iter_frames(path, SIZE, SIZE))).astype(np.int16)
     assert frames.shape == ref.shape and np.abs(frames - ref).mean() < 1.0
     # not any decode: the frames' own (unmasked) latents decode far from it
-    own = decode_latents(stage._vae(feats), features["vae_latents"].float()).astype(np.int16)
+    own = decode_latents(stage.worker._vae(feats), features["vae_latents"].float()).astype(np.int16)
     assert np.abs(own - expected.astype(np.int16)).mean() > 5.0
 
 
@@ -403,6 +403,6 @@ def test_a_baseline_its_family_cannot_feed_is_a_note_beside_the_checkpoints(worl
     (gen,) = [g for g in stage.generators(inputs) if g.baseline is not None]
     ctx = ItemContext(world["env"].store(), "generate", clip.clip_id, "m" * 40)
     with pytest.raises(ItemFailure) as exc:
-        stage._video(inputs, ctx, gen, "self", plain_feats, plain_feats, 25.0)
+        stage.worker.video(inputs, ctx, gen, "self", plain_feats, plain_feats, 25.0)
     ctx.close()
     assert exc.value.kind == FailureKind.FORMAT and "masked_latents" in exc.value.message

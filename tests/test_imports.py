@@ -78,11 +78,11 @@ def test_every_stage_resolves_to_its_class_and_its_config_section():
         assert isinstance(config.stage(name), cls.config_type), name
 
 
-# stages whose module, class and planning-time methods need none of these (the rest still
-# import them at module level)
-PLANNING_LIGHT_STAGES = ("faces", "quality", "features", "engram", "evaluate", "evaluate_set")
+# every stage's module, class and planning-time methods need none of these: a run with
+# nothing to compute imports no model library
 PLANNING_FREE = (
     "torch",
+    "accelerate",
     "torchvision",
     "transformers",
     "diffusers",
@@ -99,9 +99,10 @@ from talkforge.stages import STAGES
 from tasks.base import StageEnv
 
 env = StageEnv(data_root={str(tmp_path)!r}, store_uri={str(tmp_path / "store")!r}, run_id="t")
-for name in {PLANNING_LIGHT_STAGES!r}:
+for name in {STAGE_ORDER!r}:
     stage = STAGES[name](load_config(None).stage(name), env)
     stage.model_specs()
     stage.pool_specs()
+    stage.prior_outputs()
 """
     assert _heavy_after(code, PLANNING_FREE) == []

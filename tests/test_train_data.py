@@ -14,7 +14,7 @@ from generators.musetalk15.model import (
     sinusoidal_positions,
     unet_input,
 )
-from tasks.train_data import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from tasks.train_checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 
 
 def build_unet(latent_channels: int, audio_dim: int, sample_size: int):

@@ -213,6 +213,18 @@ class Musetalk2Config(FamilyConfig):
             raise ValueError("the sync loss scores a window of frames: n_sample_frames ≥ 2")
         return self
 
+    def asset_specs(self) -> dict[str, RegistrySpec]:
+        """The loss networks the weights switch on: VGG19 or LPIPS (``perceptual``), SyncNet."""
+        w = self.losses
+        specs = {}
+        if w.vgg > 0 and self.perceptual == "vgg19":
+            specs["vgg19"] = self.vgg19
+        if w.lpips > 0 and self.perceptual == "lpips":
+            specs["lpips"] = self.lpips
+        if w.sync > 0:
+            specs["syncnet"] = self.syncnet
+        return specs
+
 
 class Musetalk2Spec(ModelSpec):
     """Rebuilds the network and says how to feed it (stored as JSON with every checkpoint)."""

@@ -67,7 +67,6 @@ from generators.musetalk2.sampling import ClipMeta, edge_shift_rows, pick_refere
 from generators.musetalk2.transfer import transfer_from_official, transfer_from_parent
 from generators.registry import register
 from models.musetalk15_official import FAMILY as OFFICIAL_15
-from models.registry import ModelSpec as RegistrySpec
 
 
 def freeze_for_stage(net: torch.nn.Module, stage: str) -> list[str]:
@@ -158,17 +157,6 @@ class Musetalk2Family(ModelFamily[Musetalk2Config, Musetalk2Spec]):
         return self.last_transfer
 
     # ------------------------------------------------------------------ training
-
-    def asset_specs(self) -> dict[str, RegistrySpec]:
-        w, c = self.config.losses, self.config
-        specs = {}
-        if w.vgg > 0 and c.perceptual == "vgg19":
-            specs["vgg19"] = c.vgg19
-        if w.lpips > 0 and c.perceptual == "lpips":
-            specs["lpips"] = c.lpips
-        if w.sync > 0:
-            specs["syncnet"] = c.syncnet
-        return specs
 
     def needs_vae_decoder(self) -> bool:
         w = self.config.losses
