@@ -54,7 +54,7 @@ AUDIO_DIM, REF_TOKENS, REF_DIM = 16, 16, 12
 def tiny_spec(steps_per_frame: int, latent: tuple[int, int, int]):
     from generators.dualforce.config import DualForceConfig
     from generators.dualforce.family import DualForceFamily
-    from generators.family import DataLayout
+    from generators.family_config import DataLayout
 
     shapes = {
         "vae_latents": list(latent), "hubert": [2, AUDIO_DIM], "liveportrait_motion": [133],
@@ -272,7 +272,7 @@ def gpu(args) -> dict:
     from generators.dualforce.family import DualForceFamily
     from generators.dualforce.network import for_inference
     from generators.dualforce.sampler import GenerationSession
-    from generators.family import DataLayout
+    from generators.family_config import DataLayout
 
     dev = torch.device("cuda")
     shapes = {"vae_latents": [16, 32, 32], "hubert": [2, 1024], "liveportrait_motion": [133],

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from generators import registry  # noqa: E402
-from generators.family import DataLayout  # noqa: E402
+from generators.family_config import DataLayout  # noqa: E402
 from generators.musetalk15.data import make_batch, step_picks  # noqa: E402
 from tasks.train_loop import StepBatches, step_loader  # noqa: E402
 
@@ -62,7 +62,7 @@ def build_world(root: Path, clips: int, frames: int) -> dict:
 
 
 def feature_clips(world: dict) -> list:
-    from generators.family import FeatureClip
+    from generators.family_config import FeatureClip
 
     store, root = world["env"].store(), world["root"]
     out = []

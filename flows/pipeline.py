@@ -19,7 +19,7 @@ re-run is therefore one flow run with two tasks.
 
 Stage subflows send no heartbeats of their own; the run's flow does (a crashed process
 stops both). Prefect joins a flow's heartbeat thread, which sleeps in 1 s steps, when the
-flow ends: about 0.6 s per stage of every run, most of a cached re-run's stage time.
+flow ends: about 0.6 s per stage subflow.
 
 Each stage holds a Prefect global concurrency limit named after the catalog and stage
 (one slot) while it plans and runs, so two runs on one Prefect server never process the

@@ -1,4 +1,4 @@
-"""A temporary Prefect API server for one CLI run, booting while the run gets ready.
+"""A temporary Prefect API server for the CLI's runs, booting while the run gets ready.
 
 Without a configured ``PREFECT_API_URL``, Prefect starts a temporary server on its first
 API call (``SubprocessASGIServer``): it imports the whole server application into the
@@ -9,9 +9,9 @@ importing the server, and the run meets it ready when its flow starts: the boot 
 the CLI's own imports and config resolution on the second core.
 
 The server and its database are Prefect's own (``PREFECT_HOME``; the UI stays off, as with
-Prefect's temporary server). It lives exactly as long as the run: stopped when the run
-ends, and killed by the kernel if the CLI process dies, SIGKILL included
-(``PR_SET_PDEATHSIG``) — Prefect's ``atexit`` hook cannot do that. Configured servers
+Prefect's temporary server). Like Prefect's, one serves every run of its process and stops
+when the process exits; it is also killed by the kernel if the CLI process dies, SIGKILL
+included (``PR_SET_PDEATHSIG``) — Prefect's ``atexit`` hook cannot do that. Configured servers
 (``PREFECT_API_URL``, ``talkforge serve``'s, a test harness) are used as they are.
 """
 
@@ -83,8 +83,10 @@ class TemporaryServer:
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until ``/api/health`` answers; a port taken meanwhile gets another."""
+        if self.ready:
+            return
         deadline = time.monotonic() + timeout_s
-        while not self.ready and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             assert self.process is not None
             status = self.process.poll()
             if status == PORT_IN_USE_EXIT:
@@ -99,8 +101,6 @@ class TemporaryServer:
             except httpx.TransportError:
                 pass
             time.sleep(POLL_S)
-        if self.ready:
-            return
         self.stop()
         raise RuntimeError(f"the temporary Prefect server did not start within {timeout_s:.0f} s")
 

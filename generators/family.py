@@ -7,7 +7,7 @@ training data's shapes, stored as JSON with every checkpoint) and a :class:`Mode
 subclass with the methods below. The stages call nothing else. The config and spec bases
 and the plain values below live in :mod:`generators.family_config` (no torch), so a
 family's ``config.py`` and the stages' planning read them without importing a network;
-this module imports the values for its signatures, and the families take them from here.
+everyone imports them from there.
 
 Data crosses the boundary as plain values: :class:`FeatureClip` (a clip's feature files
 as local safetensors paths, keyed by feature family: ``vae_latents``, ``hubert``,
@@ -48,7 +48,6 @@ from generators.family_config import (
     TrainingAssets,
 )
 from generators.io import read_metadata
-from models.registry import ModelSpec as RegistrySpec
 from models.safetensors_io import save_file
 
 
@@ -161,12 +160,6 @@ class ModelFamily(ABC, Generic[ConfigT, SpecT]):
         raise ValueError(f"{self.name} has no official-weights loader")
 
     # ------------------------------------------------------------------ training
-
-    def asset_specs(self) -> dict[str, RegistrySpec]:
-        """Frozen models the losses need (name -> model-registry spec): the config's
-        :meth:`~generators.family_config.FamilyConfig.asset_specs`, which the train stage
-        reads when it plans, without this module."""
-        return self.config.asset_specs()
 
     def needs_vae_decoder(self) -> bool:
         """Whether the losses decode predictions through the features' VAE."""

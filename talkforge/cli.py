@@ -56,7 +56,7 @@ def _execute(request: dict[str, Any]) -> str:
     """Call the entry flow in this process with progress bars; one clear line on failure.
 
     Without a configured Prefect server, a temporary one boots while the run gets ready
-    (:mod:`flows.temporary_server`) and stops when the run ends.
+    (:mod:`flows.temporary_server`) and stops when this process exits.
     """
     from flows.temporary_server import temporary_server
 

@@ -48,7 +48,6 @@ the workers of :mod:`tasks.features_workers`, both imported when a stage worker 
 
 from __future__ import annotations
 
-import pkgutil
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -56,7 +55,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from models.registry import ModelSpec, fingerprint
 from tasks.base import ItemContext, ItemInputs, Resources, Stage, StageConfig
 from tasks.features_config import FeaturesConfig
-from tasks.pools import PoolSpec, PoolWorker, complete_pools
+from tasks.pools import PoolSpec, build_worker, complete_pools
 from tasks.records import ClipFeatures
 
 if TYPE_CHECKING:
@@ -87,7 +86,7 @@ class FeaturesStage(Stage[FeaturesConfig]):
         """One pool per enabled extractor; remote when ``pools.placement`` is ``own_pools``.
 
         Each factory names its worker class in :data:`WORKERS_MODULE` by import path
-        (:func:`build_worker`), so listing the pools imports no model library."""
+        (:func:`tasks.pools.build_worker`), so listing the pools imports no model library."""
         cfg = self.config
         remote = cfg.pools.placement == "own_pools"
 
@@ -137,12 +136,3 @@ class FeaturesStage(Stage[FeaturesConfig]):
             self.setup()
         assert self.extractor is not None
         return self.extractor.extract(inputs, ctx)
-
-
-def build_worker(target: str, *args: Any, **kwargs: Any) -> PoolWorker:
-    """The pools' factory: ``target`` (``"module:Class"``) imported and built with ``args``.
-
-    A ``partial`` of this top-level function pickles by reference, so Ray ships it to the
-    pool's actors, and the worker's module (torch, the model wrappers) is imported only in
-    the process that builds the worker."""
-    return pkgutil.resolve_name(target)(*args, **kwargs)

@@ -1,6 +1,6 @@
 """The features stage's model workers: one class per extractor, one model load each.
 
-Every worker is built by a picklable factory (:func:`tasks.features.build_worker`, which
+Every worker is built by a picklable factory (:func:`tasks.pools.build_worker`, which
 names the class by import path) inside the process that will run it: the stage's own
 worker, or an actor of the extractor's own Ray pool (see :mod:`tasks.pools`). The
 constructor resolves the device and loads the model once; the methods take and return

@@ -18,7 +18,8 @@ import torch
 
 from generators import registry
 from generators.blocks.engram_hash import read_bank
-from generators.family import DataLayout, ModelFamily
+from generators.family import ModelFamily
+from generators.family_config import DataLayout
 from generators.io import read_tensor
 from models.registry import ModelUnavailableError, ensure_model
 from models.vae import decode_latents, latent_stride, load_vae

@@ -20,6 +20,7 @@ Stage code is the same in both cases: ``handle = pool.submit("method", *args)`` 
 
 from __future__ import annotations
 
+import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,3 +91,12 @@ def complete_pools(specs: list[PoolSpec], attached: dict[str, ModelPool]) -> dic
         if spec.name not in pools:
             pools[spec.name] = LocalPool(spec.name, spec.factory())
     return pools
+
+
+def build_worker(target: str, *args: Any, **kwargs: Any) -> PoolWorker:
+    """A factory that names its worker: ``target`` (``"module:Class"``) imported and built.
+
+    A ``partial`` of this top-level function pickles by reference, so Ray ships it to the
+    pool's actors, and the worker's module (torch, the model wrappers) is imported only in
+    the process that builds the worker: listing a stage's pools stays light."""
+    return pkgutil.resolve_name(target)(*args, **kwargs)

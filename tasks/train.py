@@ -209,7 +209,7 @@ class TrainStage(Stage[TrainStageConfig]):
         """Local paths of the frozen models the family's losses need: the registry's specs
         (fingerprinted into the key by :meth:`model_specs`) and the features' own VAE."""
         models = {}
-        for name, spec in family.asset_specs().items():
+        for name, spec in family.config.asset_specs().items():
             try:
                 path = ensure_model(spec, Path(self.env.data_root))
             except ModelUnavailableError as exc:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from generators.dualforce.config import DualForceArch, DualForceConfig, DualForceSpec
 from generators.dualforce.family import DualForceFamily
 from generators.dualforce.model import DualForceInputs, DualForceTransformer
-from generators.family import DataLayout, FeatureClip
+from generators.family_config import DataLayout, FeatureClip
 
 LATENT = (4, 8, 8)  # C, h, w of the test latents
 AUDIO_DIM = 16

@@ -22,7 +22,7 @@ from generators.blocks.engram_hash import (
     make_multipliers,
     make_primes,
 )
-from generators.family import DataLayout, FeatureClip
+from generators.family_config import DataLayout, FeatureClip
 from models.emoca import FLAME_DIM
 from models.liveportrait import MOTION_DIM
 

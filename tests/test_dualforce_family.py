@@ -10,7 +10,7 @@ from generators.dualforce.config import SIZE_PRESETS, DualForceArch
 from generators.dualforce.family import DualForceFamily
 from generators.dualforce.model import parameter_count
 from generators.dualforce.sampler import generate
-from generators.family import DataLayout
+from generators.family_config import DataLayout
 from generators.io import read_tensor
 from tests.dualforce_helpers import (
     layout,

@@ -12,8 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from generators import registry
-from generators.family import DataLayout
-from generators.family_config import FamilyConfig, ModelSpec
+from generators.family_config import DataLayout, FamilyConfig, ModelSpec
 from generators.musetalk15.config import Musetalk15Config
 from generators.musetalk15.family import Musetalk15Family
 from generators.musetalk15.model import (

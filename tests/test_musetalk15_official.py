@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from generators import registry
-from generators.family import DataLayout
+from generators.family_config import DataLayout
 from generators.musetalk15.official import (
     OfficialUNetSpec,
     positional_encoding,

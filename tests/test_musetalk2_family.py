@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from generators import registry
 from generators.blocks.engram_hash import read_bank
-from generators.family import TrainingAssets, unwrap
+from generators.family import unwrap
+from generators.family_config import TrainingAssets
 from generators.musetalk2.config import Musetalk2Config
 from generators.musetalk2.family import Musetalk2Family
 from models.registry import ModelSpec, ensure_model
@@ -74,15 +75,15 @@ def test_features_and_assets_follow_the_config_and_the_spec():
         "emoca_flame": "flame",
     }
     assert s1.extra_tensors == {"sensevoice": ("frame_index",)} and not s1.uses_memory_bank
-    assert set(s1.asset_specs()) == {"vgg19"} and s1.needs_vae_decoder()
+    assert set(s1.config.asset_specs()) == {"vgg19"} and s1.needs_vae_decoder()
     s2 = Musetalk2Family(Musetalk2Config(training_stage="stage2", audio="hubert"))
     assert set(s2.features) == {"vae_latents", "hubert", "liveportrait_motion", "emoca_flame"}
-    assert s2.uses_memory_bank and set(s2.asset_specs()) == {"vgg19", "syncnet"}
+    assert s2.uses_memory_bank and set(s2.config.asset_specs()) == {"vgg19", "syncnet"}
     spec = s2.make_spec(layout("hubert"))
     default = registry.get("musetalk2")()  # what a stage holding only the checkpoint has
     assert default.features_for(spec) == s2.features and default.uses_memory_bank_for(spec)
     lp = Musetalk2Family(Musetalk2Config(perceptual="lpips", losses={"vgg": 0, "lpips": 0.1}))
-    assert set(lp.asset_specs()) == {"lpips"}
+    assert set(lp.config.asset_specs()) == {"lpips"}
     assert not _family(losses=NO_PIXELS).needs_vae_decoder()
 
 

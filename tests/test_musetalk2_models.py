@@ -11,7 +11,7 @@ import torch
 import yaml
 from torchvision.models import vgg19
 
-from generators.family import TrainingAssets
+from generators.family_config import TrainingAssets
 from generators.musetalk2.losses import FrozenModels, _gaussian_pyramid_level
 from models.checkpoints import CheckpointMismatchError
 from models.musetalk15_official import read_official_unet

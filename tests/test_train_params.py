@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from generators import registry
-from generators.family import DataLayout
+from generators.family_config import DataLayout
 from generators.musetalk15.model import predict_latents
 from talkforge.config import ConfigError, load_config
 from tasks.train_config import train_config

@@ -36,7 +36,7 @@ from generators.dualforce.augment import ClipWindow, augment, temporal_crop
 from generators.dualforce.config import DualForceConfig, DualForceSpec
 from generators.dualforce.objectives import sample_sigmas
 from generators.dualforce.structure import column_statistics
-from generators.family import FeatureClip
+from generators.family_config import FeatureClip
 from generators.io import read_tensor
 
 LATENTS, AUDIO, MOTION, FLAME, REFERENCE = (

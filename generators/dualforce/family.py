@@ -49,8 +49,8 @@ from generators.dualforce.data import (
 from generators.dualforce.model import parameter_count
 from generators.dualforce.network import DualForceModel, for_inference, load_parent
 from generators.dualforce.sampler import GenerationSession
-from generators.family import Batch, DataLayout, FeatureClip, ModelFamily, unwrap
-from generators.family_config import FamilyConfig, ModelSpec
+from generators.family import Batch, ModelFamily, unwrap
+from generators.family_config import DataLayout, FamilyConfig, FeatureClip, ModelSpec
 from generators.registry import register
 
 SAMPLING_FEATURES = (LATENTS, AUDIO, REFERENCE)

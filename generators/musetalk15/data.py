@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from generators.blocks.engram_hash import assign_codes, lookup, read_bank
-from generators.family import FeatureClip
+from generators.family_config import FeatureClip
 from generators.io import read_tensor
 from generators.musetalk15.model import audio_window_tokens, unet_input
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel as UNet
 
-from generators.family import Batch, DataLayout, FeatureClip, ModelFamily
-from generators.family_config import FamilyConfig, ModelSpec
+from generators.family import Batch, ModelFamily
+from generators.family_config import DataLayout, FamilyConfig, FeatureClip, ModelSpec
 from generators.musetalk15.config import FAMILY, Musetalk15Config
 from generators.musetalk15.data import (
     AUDIO,

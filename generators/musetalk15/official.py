@@ -42,8 +42,7 @@ from typing import Any, Literal
 
 import torch
 
-from generators.family import DataLayout
-from generators.family_config import ModelSpec
+from generators.family_config import DataLayout, ModelSpec
 from generators.musetalk15.config import FAMILY
 from generators.musetalk15.model import frame_windows, predict_latents
 

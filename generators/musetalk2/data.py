@@ -30,7 +30,7 @@ from generators.blocks.config import EngramConfig, PMFConfig
 from generators.blocks.engram import engram_rows, own_hashing
 from generators.blocks.engram_hash import assign_codes, make_primes
 from generators.blocks.pmf import sample_times
-from generators.family import FeatureClip
+from generators.family_config import FeatureClip
 from generators.io import read_metadata, read_tensor, tensor_shape
 from generators.musetalk2.audio import audio_tokens
 from generators.musetalk2.config import Musetalk2Spec, engram_config

@@ -29,8 +29,8 @@ from safetensors.torch import load_file
 
 from generators.blocks.engram import engram_rows
 from generators.blocks.engram_hash import assign_codes, read_bank
-from generators.family import Batch, DataLayout, FeatureClip, ModelFamily, unwrap
-from generators.family_config import FamilyConfig, ModelSpec
+from generators.family import Batch, ModelFamily, unwrap
+from generators.family_config import DataLayout, FamilyConfig, FeatureClip, ModelSpec
 from generators.io import read_metadata
 from generators.musetalk2.config import (
     FAMILY,

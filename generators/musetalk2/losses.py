@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from generators.family import TrainingAssets
+from generators.family_config import TrainingAssets
 from models.lpips_net import load_lpips
 from models.stable_syncnet import load_stable_syncnet, sync_loss
 from models.vae import _bn_stats, _unpatchify, is_flux2, latent_factors, load_vae
